@@ -1,0 +1,1 @@
+"""The locked evaluation harness. Nothing in this package may be edited by the agent."""
