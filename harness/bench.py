@@ -1,0 +1,115 @@
+"""Speed measurement: run the fixed workload through one or more workers, interleaved.
+
+Every figure comes from the parent's clock: a token's time is when its message
+arrived here. decode tok/s = (n - 1) / (t_last - t_first); prefill tok/s =
+prompt tokens / time to first token.
+"""
+
+from dataclasses import asdict, dataclass
+
+from harness import stats
+from harness.worker import WorkerInvalid
+from harness.workload import build_prompt
+
+
+@dataclass
+class Sample:
+    """One measured speed call."""
+    worker: str
+    prompt: str
+    kind: str
+    repeat: int
+    nonce: str
+    prompt_tokens: int
+    n_tokens: int
+    ttft_s: float
+    decode_s: float
+    decode_tps: float
+    prefill_tps: float
+    peak_memory_bytes: int
+    prompt_ids: list
+    tokens: list
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def time_call(worker, name, prompt, *, max_tokens, timeout_s, repeat=-1):
+    """One speed call: exactly `max_tokens` tokens, EOS ignored. Returns a Sample.
+
+    Raises WorkerInvalid when the pipeline yields the wrong number of tokens or
+    hands them over all at once (the stopwatch would then time nothing).
+    """
+    result = worker.generate(prompt.tokens, max_tokens=max_tokens, stop_at_eos=False,
+                             timeout_s=timeout_s)
+    tokens, times = result["tokens"], result["times"]
+    if len(tokens) != max_tokens:
+        more_or_fewer = "more" if len(tokens) > max_tokens else f"only {len(tokens)}"
+        raise WorkerInvalid(f"generate() yielded {more_or_fewer} tokens for prompt "
+                            f"'{prompt.name}', expected exactly {max_tokens} (speed calls ignore EOS)")
+    decode_s = times[-1] - times[0]
+    if decode_s <= 0:
+        raise WorkerInvalid("generate() handed over all its tokens at once: yield each token "
+                            "as soon as it is produced")
+    return Sample(
+        worker=name, prompt=prompt.name, kind=prompt.kind, repeat=repeat, nonce=prompt.nonce,
+        prompt_tokens=len(prompt.tokens), n_tokens=len(tokens), ttft_s=times[0],
+        decode_s=decode_s, decode_tps=(len(tokens) - 1) / decode_s,
+        prefill_tps=len(prompt.tokens) / times[0], peak_memory_bytes=result["peak_memory_bytes"],
+        prompt_ids=prompt.tokens, tokens=tokens)
+
+
+def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress=None):
+    """Warm up, then measure every prompt `repeats` times on each worker, interleaved.
+
+    Args:
+        workers: {name: Worker}; with two, calls alternate A B, B A, ... so drift
+            and order effects fall on both alike.
+        preset: the workload preset (settings.preset()).
+        progress: optional callable(done, total, label) for a progress bar.
+
+    Returns:
+        A list of Samples (warm-up calls are not included).
+    """
+    names = list(workers)
+    specs = preset["prompts"]
+    total = len(specs) * len(names) * (preset["warmup"] + preset["repeats"])
+    done = 0
+
+    def call(name, spec, repeat):
+        nonlocal done
+        prompt = build_prompt(tokenizer, spec, corpus_text)
+        sample = time_call(workers[name], name, prompt, max_tokens=preset["max_tokens"],
+                           timeout_s=timeout_s, repeat=repeat)
+        done += 1
+        if progress:
+            progress(done, total, f"{name} {spec['name']}")
+        return sample
+
+    for _ in range(preset["warmup"]):
+        for spec in specs:
+            for name in names:
+                call(name, spec, -1)
+    samples = []
+    for repeat in range(preset["repeats"]):
+        for i, spec in enumerate(specs):
+            order = names if (repeat + i) % 2 == 0 else names[::-1]
+            for name in order:
+                samples.append(call(name, spec, repeat))
+    return samples
+
+
+def summarize(samples):
+    """Medians with 95% bootstrap intervals for one worker's samples."""
+    decode = stats.median_ci([s.decode_tps for s in samples])
+    prefill_samples = [s for s in samples if s.kind == "prefill"] or samples
+    prefill = stats.median_ci([s.prefill_tps for s in prefill_samples])
+    ttft = stats.median_ci([s.ttft_s for s in samples])
+    peaks = [s.peak_memory_bytes for s in samples if s.peak_memory_bytes is not None]
+    return {
+        "decode_tps": decode[0], "decode_tps_ci": [decode[1], decode[2]],
+        "prefill_tps": prefill[0], "prefill_tps_ci": [prefill[1], prefill[2]],
+        "ttft_s": ttft[0], "ttft_s_ci": [ttft[1], ttft[2]],
+        "peak_memory_gb": max(peaks) / 1e9 if peaks else None,
+        "samples": len(samples),
+    }

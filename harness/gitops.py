@@ -1,0 +1,41 @@
+"""Git facts and operations (GitPython). Nothing here ever discards uncommitted work."""
+
+from pathlib import Path
+
+import git
+
+EDITABLE = "inference.py"
+
+
+def open_repo(root):
+    """The git repository at `root`, or None when `root` is not inside one."""
+    try:
+        return git.Repo(root, search_parent_directories=False)
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        return None
+
+
+def state(root):
+    """Where the working tree stands: commit, subject, branch, and whether inference.py is dirty."""
+    repo = open_repo(root)
+    if repo is None or not repo.head.is_valid():
+        return {"commit": "none", "subject": "", "branch": "", "dirty": True, "repo": repo is not None}
+    head = repo.head.commit
+    branch = "" if repo.head.is_detached else repo.active_branch.name
+    dirty = bool(repo.git.status("--porcelain", "--", EDITABLE).strip())
+    return {"commit": head.hexsha[:7], "full_commit": head.hexsha, "subject": head.summary,
+            "branch": branch, "dirty": dirty, "repo": True}
+
+
+def ancestry(root):
+    """Short hashes of HEAD and all its ancestors (the current branch's history)."""
+    repo = open_repo(root)
+    if repo is None or not repo.head.is_valid():
+        return []
+    return [c.hexsha[:7] for c in repo.iter_commits("HEAD")]
+
+
+def file_at(root, commit, path):
+    """The text of `path` at `commit`."""
+    repo = open_repo(root)
+    return repo.git.show(f"{commit}:{Path(path).as_posix()}")

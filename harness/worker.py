@@ -1,0 +1,327 @@
+"""The worker process that runs inference.py, and the parent's handle on it.
+
+The parent starts `python -m harness.worker` with two private pipes: requests go
+down one, replies come back on the other as JSON messages (one per token during
+generation) plus raw float32 blocks for scores. The worker's stdout and stderr go
+to a log file, so nothing the pipeline prints can corrupt the protocol, and the
+last lines of that log explain a crash. The parent owns every clock.
+"""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import numpy as np
+
+from harness.settings import ROOT
+
+
+class WorkerCrash(Exception):
+    """The worker died, hung past its timeout, or the pipeline raised. str(e) is one line."""
+
+    def __init__(self, message, log_tail=""):
+        super().__init__(message)
+        self.log_tail = log_tail
+
+
+class WorkerInvalid(Exception):
+    """The pipeline broke the contract (wrong token count, non-integer tokens, bad scores)."""
+
+
+# ---------------------------------------------------------------------------
+# Parent side
+# ---------------------------------------------------------------------------
+class Worker:
+    """A running worker process serving one inference.py.
+
+    Args:
+        inference_path: the inference.py to import (the challenger's or the champion's copy).
+        log_path: where the worker's stdout/stderr go.
+        env: extra environment variables for the worker.
+    """
+
+    def __init__(self, inference_path, log_path, *, env=None):
+        self.inference_path = Path(inference_path)
+        self.log_path = Path(log_path)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        req_r, req_w = os.pipe()
+        resp_r, resp_w = os.pipe()
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "harness.worker", str(req_r), str(resp_w), str(self.inference_path)],
+            cwd=str(ROOT), stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            pass_fds=(req_r, resp_w), env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
+            start_new_session=True)  # its own process group: Ctrl-C reaches the parent only
+        os.close(req_r)
+        os.close(resp_w)
+        self._send_conn = Connection(req_w, readable=False)
+        self._recv_conn = Connection(resp_r, writable=False)
+        self.max_rss_bytes = None
+        self.info = {}
+        self._limit_s = 0.0
+
+    # -- low level ---------------------------------------------------------
+    def _send(self, message):
+        try:
+            self._send_conn.send_bytes(json.dumps(message).encode())
+        except (BrokenPipeError, OSError):
+            raise self._crash("the worker exited before it took a request") from None
+
+    def _recv_raw(self, deadline, what):
+        """Next message bytes; a WorkerCrash if the worker dies or the deadline passes."""
+        remaining = deadline - time.perf_counter()
+        if remaining <= 0 or not self._recv_conn.poll(remaining):
+            if self.alive():
+                raise self._crash(f"timeout: {what} ran past {self._limit_s:g} s (timeouts in harness.yaml)")
+        try:
+            return self._recv_conn.recv_bytes()
+        except (EOFError, OSError):
+            raise self._crash(f"the worker exited during {what}") from None
+
+    def _recv(self, deadline, what):
+        message = json.loads(self._recv_raw(deadline, what))
+        if "error" in message:
+            self.kill()
+            raise WorkerCrash(f"{what} raised {message['error']}", message.get("traceback", ""))
+        if "invalid" in message:
+            self.kill()
+            raise WorkerInvalid(message["invalid"])
+        return message
+
+    def _crash(self, message):
+        self.kill()
+        code = self.proc.returncode
+        if code is not None and code < 0:
+            message += f" (killed by signal {signal.Signals(-code).name})"
+        elif code:
+            message += f" (exit status {code})"
+        return WorkerCrash(message, self.log_tail())
+
+    def log_tail(self, lines=20):
+        """The last lines the worker printed (its stderr and stdout)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.rstrip().splitlines()[-lines:])
+
+    # -- requests ----------------------------------------------------------
+    def load(self, model_path, draft_model_path=None, overrides=None, *, timeout_s):
+        """Import inference.py and load the model; returns what the worker learnt about it."""
+        self._limit_s = timeout_s
+        deadline = time.perf_counter() + timeout_s
+        self._recv(deadline, "importing inference.py")
+        self._send({"op": "load", "model": str(model_path),
+                    "draft": str(draft_model_path) if draft_model_path else None,
+                    "overrides": overrides or {}})
+        self.info = self._recv(deadline, "load()")
+        return self.info
+
+    def generate(self, prompt, *, max_tokens, stop_at_eos, timeout_s):
+        """Run one generate call and time it from this side of the pipe.
+
+        Returns a dict: tokens, times (seconds after the request was sent, one per
+        token), peak_memory_bytes (reported by the worker's MLX allocator).
+        """
+        tokens, times = [], []
+        self._limit_s = timeout_s
+        start = time.perf_counter()
+        deadline = start + timeout_s
+        self._send({"op": "generate", "prompt": prompt, "max_tokens": max_tokens,
+                    "stop_at_eos": stop_at_eos})
+        while True:
+            message = self._recv(deadline, "generate()")
+            now = time.perf_counter()
+            if "t" in message:
+                token = message["t"]
+                if isinstance(token, bool) or not isinstance(token, int):
+                    raise WorkerInvalid(f"generate() yielded a non-integer token: {token!r}")
+                tokens.append(token)
+                times.append(now - start)
+            else:
+                return {"tokens": tokens, "times": times,
+                        "peak_memory_bytes": message.get("peak_memory_bytes")}
+
+    def score(self, tokens, *, timeout_s):
+        """Yield float32 arrays (rows, vocab) of next-token log-probabilities, chunk by chunk."""
+        self._limit_s = timeout_s
+        deadline = time.perf_counter() + timeout_s
+        self._send({"op": "score", "tokens": tokens})
+        rows = 0
+        while True:
+            message = self._recv(deadline, "score()")
+            if "done" in message:
+                if rows != len(tokens):
+                    raise WorkerInvalid(f"score() returned {rows} rows for {len(tokens)} tokens")
+                return
+            shape = tuple(message["shape"])
+            block = np.frombuffer(self._recv_raw(deadline, "score()"), dtype=np.float32)
+            rows += shape[0]
+            yield block.reshape(shape)
+
+    def _reap(self, block):
+        """Collect the exited worker with wait4, recording its peak resident memory.
+
+        Returns True once the worker is gone. (Popen.wait would discard the rusage.)
+        """
+        if self.proc.returncode is not None:
+            return True
+        try:
+            pid, status, usage = os.wait4(self.proc.pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            self.proc.returncode = -1
+            return True
+        if pid == 0:
+            return False
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        # ru_maxrss is in kilobytes on Linux and in bytes on macOS.
+        self.max_rss_bytes = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        return True
+
+    def alive(self):
+        """True while the worker process runs."""
+        return not self._reap(block=False)
+
+    def close(self, grace_s=10.0):
+        """Ask the worker to exit, wait a little, then make sure it has gone."""
+        if self.alive():
+            try:
+                self._send_conn.send_bytes(b'{"op": "exit"}')
+            except OSError:
+                pass
+            deadline = time.perf_counter() + grace_s
+            while self.alive() and time.perf_counter() < deadline:
+                time.sleep(0.01)
+        self.kill()
+
+    def kill(self):
+        """Kill the worker's whole process group (if still running), reap it, close pipes."""
+        if self.alive():
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self._reap(block=True)
+        for conn in (self._send_conn, self._recv_conn):
+            try:
+                conn.close()
+            except OSError:
+                pass
+        if not self._log.closed:
+            self._log.close()
+
+
+# ---------------------------------------------------------------------------
+# Worker side (runs in the child process; this is harness code, not the pipeline)
+# ---------------------------------------------------------------------------
+def _error(exc):
+    lines = traceback.format_exception(exc)
+    return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
+            "traceback": "".join(lines)[-4000:]}
+
+
+def _import_inference(path):
+    spec = importlib.util.spec_from_file_location("inference", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["inference"] = module
+    spec.loader.exec_module(module)
+    for name in ("load", "generate", "score"):
+        if not callable(getattr(module, name, None)):
+            raise AttributeError(f"inference.py has no function {name}()")
+    return module
+
+
+def _apply_overrides(module, overrides):
+    """Set knob values by name (the search mode); only existing UPPER_CASE knobs."""
+    for name, value in overrides.items():
+        if not name.isupper() or not hasattr(module, name):
+            raise AttributeError(f"inference.py has no knob {name}")
+        setattr(module, name, value)
+
+
+def _model_info(pipeline):
+    """Facts about the loaded model for the report (bytes of weights read per token)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    model = getattr(pipeline, "model", None)
+    if model is None or not hasattr(model, "parameters"):
+        return {}
+    weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()) if isinstance(v, mx.array))
+    return {"weight_bytes": int(weight_bytes)}
+
+
+def _serve(send, recv, inference_path):
+    import mlx.core as mx
+
+    try:
+        module = _import_inference(inference_path)
+    except BaseException as exc:  # a syntax or import error is the pipeline's, not ours
+        send(_error(exc))
+        return
+    send({"ready": True})
+    pipeline = None
+    while True:
+        request = json.loads(recv())
+        op = request["op"]
+        if op == "exit":
+            return
+        try:
+            if op == "load":
+                _apply_overrides(module, request["overrides"])
+                pipeline = module.load(request["model"], request["draft"])
+                send({"loaded": True, **_model_info(pipeline)})
+            elif op == "generate":
+                mx.reset_peak_memory()
+                cap = request["max_tokens"] + 1  # one past the cap proves "too many"
+                count = 0
+                for token in module.generate(pipeline, list(request["prompt"]),
+                                             max_tokens=request["max_tokens"],
+                                             stop_at_eos=request["stop_at_eos"]):
+                    if isinstance(token, (bool, np.bool_)) or not isinstance(token, (int, np.integer)):
+                        send({"invalid": f"generate() yielded a non-integer token: {type(token).__name__} {token!r:.60}"})
+                        break
+                    send({"t": int(token)})
+                    count += 1
+                    if count >= cap:
+                        break
+                send({"done": True, "peak_memory_bytes": int(mx.get_peak_memory())})
+            elif op == "score":
+                mx.reset_peak_memory()
+                for chunk in module.score(pipeline, list(request["tokens"])):
+                    block = np.asarray(mx.array(chunk).astype(mx.float32))
+                    if block.ndim != 2:
+                        send({"invalid": f"score() yielded an array of shape {block.shape}, expected (rows, vocab)"})
+                        break
+                    send({"shape": list(block.shape)})
+                    send(np.ascontiguousarray(block).tobytes(), raw=True)
+                send({"done": True, "peak_memory_bytes": int(mx.get_peak_memory())})
+        except Exception as exc:
+            send(_error(exc))
+
+
+def main():
+    req_fd, resp_fd, inference_path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    recv_conn = Connection(req_fd, writable=False)
+    send_conn = Connection(resp_fd, readable=False)
+
+    def send(message, raw=False):
+        send_conn.send_bytes(message if raw else json.dumps(message).encode())
+
+    # The pipeline must not touch the protocol pipes through sys.stdout.
+    sys.stdout = sys.stderr
+    try:
+        _serve(send, recv_conn.recv_bytes, inference_path)
+    except (EOFError, BrokenPipeError):
+        pass  # the parent went away: nothing left to do
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""End-to-end runs of prepare.py in a real git copy of the project, on a tiny model:
+the output contract, the ledger, and every kind of bad input."""
+
+import json
+
+import pytest
+
+from harness import ledger
+
+
+def _decision_line(proc):
+    return next(line for line in proc.stdout.splitlines() if line.startswith("decision:"))
+
+
+def test_baseline_then_measured_rows_and_json(project):
+    proc, result = project.evaluate()
+    assert proc.returncode == 0, proc.stderr
+    assert _decision_line(proc) == "decision: BASELINE"
+    for key in ("decision", "reason", "commit", "model", "protocol", "decode_tps", "decode_tps_ci",
+                "prefill_tps", "prefill_tps_ci", "ttft_s", "peak_memory_gb", "run_file"):
+        assert key in result, key
+    low, high = result["decode_tps_ci"]
+    assert 0 < low <= result["decode_tps"] <= high
+    assert result["prefill_tps"] > 0 and result["ttft_s"] > 0 and result["peak_memory_gb"] > 0
+    assert any(line.startswith("decode_tps: ") for line in proc.stdout.splitlines())
+
+    run = json.loads((project.root / result["run_file"]).read_text())
+    settings = project.settings()["workload"]["presets"]["quick"]
+    assert len(run["samples"]) == settings["repeats"] * len(settings["prompts"])
+    assert all(s["n_tokens"] == settings["max_tokens"] for s in run["samples"])
+    assert len({s["nonce"] for s in run["samples"]}) == len(run["samples"])  # fresh nonce per call
+    assert run["environment"]["mlx"] == "0.32.4"
+
+    proc2, result2 = project.evaluate()
+    assert result2["decision"] == "MEASURED"
+    rows, problems = ledger.read(project.root / "results.tsv")
+    assert problems == [] and [r["decision"] for r in rows] == ["BASELINE", "MEASURED"]
+    assert rows[0]["commit"] == result["commit"] and rows[0]["subject"] == "baseline"
+    assert project.ledger_lines()[0] == ledger.HEADER.rstrip("\n")
+
+
+def test_uncommitted_change_is_measured_not_baseline(project):
+    project.edit_inference("TOP_K = 0 ", "TOP_K = 0  # tried\n#")
+    proc, result = project.evaluate()
+    assert result["decision"] == "MEASURED" and result["dirty"] is True
+
+
+def _expect(project, decision, words, *, commit=True):
+    if commit:
+        project.commit("experiment")
+    before = project.ledger_lines()
+    proc, result = project.evaluate()
+    assert proc.returncode == 0, proc.stderr
+    assert result is not None, proc.stdout + proc.stderr
+    assert result["decision"] == decision, result
+    assert "\n" not in result["reason"]
+    for word in words:
+        assert word in result["reason"], result["reason"]
+    lines = project.ledger_lines()
+    assert lines[: len(before)] == before and len(lines) == len(before) + (2 if not before else 1)
+    return result
+
+
+def test_syntax_error_is_crash(project):
+    project.edit_inference("def load(", "def load(:")
+    _expect(project, "CRASH", ["importing inference.py", "SyntaxError"])
+
+
+def test_import_error_is_crash(project):
+    project.edit_inference("import mlx.core as mx", "import mlx.core as mx\nimport no_such_module_xyz")
+    _expect(project, "CRASH", ["ModuleNotFoundError", "no_such_module_xyz"])
+
+
+def test_exception_mid_generation_is_crash(project):
+    project.edit_inference("    for token, _logprobs in steps:\n        yield token",
+                           "    for i, (token, _logprobs) in enumerate(steps):\n"
+                           "        if i == 3:\n            raise RuntimeError('boom at token 3')\n"
+                           "        yield token")
+    result = _expect(project, "CRASH", ["generate()", "boom at token 3"])
+    assert result.get("decode_tps") is None
+
+
+def test_worker_killed_is_crash(project):
+    project.edit_inference("    for token, _logprobs in steps:\n        yield token",
+                           "    import os, signal\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+                           "    for token, _logprobs in steps:\n        yield token")
+    _expect(project, "CRASH", ["exited", "SIGKILL"])
+
+
+def test_hang_past_timeout_is_crash(tmp_path, tiny_llama):
+    from conftest import make_project
+
+    project = make_project(tmp_path / "p", tiny_llama, call_s=3)
+    project.edit_inference("    for token, _logprobs in steps:\n        yield token",
+                           "    import time\n    time.sleep(3600)\n"
+                           "    for token, _logprobs in steps:\n        yield token")
+    _expect(project, "CRASH", ["timeout", "3 s"])
+
+
+def test_too_few_tokens_is_invalid(project):
+    project.edit_inference("generate_step(\n            prompt, pipeline.model, max_tokens=max_tokens,",
+                           "generate_step(\n            prompt, pipeline.model, max_tokens=max_tokens - 1,")
+    _expect(project, "INVALID", ["only", "expected exactly"])
+
+
+def test_too_many_tokens_is_invalid(project):
+    project.edit_inference("generate_step(\n            prompt, pipeline.model, max_tokens=max_tokens,",
+                           "generate_step(\n            prompt, pipeline.model, max_tokens=max_tokens + 5,")
+    _expect(project, "INVALID", ["more", "expected exactly"])
+
+
+def test_non_integer_tokens_are_invalid(project):
+    project.edit_inference("        yield token\n", "        yield float(token)\n")
+    _expect(project, "INVALID", ["non-integer"])
+
+
+def test_unknown_model_is_usage_error(project):
+    project.evaluate()
+    before = project.ledger_lines()
+    proc = project.run("--quick", "--model", "no-such-model-anywhere")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "smollm2-135m-instruct" in lines[-1]
+    assert "Traceback" not in proc.stderr
+    assert project.ledger_lines() == before
+
+
+@pytest.mark.parametrize("breakage, words", [
+    ("delete_key", ["missing key", "timeouts"]),
+    ("bad_yaml", ["not valid YAML"]),
+    ("bad_type", ["max_tokens", "integer"]),
+    ("unknown_prompt", ["unknown prompt"]),
+])
+def test_bad_settings_are_usage_errors(project, breakage, words):
+    project.evaluate()
+    before = project.ledger_lines()
+    path = project.root / "harness.yaml"
+    settings = project.settings()
+    if breakage == "delete_key":
+        del settings["timeouts"]
+        project.write_settings(settings)
+    elif breakage == "bad_yaml":
+        path.write_text(path.read_text() + "\n  - : : [unclosed\n")
+    elif breakage == "bad_type":
+        settings["workload"]["presets"]["quick"]["max_tokens"] = "many"
+        project.write_settings(settings)
+    else:
+        settings["workload"]["presets"]["quick"]["prompts"].append("nope")
+        project.write_settings(settings)
+    proc = project.run("--quick", "--model", str(project.model_dir))
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: harness.yaml") or last.startswith("error: ") and "YAML" in last
+    for word in words:
+        assert word in last, last
+    assert "Traceback" not in proc.stderr
+    assert project.ledger_lines() == before
