@@ -14,6 +14,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 COMMANDS = ("evaluate",)
+# Subcommands that live in their own harness module: each has add_parser(sub) and run(args).
+COMMAND_MODULES = []
 
 
 def parse_args(argv):
@@ -23,9 +25,19 @@ def parse_args(argv):
     ev.add_argument("--quick", action="store_true", help="small workload for smoke runs")
     ev.add_argument("--json", action="store_true", help="also print the result as one JSON line, last on stdout")
     ev.add_argument("--model", help="offline name, local mlx-lm directory or Hugging Face repo id")
-    if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
+    ev.set_defaults(func=cmd_evaluate)
+    for module in _command_modules():
+        module.add_parser(sub)
+    names = COMMANDS + tuple(m.rsplit(".", 1)[-1] for m in COMMAND_MODULES)
+    if not argv or argv[0] not in names + ("-h", "--help"):
         argv = ["evaluate", *argv]
     return parser.parse_args(argv)
+
+
+def _command_modules():
+    import importlib
+
+    return [importlib.import_module(name) for name in COMMAND_MODULES]
 
 
 def cmd_evaluate(args):
@@ -50,7 +62,7 @@ def main(argv=None):
     from harness.settings import SettingsError
 
     try:
-        return {"evaluate": cmd_evaluate}[args.command](args)
+        return args.func(args)
     except (SettingsError, ModelError, LedgerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

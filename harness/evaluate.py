@@ -146,7 +146,9 @@ def evaluate(ctx, *, inference_path=None, overrides=None, source="agent"):
         result.update({k: v for k, v in summary.items() if k != "samples"})
         rss = speed["workers"]["challenger"].get("max_rss_bytes")
         result["max_rss_gb"] = rss / 1e9 if rss else None
-        if result["dirty"]:
+        if overrides:
+            result.update(decision="MEASURED", reason="search trial: knobs overridden in the worker")
+        elif result["dirty"]:
             result.update(decision="MEASURED", reason="inference.py has uncommitted changes: "
                           "commit it for a run that can become the baseline")
         elif prior_good_rows(ctx):
