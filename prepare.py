@@ -15,7 +15,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 COMMANDS = ("evaluate",)
 # Subcommands that live in their own harness module: each has add_parser(sub) and run(args).
-COMMAND_MODULES = []
+COMMAND_MODULES = ["harness.history", "harness.profile", "harness.search", "harness.analyze"]
 
 
 def parse_args(argv):
@@ -28,7 +28,7 @@ def parse_args(argv):
     ev.set_defaults(func=cmd_evaluate)
     for module in _command_modules():
         module.add_parser(sub)
-    names = COMMANDS + tuple(m.rsplit(".", 1)[-1] for m in COMMAND_MODULES)
+    names = tuple(sub.choices)  # the registered subcommands, evaluate included
     if not argv or argv[0] not in names + ("-h", "--help"):
         argv = ["evaluate", *argv]
     return parser.parse_args(argv)

@@ -124,18 +124,19 @@ class Worker:
         self.info = self._recv(deadline, "load()")
         return self.info
 
-    def generate(self, prompt, *, max_tokens, stop_at_eos, timeout_s):
+    def generate(self, prompt, *, max_tokens, stop_at_eos, timeout_s, seed=None):
         """Run one generate call and time it from this side of the pipe.
 
         Returns a dict: tokens, times (seconds after the request was sent, one per
         token), peak_memory_bytes (reported by the worker's MLX allocator).
+        `seed` seeds MLX's random generator first, so sampling is repeatable.
         """
         tokens, times = [], []
         self._limit_s = timeout_s
         start = time.perf_counter()
         deadline = start + timeout_s
         self._send({"op": "generate", "prompt": prompt, "max_tokens": max_tokens,
-                    "stop_at_eos": stop_at_eos})
+                    "stop_at_eos": stop_at_eos, "seed": seed})
         while True:
             message = self._recv(deadline, "generate()")
             now = time.perf_counter()
@@ -165,6 +166,12 @@ class Worker:
             block = np.frombuffer(self._recv_raw(deadline, "score()"), dtype=np.float32)
             rows += shape[0]
             yield block.reshape(shape)
+
+    def token_stats(self, tokens, start, *, timeout_s):
+        """Reference workers only: per-token NLL and entropy for tokens[start:]."""
+        self._limit_s = timeout_s
+        self._send({"op": "token_stats", "tokens": tokens, "start": start})
+        return self._recv(time.perf_counter() + timeout_s, "token_stats()")
 
     def _reap(self, block):
         """Collect the exited worker with wait4, recording its peak resident memory.
@@ -279,6 +286,8 @@ def _serve(send, recv, inference_path):
                 pipeline = module.load(request["model"], request["draft"])
                 send({"loaded": True, **_model_info(pipeline)})
             elif op == "generate":
+                if request.get("seed") is not None:
+                    mx.random.seed(request["seed"])
                 mx.reset_peak_memory()
                 cap = request["max_tokens"] + 1  # one past the cap proves "too many"
                 count = 0
@@ -303,6 +312,8 @@ def _serve(send, recv, inference_path):
                     send({"shape": list(block.shape)})
                     send(np.ascontiguousarray(block).tobytes(), raw=True)
                 send({"done": True, "peak_memory_bytes": int(mx.get_peak_memory())})
+            elif op == "token_stats":
+                send(module.token_stats(pipeline, request["tokens"], request["start"]))
         except Exception as exc:
             send(_error(exc))
 

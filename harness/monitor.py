@@ -1,0 +1,485 @@
+"""The change monitor: what an experiment changed in inference.py, and what it may cost.
+
+The original harness matched constants with regular expressions and missed argmax as soon
+as the constant moved to another line. This one reads both versions with `ast`:
+
+    compare(old_source, new_source) -> {"knobs", "functions", "module", "lines", "warnings",
+                                        "summary", "error"}
+    format_report(vs_baseline, vs_champion) -> the "CHANGES FROM BASELINE" box for people
+
+Knobs are module-level UPPER_CASE assignments. Their values are compared as values, so
+moving or reformatting a constant is not a change, and 1 vs 1.0 is not a change either.
+Functions and classes are compared by their syntax tree without line numbers, so
+comment and blank-line edits are not changes. Tradeoff warnings come from RULES, a table
+evaluated on the new source against the old: a rule warns about what is present in the
+new source and differs from the old one.
+"""
+
+import ast
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+KNOB_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+ARGMAX_TEMP = 1e-6          # a temperature at or below this samples like argmax
+LOW_PRECISION = ("float16", "bfloat16")
+SUMMARY_MAX_CHARS = 300     # the summary lives in one results.tsv cell
+
+
+# ---------------------------------------------------------------------------
+# Reading one source
+# ---------------------------------------------------------------------------
+class _Expr(str):
+    """A knob value that is not a literal: its source text (compared as text)."""
+
+
+@dataclass
+class Facts:
+    """What the rules need to know about one version of inference.py."""
+    knobs: dict = field(default_factory=dict)           # name -> value (or _Expr text)
+    defs: dict = field(default_factory=dict)            # top-level def/class name -> ast.dump
+    statements: Counter = field(default_factory=Counter)  # other top-level statements, unparsed
+    names: Counter = field(default_factory=Counter)     # identifiers and attributes used anywhere
+    generate_names: Counter = field(default_factory=Counter)  # ... inside generate()
+    state: set = field(default_factory=set)             # what keeps state across calls
+    work_overrides: set = field(default_factory=set)    # what overrides max_tokens
+    lines: int = 0
+    error: str = ""                                     # the SyntaxError, if it does not parse
+
+    def knob(self, name):
+        return self.knobs.get(name)
+
+    def uses(self, *names):
+        return sum(self.names[n] for n in names)
+
+    def eos_refs(self):
+        # tokenizer.eos_token_ids, an `eos` set, eos_token_id ...: anything named after EOS
+        return sum(c for n, c in self.names.items() if "eos" in n.lower() and n != "stop_at_eos")
+
+
+def code_lines(source):
+    """Lines that are neither blank nor comment-only."""
+    return sum(1 for line in source.splitlines() if line.strip() and not line.strip().startswith("#"))
+
+
+def _knob_assignments(tree):
+    """(name, value node) for every module-level UPPER_CASE assignment, in file order."""
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            targets, value = [node.target], node.value
+        else:
+            continue
+        for target in targets:
+            if isinstance(target, ast.Name):
+                pairs = [(target, value)]
+            elif (isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple)
+                  and len(target.elts) == len(value.elts)):
+                pairs = zip(target.elts, value.elts)  # A, B = 1, 2
+            else:
+                continue
+            for name, val in pairs:
+                if isinstance(name, ast.Name) and KNOB_NAME.match(name.id):
+                    yield name.id, val
+
+
+def _docstring_node(tree):
+    """The module docstring's statement (a docstring edit is not a code change), or None."""
+    first = tree.body[0] if tree.body else None
+    if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+            and isinstance(first.value.value, str)):
+        return first
+    return None
+
+
+def _is_knob_statement(node):
+    """True for a top-level assignment that only sets knobs (those are compared as knobs)."""
+    if isinstance(node, ast.Assign):
+        targets = node.targets
+    elif isinstance(node, ast.AnnAssign):
+        targets = [node.target]
+    else:
+        return False
+    names = [t for target in targets
+             for t in (target.elts if isinstance(target, ast.Tuple) else [target])]
+    return all(isinstance(t, ast.Name) and KNOB_NAME.match(t.id) for t in names)
+
+
+def _value(node):
+    """The literal value of `node`, or its source text as an _Expr."""
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return _Expr(ast.unparse(node))
+
+
+def _identifiers(node):
+    """Counter of every Name id and Attribute attr under `node` (mx.argmax counts 'mx' and 'argmax')."""
+    found = Counter()
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Name):
+            found[sub.id] += 1
+        elif isinstance(sub, ast.Attribute):
+            found[sub.attr] += 1
+    return found
+
+
+_CONTAINER_CALLS = {"dict", "list", "set", "OrderedDict", "defaultdict", "deque", "LRUCache"}
+_CACHE_DECORATORS = {"lru_cache", "cache", "cached"}
+
+
+def _state_across_calls(tree):
+    """Descriptions of what can carry prompts or KV state from one call to the next."""
+    found = set()
+    for node in tree.body:
+        # a module-level container: somewhere to keep prompts, answers or caches
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+            value = node.value
+            call = value.func if isinstance(value, ast.Call) else None
+            call_name = getattr(call, "id", None) or getattr(call, "attr", None)
+            if isinstance(value, (ast.Dict, ast.List, ast.Set)) or call_name in _CONTAINER_CALLS:
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for t in targets:
+                    if isinstance(t, ast.Name):
+                        found.add(f"module-level {t.id}")
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for deco in node.decorator_list:
+                target = deco.func if isinstance(deco, ast.Call) else deco
+                name = getattr(target, "id", None) or getattr(target, "attr", None)
+                if name in _CACHE_DECORATORS:
+                    found.add(f"@{name} on {node.name}")
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Global):
+                    found.update(f"global {n} in {node.name}" for n in sub.names)
+            # generate/score storing something on the pipeline outlives the call
+            if node.name in ("generate", "score"):
+                for sub in ast.walk(node):
+                    if isinstance(sub, ast.Attribute) and isinstance(sub.ctx, ast.Store):
+                        found.add(f"{node.name} stores .{sub.attr}")
+    return found
+
+
+def _work_overrides(tree):
+    """Descriptions of code that sets max_tokens to anything but the caller's value."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.keyword) and node.arg == "max_tokens":
+            if not (isinstance(node.value, ast.Name) and node.value.id == "max_tokens"):
+                found.add(f"max_tokens={ast.unparse(node.value)}")
+        elif isinstance(node, ast.Name) and node.id == "max_tokens" and isinstance(node.ctx, ast.Store):
+            found.add("max_tokens reassigned")
+        elif isinstance(node, ast.AugAssign) and getattr(node.target, "id", None) == "max_tokens":
+            found.add("max_tokens reassigned")
+    for name, _ in _knob_assignments(tree):
+        if "TOKENS" in name and name != "NUM_DRAFT_TOKENS":
+            found.add(f"knob {name}")
+    return found
+
+
+def facts(source):
+    """Parse `source` into Facts; a source that does not parse gets Facts with `error` set."""
+    out = Facts(lines=code_lines(source))
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as exc:
+        out.error = f"line {exc.lineno}: {exc.msg}"
+        return out
+    for name, node in _knob_assignments(tree):
+        out.knobs[name] = _value(node)  # a later assignment wins, as when Python runs it
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.defs[node.name] = ast.dump(node)  # no line numbers: moving code is no change
+            if node.name == "generate":
+                out.generate_names = _identifiers(node)
+        elif not _is_knob_statement(node) and node is not _docstring_node(tree):
+            out.statements[ast.unparse(node)] += 1  # imports, helpers' state, module code
+    out.names = _identifiers(tree)
+    out.state = _state_across_calls(tree)
+    out.work_overrides = _work_overrides(tree)
+    return out
+
+
+def knob_values(source):
+    """The module-level UPPER_CASE knobs of `source` as {name: value}.
+
+    Values are Python literals where the right-hand side is one, else its source text.
+    Raises SyntaxError when `source` does not parse.
+    """
+    tree = ast.parse(source)
+    return {name: (str(v) if isinstance(v, _Expr) else v)
+            for name, v in ((n, _value(node)) for n, node in _knob_assignments(tree))}
+
+
+# ---------------------------------------------------------------------------
+# Comparing values
+# ---------------------------------------------------------------------------
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def same_value(a, b):
+    """Equal as knob values: numbers as numbers (1 == 1.0), bools, None, text and expressions apart."""
+    if _is_number(a) and _is_number(b):
+        return float(a) == float(b)
+    if type(a) is not type(b):  # True is not 1, None is not 0, "4" is not 4
+        return False
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    return a == b
+
+
+def show(value):
+    """A knob value as people read it: literals as Python writes them, expressions as written."""
+    text = str(value) if isinstance(value, _Expr) else repr(value)
+    return " ".join(text.split())  # one line, no tabs
+
+
+def _argmax_like(f):
+    temp = f.knob("TEMP")
+    return (_is_number(temp) and temp <= ARGMAX_TEMP) or f.uses("argmax") > 0
+
+
+SAMPLING_KNOBS = ("TEMP", "TOP_P", "TOP_K", "MIN_P", "REPETITION_PENALTY", "REPETITION_CONTEXT")
+
+
+def _knob_set_and_changed(name, present):
+    """A rule test: knob `name` satisfies `present` in the new source and differs from the old."""
+    def test(old, new):
+        value = new.knob(name)
+        return present(value) and not same_value(value, old.knob(name))
+    return test
+
+
+def _more(*names):
+    """A rule test: the new source uses any of `names` more often than the old one."""
+    return lambda old, new: new.uses(*names) > old.uses(*names)
+
+
+def _either(*tests):
+    return lambda old, new: any(t(old, new) for t in tests)
+
+
+def _lower_cache_limit(old, new):
+    value, before = new.knob("CACHE_LIMIT_GB"), old.knob("CACHE_LIMIT_GB")
+    if not _is_number(value):
+        return False
+    return not _is_number(before) or value < before
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    test: object        # (old Facts, new Facts) -> bool
+    message: str
+
+
+# The tradeoff warnings: each test looks at the new source against the old and is true
+# when the new one has the feature and the old one did not have it (or had it otherwise).
+RULES = [
+    Rule("argmax",
+         _either(_knob_set_and_changed("TEMP", lambda v: _is_number(v) and v <= ARGMAX_TEMP),
+                 _more("argmax")),
+         "argmax decoding: deterministic output, no sampling diversity"),
+    Rule("sampling",
+         lambda old, new: not _argmax_like(new) and any(
+             not same_value(old.knob(k), new.knob(k)) for k in SAMPLING_KNOBS),
+         "sampling settings changed: the answer distribution changes, watch the task gates"),
+    Rule("quantized_kv",
+         _either(_knob_set_and_changed("KV_BITS", lambda v: v is not None),
+                 _more("to_quantized", "QuantizedKVCache")),
+         "quantized KV cache: quality risk, and often slower at short contexts "
+         "(the seed measured -5.5 % on a 3B model)"),
+    Rule("rotating_kv",
+         _either(_knob_set_and_changed("MAX_KV_SIZE", lambda v: v is not None),
+                 _more("RotatingKVCache")),
+         "rotating KV window: the model loses the context beyond the window"),
+    Rule("speculative",
+         _either(lambda old, new: (not same_value(old.knob("NUM_DRAFT_TOKENS"), new.knob("NUM_DRAFT_TOKENS"))
+                                   and new.uses("draft_model") > 0),
+                 _more("speculative_generate_step")),
+         "speculative decoding: needs a matching draft model (harness.yaml draft_model); "
+         "the speed depends on the acceptance rate"),
+    Rule("precision",
+         _either(_knob_set_and_changed("COMPUTE_DTYPE", lambda v: v in LOW_PRECISION),
+                 _more(*LOW_PRECISION)),
+         "lower compute precision: precision loss (and 3-10x slower on Linux CPU)"),
+    Rule("cache_limit",
+         _either(_lower_cache_limit, _more("set_cache_limit", "set_memory_limit", "set_wired_limit")),
+         "lower memory/cache limit: may slow allocation-heavy phases such as prefill"),
+    Rule("eos",
+         lambda old, new: ((old.generate_names["stop_at_eos"] and not new.generate_names["stop_at_eos"])
+                           or (old.eos_refs() and not new.eos_refs())),
+         "EOS handling removed: answers no longer stop at the end of the turn"),
+    Rule("compile",
+         _more("compile"),
+         "mx.compile added: first-call compile cost, recompiles when shapes change"),
+    Rule("state",
+         lambda old, new: bool(new.state - old.state),
+         "state kept across calls (prompt/KV caching): must not replay answers, "
+         "every prompt carries a fresh nonce"),
+    Rule("work",
+         lambda old, new: bool(new.work_overrides - old.work_overrides),
+         "max_tokens overridden: the harness enforces exactly max_tokens tokens per speed call "
+         "(fewer or more is INVALID)"),
+]
+
+
+def warnings(old, new):
+    """[{"id", "message"}] for every rule whose test holds for (old Facts, new Facts)."""
+    return [{"id": r.id, "message": r.message} for r in RULES if r.test(old, new)]
+
+
+# ---------------------------------------------------------------------------
+# The comparison
+# ---------------------------------------------------------------------------
+def _knob_changes(old, new):
+    changes = []
+    for name in list(old.knobs) + [n for n in new.knobs if n not in old.knobs]:
+        if name not in new.knobs:
+            change = "removed"
+        elif name not in old.knobs:
+            change = "added"
+        elif same_value(old.knobs[name], new.knobs[name]):
+            continue
+        else:
+            change = "changed"
+        entry = {"name": name, "change": change, "old": None, "new": None,
+                 "old_text": "", "new_text": ""}
+        for side, f in (("old", old), ("new", new)):
+            if name in f.knobs:
+                value = f.knobs[name]
+                entry[side] = str(value) if isinstance(value, _Expr) else value
+                entry[f"{side}_text"] = show(value)
+        changes.append(entry)
+    return changes
+
+
+def _statement_changes(old, new):
+    """Top-level statements (not knobs, not defs) added and removed, one short line each."""
+    def short(text):
+        first = " ".join(text.splitlines()[0].split()) if text.strip() else text
+        return first if len(first) <= 60 else first[:57] + "..."
+    return {"added": [short(t) for t in (new.statements - old.statements).elements()],
+            "removed": [short(t) for t in (old.statements - new.statements).elements()]}
+
+
+def _knob_short(k):
+    if k["change"] == "added":
+        return f"+{k['name']}={k['new_text']}"
+    if k["change"] == "removed":
+        return f"-{k['name']}"
+    return f"{k['name']} {k['old_text']}->{k['new_text']}"
+
+
+def summarize(result):
+    """One line for the results.tsv `changes` column, e.g. `TEMP 0.7->0; +0 lines; warnings: argmax`."""
+    parts = []
+    if result.get("error"):
+        parts.append(f"does not parse ({result['error']})")
+    if result["knobs"]:
+        parts.append(", ".join(_knob_short(k) for k in result["knobs"]))
+    for kind in ("changed", "added", "removed"):
+        if result["functions"][kind]:
+            parts.append(f"{kind} {', '.join(result['functions'][kind])}")
+    for kind, sign in (("added", "+"), ("removed", "-")):
+        parts.extend(f"{sign}{text}" for text in result["module"][kind])
+    if not parts:
+        parts.append("no code changes")
+    parts.append(f"{result['lines']['delta']:+d} lines")
+    if result["warnings"]:
+        parts.append("warnings: " + ", ".join(w["id"] for w in result["warnings"]))
+    text = " ".join("; ".join(parts).split())
+    return text if len(text) <= SUMMARY_MAX_CHARS else text[:SUMMARY_MAX_CHARS - 3] + "..."
+
+
+def compare(old_source, new_source):
+    """What changed from `old_source` to `new_source` (two versions of inference.py).
+
+    Returns plain data:
+        knobs:     [{"name", "change" (changed|added|removed), "old", "new", "old_text", "new_text"}]
+        functions: {"added": [...], "removed": [...], "changed": [...]} top-level defs and classes
+        module:    {"added": [...], "removed": [...]} other top-level statements (imports ...)
+        lines:     {"old", "new", "delta"} lines that are neither blank nor comment-only
+        warnings:  [{"id", "message"}] from RULES
+        summary:   one line for results.tsv
+        error:     "" or where a source does not parse (then only lines are compared)
+    """
+    old, new = facts(old_source), facts(new_source)
+    result = {
+        "knobs": [], "functions": {"added": [], "removed": [], "changed": []},
+        "module": {"added": [], "removed": []},
+        "lines": {"old": old.lines, "new": new.lines, "delta": new.lines - old.lines},
+        "warnings": [], "error": "",
+    }
+    if old.error or new.error:
+        which = "new" if new.error else "old"
+        result["error"] = f"{which} source, {new.error or old.error}"
+        result["warnings"] = [{"id": "syntax", "message": f"the {which} inference.py does not parse: "
+                                                          f"{new.error or old.error}"}]
+    else:
+        result["knobs"] = _knob_changes(old, new)
+        result["functions"] = {
+            "added": [n for n in new.defs if n not in old.defs],
+            "removed": [n for n in old.defs if n not in new.defs],
+            "changed": [n for n in new.defs if n in old.defs and new.defs[n] != old.defs[n]],
+        }
+        result["module"] = _statement_changes(old, new)
+        result["warnings"] = warnings(old, new)
+    result["summary"] = summarize(result)
+    return result
+
+
+# ---------------------------------------------------------------------------
+# The report for people
+# ---------------------------------------------------------------------------
+RULE_WIDTH = 60
+
+
+def _section(title, result):
+    lines = ["=" * RULE_WIDTH, title, "=" * RULE_WIDTH]
+    if result.get("error"):
+        lines.append(f"  does not parse: {result['error']}")
+    for k in result["knobs"]:
+        if k["change"] == "added":
+            lines.append(f"  {k['name']}: (new) {k['new_text']}")
+        elif k["change"] == "removed":
+            lines.append(f"  {k['name']}: {k['old_text']} -> (removed)")
+        else:
+            lines.append(f"  {k['name']}: {k['old_text']} -> {k['new_text']}")
+    for kind in ("added", "removed", "changed"):
+        names = result["functions"][kind]
+        if names:
+            lines.append(f"  functions {kind}: {', '.join(names)}")
+    for kind in ("added", "removed"):
+        lines.extend(f"  module code {kind}: {text}" for text in result["module"][kind])
+    if not (result["knobs"] or any(result["functions"].values()) or any(result["module"].values())
+            or result.get("error")):
+        lines.append("  no code changes")
+    n = result["lines"]
+    lines.append(f"  lines: {n['old']} -> {n['new']} ({n['delta']:+d})")
+    lines.append("")
+    if result["warnings"]:
+        lines.append("Tradeoff warnings:")
+        lines.extend(f"  - {w['message']}" for w in result["warnings"])
+    else:
+        lines.append("Tradeoff warnings: none")
+    return lines
+
+
+def format_report(vs_baseline, vs_champion=None):
+    """The change report printed before the figures.
+
+    Args:
+        vs_baseline: compare(baseline source, current source).
+        vs_champion: compare(champion source, current source), or None when there is no
+            champion or it is the baseline itself.
+    """
+    lines = _section("CHANGES FROM BASELINE", vs_baseline)
+    if vs_champion is not None:
+        lines += _section("CHANGES FROM CHAMPION", vs_champion)
+    lines.append("=" * RULE_WIDTH)
+    return "\n".join(lines)

@@ -1,0 +1,278 @@
+"""Quality gates against an independent float32 reference.
+
+Three views of quality, all computed here in the parent from what the workers
+return (nothing the pipeline says about itself is used):
+  * the locked corpus through the pipeline's `score`: perplexity, and mean KL
+    divergence (reference || pipeline), its 99th percentile and top-1 agreement,
+    as llama.cpp's `llama-perplexity --kl-divergence` reports them;
+  * locked chat tasks answered by the pipeline, checked by harness/tasks.py and
+    compared with the reference's own greedy answers;
+  * the speed calls' continuations, teacher-forced through the reference: their
+    mean NLL against the reference's entropy along the same path (what sampling
+    the reference at temperature 1 would score), so canned or random tokens fail.
+"""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from harness import settings as settings_mod
+from harness.models import cache_dir
+from harness.report import Progress, note
+from harness.tasks import check, load_tasks
+from harness.worker import Worker
+from harness.workload import chat_tokens
+
+REFERENCE_PIPELINE = Path(__file__).resolve().parent / "reference_pipeline.py"
+TASK_SEED = 1234  # seeds MLX's generator before each task answer, so sampling repeats
+
+
+# ---------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------
+def check_settings(settings):
+    """Validate the `quality:` section of harness.yaml (raises SettingsError)."""
+    err = settings_mod.SettingsError
+    q = settings.get("quality")
+    if not isinstance(q, dict):
+        raise err("harness.yaml: missing key 'quality'")
+    for key in ("kl_tokens",):
+        if not isinstance(q.get(key), int) or q[key] < 2:
+            raise err(f"harness.yaml: 'quality.{key}' must be an integer of at least 2")
+    caps = q.get("max_tokens")
+    if not isinstance(caps, dict) or not all(isinstance(v, int) and v > 0 for v in caps.values()):
+        raise err("harness.yaml: 'quality.max_tokens' must map task kinds to positive integers")
+    known = {t.id: t for t in load_tasks()}
+    for preset in ("full", "quick"):
+        ids = (q.get("tasks") or {}).get(preset)
+        if not isinstance(ids, list) or not ids:
+            raise err(f"harness.yaml: 'quality.tasks.{preset}' must be a non-empty list of task ids")
+        for task_id in ids:
+            if task_id not in known:
+                raise err(f"harness.yaml: 'quality.tasks.{preset}' names unknown task '{task_id}'")
+            if known[task_id].kind not in caps:
+                raise err(f"harness.yaml: 'quality.max_tokens' has no cap for kind '{known[task_id].kind}'")
+    gates = q.get("gates")
+    for key in ("perplexity_increase_pct", "kl_mean_max", "kl_p99_max", "top1_agreement_min",
+                "sanity_tolerance", "sanity_floor", "continuation_nll_margin"):
+        if not isinstance(gates, dict) or isinstance(gates.get(key), bool) \
+                or not isinstance(gates.get(key), (int, float)):
+            raise err(f"harness.yaml: 'quality.gates.{key}' must be a number")
+
+
+def selected_tasks(settings, quick):
+    """The locked tasks this preset answers, in order."""
+    by_id = {t.id: t for t in load_tasks()}
+    return [by_id[i] for i in settings["quality"]["tasks"]["quick" if quick else "full"]]
+
+
+# ---------------------------------------------------------------------------
+# The reference, computed once per (model, corpus, tasks, settings) and cached
+# ---------------------------------------------------------------------------
+def model_identity(model_dir):
+    """A hash of the model directory's config and weight files (names, sizes, times)."""
+    model_dir = Path(model_dir)
+    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def corpus_tokens(tokenizer, corpus_text):
+    """The corpus as token ids (BOS first when the tokenizer has one)."""
+    ids = tokenizer.encode(corpus_text, add_special_tokens=False)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return ([bos] if bos is not None else []) + list(ids)
+
+
+def reference_key(ctx, tasks):
+    return settings_mod.digest({
+        "model": model_identity(ctx.model_dir), "corpus": ctx.corpus_sha256,
+        "tasks": [(t.id, t.prompt) for t in tasks], "quality": ctx.settings["quality"],
+        "reference": hashlib.sha256(REFERENCE_PIPELINE.read_bytes()).hexdigest()[:12],
+    })
+
+
+def load_reference(ctx, tasks, log_dir):
+    """The reference's corpus log-probs and task results, from the cache or computed now."""
+    folder = cache_dir() / "reference" / reference_key(ctx, tasks)
+    if not (folder / "meta.json").exists():
+        note("computing the float32 reference for this model, corpus and task set (once; cached) ...")
+        _build_reference(ctx, tasks, folder, log_dir)
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["nll"] = np.load(folder / "nll.npy")
+    meta["kl_logprobs"] = np.load(folder / "kl_logprobs.npy", mmap_mode="r")
+    return meta
+
+
+def _build_reference(ctx, tasks, folder, log_dir):
+    q = ctx.settings["quality"]
+    timeout = ctx.settings["timeouts"]["call_s"]
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    worker = Worker(REFERENCE_PIPELINE, Path(log_dir) / "reference.log")
+    try:
+        worker.load(ctx.model_dir, timeout_s=ctx.settings["timeouts"]["load_s"])
+        tokens = corpus_tokens(ctx.tokenizer, ctx.corpus_text)
+        nll, kl_rows = [], []
+        for rows, start in _rows_with_offsets(worker.score(tokens, timeout_s=timeout)):
+            nll.extend(_token_nll(rows, tokens, start))
+            keep = max(0, min(rows.shape[0], q["kl_tokens"] - start))
+            if keep:
+                kl_rows.append(rows[:keep].astype(np.float16))
+        np.save(tmp / "nll.npy", np.asarray(nll, dtype=np.float64))
+        np.save(tmp / "kl_logprobs.npy", np.concatenate(kl_rows))
+        results = answer_tasks(worker, ctx, tasks, progress=Progress("reference tasks"))
+    finally:
+        worker.close()
+    meta = {"perplexity": float(math.exp(np.mean(nll))), "tokens": len(tokens),
+            "kl_tokens": int(sum(r.shape[0] for r in kl_rows)), "tasks": results,
+            "sanity": sum(r["passed"] for r in results) / len(results),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)  # a whole reference or none: an interrupted build leaves nothing
+
+
+def _rows_with_offsets(chunks):
+    start = 0
+    for rows in chunks:
+        yield rows, start
+        start += rows.shape[0]
+
+
+def _token_nll(rows, tokens, start):
+    """NLL of each next token: row i (position start+i) predicts tokens[start+i+1]."""
+    n = min(rows.shape[0], len(tokens) - 1 - start)
+    if n <= 0:
+        return []
+    targets = np.asarray(tokens[start + 1:start + 1 + n])
+    return list(-rows[np.arange(n), targets].astype(np.float64))
+
+
+# ---------------------------------------------------------------------------
+# Measuring a pipeline
+# ---------------------------------------------------------------------------
+def answer_tasks(worker, ctx, tasks, *, progress=None):
+    """Have `worker` answer each task (EOS honoured, capped) and check every answer."""
+    caps = ctx.settings["quality"]["max_tokens"]
+    eos = set(getattr(ctx.tokenizer, "eos_token_ids", None) or [ctx.tokenizer.eos_token_id])
+    results = []
+    for i, task in enumerate(tasks):
+        out = worker.generate(chat_tokens(ctx.tokenizer, task.prompt), max_tokens=caps[task.kind],
+                              stop_at_eos=True, timeout_s=ctx.settings["timeouts"]["call_s"],
+                              seed=TASK_SEED)
+        text = ctx.tokenizer.decode([t for t in out["tokens"] if t not in eos])
+        passed, why = check(task, text)
+        results.append({"id": task.id, "kind": task.kind, "passed": passed, "why": why,
+                        "answer": text[:2000]})
+        if progress:
+            progress(i + 1, len(tasks), task.id)
+    return results
+
+
+def score_corpus(worker, ctx, reference):
+    """Perplexity of the corpus through the pipeline's `score`, and KL / top-1 against the reference."""
+    tokens = corpus_tokens(ctx.tokenizer, ctx.corpus_text)
+    ref_rows = reference["kl_logprobs"]
+    nll, kl, top1 = [], [], []
+    for rows, start in _rows_with_offsets(worker.score(tokens, timeout_s=ctx.settings["timeouts"]["call_s"])):
+        rows = _normalize(rows)
+        nll.extend(_token_nll(rows, tokens, start))
+        keep = max(0, min(rows.shape[0], ref_rows.shape[0] - start))
+        if keep:
+            ref = _normalize(np.asarray(ref_rows[start:start + keep], dtype=np.float32))
+            mine = rows[:keep]
+            p = np.exp(ref)
+            with np.errstate(invalid="ignore", over="ignore"):
+                kl.extend(np.sum(p * (ref - mine), axis=-1).astype(np.float64))
+            top1.extend(np.argmax(ref, axis=-1) == np.argmax(mine, axis=-1))
+    nll = np.asarray(nll)
+    mean_nll = float(np.mean(nll))
+    se_nll = float(np.std(nll, ddof=1) / math.sqrt(len(nll)))
+    perplexity = math.exp(mean_nll) if np.isfinite(mean_nll) else float("inf")
+    kl = np.asarray(kl)
+    return {"perplexity": perplexity, "perplexity_se": perplexity * se_nll if np.isfinite(se_nll) else None,
+            "kl_mean": float(np.mean(kl)), "kl_p99": float(np.percentile(kl, 99)) if np.all(np.isfinite(kl)) else float("inf"),
+            "top1_agreement": float(np.mean(top1)), "scored_tokens": len(tokens)}
+
+
+def _normalize(rows):
+    """Renormalize log-probabilities (the pipeline's output is not trusted to sum to 1)."""
+    rows = np.asarray(rows, dtype=np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        top = np.max(rows, axis=-1, keepdims=True)
+        return rows - (top + np.log(np.sum(np.exp(rows - top), axis=-1, keepdims=True)))
+
+
+def verify_continuations(ctx, samples, log_dir):
+    """Teacher-force each speed call's output through the reference.
+
+    Returns the mean NLL of the generated tokens and the mean entropy of the
+    reference's predictions at the same positions.
+    """
+    worker = Worker(REFERENCE_PIPELINE, Path(log_dir) / "reference.log")
+    nll, entropy = [], []
+    try:
+        worker.load(ctx.model_dir, timeout_s=ctx.settings["timeouts"]["load_s"])
+        for s in samples:
+            out = worker.token_stats(list(s.prompt_ids) + list(s.tokens), len(s.prompt_ids),
+                                     timeout_s=ctx.settings["timeouts"]["call_s"])
+            nll.extend(out["nll"])
+            entropy.extend(out["entropy"])
+    finally:
+        worker.close()
+    return {"continuation_nll": float(np.mean(nll)), "reference_entropy": float(np.mean(entropy))}
+
+
+# ---------------------------------------------------------------------------
+# Gates
+# ---------------------------------------------------------------------------
+def _gate(name, value, op, threshold):
+    ok = value is not None and np.isfinite(value) and (value <= threshold if op == "<=" else value >= threshold)
+    return {"name": name, "value": value, "op": op, "threshold": threshold, "passed": bool(ok)}
+
+
+def gates(settings, measured, reference):
+    """Every gate with its figure, threshold and verdict, from harness.yaml's thresholds."""
+    g = settings["quality"]["gates"]
+    return [
+        _gate("perplexity", measured["perplexity"], "<=",
+              reference["perplexity"] * (1 + g["perplexity_increase_pct"] / 100)),
+        _gate("kl_mean", measured["kl_mean"], "<=", g["kl_mean_max"]),
+        _gate("kl_p99", measured["kl_p99"], "<=", g["kl_p99_max"]),
+        _gate("top1_agreement", measured["top1_agreement"], ">=", g["top1_agreement_min"]),
+        _gate("sanity", measured["sanity"], ">=",
+              max(reference["sanity"] - g["sanity_tolerance"], g["sanity_floor"])),
+        _gate("continuation_nll", measured["continuation_nll"], "<=",
+              measured["reference_entropy"] + g["continuation_nll_margin"]),
+    ]
+
+
+def failed_gate_reason(gate_list):
+    """One line naming the failed gates and by how much, or '' when all pass."""
+    parts = []
+    for g in gate_list:
+        if not g["passed"]:
+            value = g["value"]
+            by = f" (by {abs(value - g['threshold']):.3g})" if value is not None and np.isfinite(value) else ""
+            shown = "nan" if value is None else f"{value:.4g}"
+            worse = ">" if g["op"] == "<=" else "<"
+            parts.append(f"{g['name']} {shown} {worse} {g['threshold']:.4g}{by}")
+    return ("quality gate failed: " + "; ".join(parts)) if parts else ""
+
+
+def quality_score(kl_mean):
+    """exp(-mean KL): 1.0 means the pipeline predicts exactly like the float32 reference;
+    0.95 means it keeps ~95 % of the reference's per-token likelihood."""
+    if kl_mean is None or not np.isfinite(kl_mean):
+        return 0.0
+    return float(math.exp(-max(kl_mean, 0.0)))

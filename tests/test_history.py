@@ -1,0 +1,185 @@
+"""`prepare.py log`: the branch's history from results.tsv, in a real git repository."""
+
+import json
+
+from conftest import git, make_project
+
+from harness import history, ledger
+
+PROTOCOL = "p1"
+
+
+def _row(commit, decision, *, subject="idea", speedup=None, ci=(None, None), dirty=False,
+         protocol=PROTOCOL, quality=None, reason="because", tps=100.0, branch="main"):
+    return {"timestamp": "2026-01-01T00:00:00+00:00", "commit": commit, "branch": branch,
+            "subject": subject, "source": "agent", "protocol": protocol, "model": "tiny",
+            "preset": "quick", "decision": decision, "reason": reason, "decode_tps": tps,
+            "speedup": speedup, "speedup_lo": ci[0], "speedup_hi": ci[1], "dirty": dirty,
+            "quality_pass": quality}
+
+
+def _commit(root, message):
+    (root / "inference.py").write_text(f"# {message}\n")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", message)
+    return git(root, "rev-parse", "--short=7", "HEAD")
+
+
+def _repo(tmp_path):
+    """A git repository: main with base -> keep1 -> revert1, and a side branch off base."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    git(root, "init", "-q", "-b", "main")
+    git(root, "config", "user.email", "test@example.com")
+    git(root, "config", "user.name", "Test")
+    commits = {"base": _commit(root, "base")}
+    git(root, "checkout", "-qb", "side")
+    commits["side"] = _commit(root, "side idea")
+    git(root, "checkout", "-q", "main")
+    commits["keep1"] = _commit(root, "argmax sampling")
+    commits["revert1"] = _commit(root, "8-bit KV cache")
+    return root, commits
+
+
+def _ledger(root, commits):
+    path = root / "results.tsv"
+    ledger.append(path, _row(commits["base"], "BASELINE", subject="base"))
+    ledger.append(path, _row(commits["side"], "KEEP", subject="side idea", branch="side",
+                             speedup=1.2, ci=(1.1, 1.3), quality=True))
+    ledger.append(path, _row(commits["keep1"], "KEEP", subject="argmax sampling", speedup=1.041,
+                             ci=(1.02, 1.063), quality=True, reason="faster beyond noise"))
+    ledger.append(path, _row(commits["revert1"], "REVERT", subject="8-bit KV cache", speedup=0.95,
+                             ci=(0.93, 0.97), quality=False, reason="gate kl_mean failed"))
+    # a dirty KEEP-looking row can never be the champion
+    ledger.append(path, _row(commits["revert1"], "KEEP", dirty=True, speedup=1.5, ci=(1.4, 1.6)))
+    return path
+
+
+def test_champion_row_rules():
+    rows = [dict(_row("aaaaaaa", "BASELINE"), line=2), dict(_row("bbbbbbb", "KEEP"), line=3),
+            dict(_row("ccccccc", "REVERT"), line=4), dict(_row("ddddddd", "KEEP", dirty=True), line=5),
+            dict(_row("eeeeeee", "KEEP"), line=6), dict(_row("fffffff", "MEASURED"), line=7)]
+    for row in rows:  # as harness.ledger.read gives them: text cells
+        row["dirty"] = "true" if row["dirty"] else "false"
+    assert history.champion_row(rows, ["fffffff", "ddddddd", "ccccccc", "bbbbbbb", "aaaaaaa"])["line"] == 3
+    assert history.champion_row(rows, ["aaaaaaa"])["line"] == 2
+    assert history.champion_row(rows, ["eeeeeee", "aaaaaaa"])["line"] == 6
+    assert history.champion_row(rows, ["eeeeeee"], protocol="other") is None
+    assert history.champion_row(rows, ["bbbbbbb"], branch="side") is None
+    assert history.champion_row([], ["aaaaaaa"]) is None
+
+
+def test_format_speedup():
+    assert history.format_speedup("1.041", "1.02", "1.063") == "+4.1 % [+2.0, +6.3]"
+    assert history.format_speedup("0.95", "0.93", "0.97") == "-5.0 % [-7.0, -3.0]"
+    assert history.format_speedup("1.0", "", "") == "+0.0 %"
+    assert history.format_speedup("") == "-"
+
+
+def test_history_marks_champion_and_hides_other_branches(tmp_path):
+    root, commits = _repo(tmp_path)
+    _ledger(root, commits)
+    data = history.history(root)
+    shown = [(r["commit"], r["decision"]) for r in data["rows"]]
+    assert (commits["side"], "KEEP") not in shown and data["hidden"] == 1
+    assert data["champion"]["commit"] == commits["keep1"]
+    text = history.format_table(data)
+    lines = text.splitlines()
+    champion_line = next(line for line in lines if commits["keep1"] in line and "argmax" in line)
+    assert champion_line.startswith("*")
+    assert "+4.1 % [+2.0, +6.3]" in champion_line and "pass" in champion_line
+    assert "faster beyond noise" in champion_line and "104.1" not in champion_line
+    revert_line = next(line for line in lines if "8-bit KV cache" in line)
+    assert "-5.0 % [-7.0, -3.0]" in revert_line and "FAIL" in revert_line
+    assert "gate kl_mean failed" in revert_line and not revert_line.startswith("*")
+    assert f"{commits['revert1']}+" in text  # the dirty row is shown, marked
+    assert sum(line.startswith("*") for line in lines) == 2  # the row and the footer
+    assert "--all" in text and "side idea" not in text
+
+    everything = history.history(root, show_all=True)
+    assert everything["hidden"] == 0 and len(everything["rows"]) == 5
+    text = history.format_table(everything)
+    side_line = next(line for line in text.splitlines() if "side idea" in line)
+    assert side_line.startswith("x")
+    assert everything["champion"]["commit"] == commits["keep1"]  # --all never moves the champion
+
+    # on the side branch, its own KEEP is the champion and main's runs are hidden
+    git(root, "checkout", "-q", "side")
+    side = history.history(root)
+    assert side["champion"]["commit"] == commits["side"]
+    assert {r["commit"] for r in side["rows"]} == {commits["base"], commits["side"]}
+
+
+def test_newest_protocol_decides_the_champion(tmp_path):
+    root, commits = _repo(tmp_path)
+    path = root / "results.tsv"
+    ledger.append(path, _row(commits["base"], "BASELINE", protocol="old"))
+    ledger.append(path, _row(commits["keep1"], "KEEP", protocol="old"))
+    ledger.append(path, _row(commits["revert1"], "BASELINE", protocol="new"))
+    data = history.history(root)
+    assert data["protocol"] == "new" and data["champion"]["commit"] == commits["revert1"]
+    text = history.format_table(data)
+    assert "-- protocol old" in text and "-- protocol new" in text
+
+
+def test_malformed_line_is_reported_and_the_rest_shown(tmp_path, capsys):
+    root, commits = _repo(tmp_path)
+    path = _ledger(root, commits)
+    lines = path.read_text().splitlines(keepends=True)
+    lines.insert(3, "garbage\twith\tthree fields\n")  # becomes line 4 of the file
+    path.write_text("".join(lines))
+
+    class Args:
+        all = False
+        json = False
+
+    Args.root = root
+    assert history.run(Args) == 0
+    out, err = capsys.readouterr()
+    assert "results.tsv line 4 has 3 fields" in err
+    assert "argmax sampling" in out and "8-bit KV cache" in out and out.count("\n") >= 4
+
+    Args.json = True
+    assert history.run(Args) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["champion"] == commits["keep1"] and len(data["rows"]) == 4
+    assert data["problems"] and "line 4" in data["problems"][0]
+
+
+def test_no_ledger_yet(tmp_path, capsys):
+    root, _ = _repo(tmp_path)
+
+    class Args:
+        all = False
+        json = False
+
+    Args.root = root
+    assert history.run(Args) == 0
+    assert "no results.tsv yet" in capsys.readouterr().err
+
+
+def test_prepare_log_command(tmp_path):
+    """`python prepare.py log` end to end, in a real copy of the project."""
+    project = make_project(tmp_path / "project", tmp_path / "no-model-needed")
+    base = git(project.root, "rev-parse", "--short=7", "HEAD")
+    ledger.append(project.root / "results.tsv", _row(base, "BASELINE", subject="baseline"))
+    project.edit_inference("TEMP = 0.7 ", "TEMP = 0.0 ")
+    keep = project.commit("argmax")
+    ledger.append(project.root / "results.tsv", _row(keep, "KEEP", subject="argmax", speedup=1.1,
+                                                     ci=(1.05, 1.15), quality=True))
+    git(project.root, "checkout", "-qb", "other", base)
+    project.edit_inference("TOP_K = 0 ", "TOP_K = 5 ")
+    other = project.commit("top-k")
+    ledger.append(project.root / "results.tsv", _row(other, "REVERT", subject="top-k", branch="other"))
+    git(project.root, "checkout", "-q", "main")
+
+    proc = project.run("log")
+    assert proc.returncode == 0, proc.stderr
+    assert "+10.0 % [+5.0, +15.0]" in proc.stdout and "top-k" not in proc.stdout
+    assert next(line for line in proc.stdout.splitlines() if keep in line).startswith("*")
+
+    proc = project.run("log", "--all")
+    assert proc.returncode == 0 and "top-k" in proc.stdout
+
+    proc = project.run("log", "--json")
+    assert json.loads(proc.stdout)["champion"] == keep

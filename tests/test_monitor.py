@@ -1,0 +1,205 @@
+"""The change monitor on real edits of the real inference.py."""
+
+from pathlib import Path
+
+import pytest
+
+from harness import monitor
+
+BASELINE = (Path(__file__).resolve().parent.parent / "inference.py").read_text()
+
+
+def edit(old, new, source=BASELINE):
+    assert old in source, f"{old!r} not in inference.py"
+    return source.replace(old, new, 1)
+
+
+def ids(result):
+    return [w["id"] for w in result["warnings"]]
+
+
+def knob(result, name):
+    return next(k for k in result["knobs"] if k["name"] == name)
+
+
+def test_unchanged_source_has_no_changes():
+    result = monitor.compare(BASELINE, BASELINE)
+    assert result["knobs"] == [] and result["warnings"] == []
+    assert result["functions"] == {"added": [], "removed": [], "changed": []}
+    assert result["lines"]["delta"] == 0 and result["lines"]["old"] > 50
+    assert result["summary"] == "no code changes; +0 lines"
+
+
+@pytest.mark.parametrize("temp, shown", [("0", "0"), ("0.0", "0.0"), ("1e-9", "1e-09")])
+def test_argmax_temperatures_warn(temp, shown):
+    result = monitor.compare(BASELINE, edit("TEMP = 0.7 ", f"TEMP = {temp} "))
+    assert "argmax" in ids(result)
+    assert knob(result, "TEMP")["old"] == 0.7 and knob(result, "TEMP")["new"] == float(temp)
+    assert result["summary"] == f"TEMP 0.7->{shown}; +0 lines; warnings: argmax"
+
+
+def test_zero_to_tiny_temperature_is_still_argmax_but_a_change():
+    zero = edit("TEMP = 0.7 ", "TEMP = 0 ")
+    assert monitor.compare(zero, edit("TEMP = 0.7 ", "TEMP = 0.0 "))["knobs"] == []
+    result = monitor.compare(zero, edit("TEMP = 0.7 ", "TEMP = 1e-9 "))
+    assert [k["name"] for k in result["knobs"]] == ["TEMP"]
+
+
+def test_sampler_replaced_by_argmax_in_code_warns():
+    new = edit("sampler=pipeline.sampler,\n            logits_processors=pipeline.logits_processors, prompt_cache",
+               "sampler=lambda logits: mx.argmax(logits, axis=-1),\n"
+               "            logits_processors=pipeline.logits_processors, prompt_cache")
+    result = monitor.compare(BASELINE, new)
+    assert "argmax" in ids(result) and result["functions"]["changed"] == ["generate"]
+
+
+def test_moving_or_reordering_knobs_is_no_change():
+    lines = BASELINE.splitlines(keepends=True)
+    temp = next(i for i, line in enumerate(lines) if line.startswith("TEMP ="))
+    top_p = next(i for i, line in enumerate(lines) if line.startswith("TOP_P ="))
+    lines[temp], lines[top_p] = lines[top_p], lines[temp]  # reorder two knobs
+    reordered = "".join(lines)
+    # and move TEMP far away, below the class, with other spacing and a new comment
+    moved = edit("TEMP = 0.7                 # sampling temperature; 0 = argmax (greedy)\n", "", reordered)
+    moved = edit("\n\ndef _cast(", "\n\nTEMP=0.70   # moved here\n\n\ndef _cast(", moved)
+    for new in (reordered, moved):
+        result = monitor.compare(BASELINE, new)
+        assert result["knobs"] == [] and result["warnings"] == [], result["summary"]
+        assert result["lines"]["delta"] == 0
+
+
+def test_int_and_float_are_the_same_value():
+    new = edit("KV_GROUP_SIZE = 64 ", "KV_GROUP_SIZE = 64.0 ")
+    new = edit("REPETITION_PENALTY = 1.0 ", "REPETITION_PENALTY = 1 ", new)
+    assert monitor.compare(BASELINE, new)["knobs"] == []
+    # but True is not 1 and None is not 0
+    assert monitor.same_value(True, 1) is False and monitor.same_value(None, 0) is False
+
+
+def test_comment_only_edit_is_no_change():
+    new = edit("def load(model_path", "# a new comment about loading\n\n\ndef load(model_path")
+    new = edit("    dtype = getattr(mx, COMPUTE_DTYPE)\n",
+               "    # cast after loading\n    dtype = getattr(mx, COMPUTE_DTYPE)  # why not\n\n", new)
+    result = monitor.compare(BASELINE, new)
+    assert result["knobs"] == [] and result["warnings"] == []
+    assert result["functions"] == {"added": [], "removed": [], "changed": []}
+    assert result["lines"]["delta"] == 0
+    assert result["summary"] == "no code changes; +0 lines"
+
+
+def test_quantized_kv_warns():
+    result = monitor.compare(BASELINE, edit("KV_BITS = None ", "KV_BITS = 4    "))
+    assert ids(result) == ["quantized_kv"]
+    assert knob(result, "KV_BITS") == {"name": "KV_BITS", "change": "changed", "old": None,
+                                       "new": 4, "old_text": "None", "new_text": "4"}
+
+
+def test_rotating_window_warns():
+    result = monitor.compare(BASELINE, edit("MAX_KV_SIZE = None ", "MAX_KV_SIZE = 512  "))
+    assert ids(result) == ["rotating_kv"]
+
+
+def test_lower_precision_warns():
+    result = monitor.compare(BASELINE, edit('COMPUTE_DTYPE = "float32"', 'COMPUTE_DTYPE = "bfloat16"'))
+    assert ids(result) == ["precision"]
+    assert "COMPUTE_DTYPE 'float32'->'bfloat16'" in result["summary"]
+
+
+def test_cache_limit_warns_when_set_or_lowered():
+    set_once = edit("CACHE_LIMIT_GB = None ", "CACHE_LIMIT_GB = 2    ")
+    assert "cache_limit" in ids(monitor.compare(BASELINE, set_once))
+    lower = edit("CACHE_LIMIT_GB = 2 ", "CACHE_LIMIT_GB = 1 ", set_once)
+    higher = edit("CACHE_LIMIT_GB = 2 ", "CACHE_LIMIT_GB = 4 ", set_once)
+    assert "cache_limit" in ids(monitor.compare(set_once, lower))
+    assert "cache_limit" not in ids(monitor.compare(set_once, higher))
+
+
+def test_removed_eos_handling_warns():
+    new = edit("        if stop_at_eos and token in eos:\n            return\n", "")
+    result = monitor.compare(BASELINE, new)
+    assert "eos" in ids(result) and result["functions"]["changed"] == ["generate"]
+    # removing only the stop_at_eos test (the eos set is still built) warns too
+    new = edit("if stop_at_eos and token in eos:", "if token in eos and False:")
+    assert "eos" in ids(monitor.compare(BASELINE, new))
+
+
+def test_compile_and_state_and_work_warn():
+    compiled = edit("def _new_cache(", "@mx.compile\ndef _square(x):\n    return x * x\n\n\ndef _new_cache(")
+    result = monitor.compare(BASELINE, compiled)
+    assert ids(result) == ["compile"] and result["functions"]["added"] == ["_square"]
+    assert result["lines"]["delta"] == 3
+
+    cached = edit("def _new_cache(", "_answers = {}\n\n\ndef _new_cache(")
+    result = monitor.compare(BASELINE, cached)
+    assert ids(result) == ["state"] and result["module"]["added"] == ["_answers = {}"]
+
+    shortened = edit("max_tokens=max_tokens, sampler=pipeline.sampler,\n            logits_processors="
+                     "pipeline.logits_processors, prompt_cache",
+                     "max_tokens=min(max_tokens, 16), sampler=pipeline.sampler,\n            "
+                     "logits_processors=pipeline.logits_processors, prompt_cache")
+    assert "work" in ids(monitor.compare(BASELINE, shortened))
+
+
+def test_functions_added_removed_changed():
+    new = edit("def _new_cache(pipeline):\n    return make_prompt_cache(pipeline.model, max_kv_size=MAX_KV_SIZE)\n",
+               "def _fresh_cache(pipeline):\n    return make_prompt_cache(pipeline.model, max_kv_size=MAX_KV_SIZE)\n")
+    new = new.replace("_new_cache(pipeline)", "_fresh_cache(pipeline)")
+    new = edit("    mx.eval(model.parameters())\n", "    mx.eval(model.parameters())\n    return model\n", new)
+    result = monitor.compare(BASELINE, new)
+    assert result["functions"]["added"] == ["_fresh_cache"]
+    assert result["functions"]["removed"] == ["_new_cache"]
+    assert sorted(result["functions"]["changed"]) == ["_cast", "generate", "score"]
+    assert result["lines"]["delta"] == 1
+    assert "changed _cast, generate, score" in result["summary"]
+
+
+def test_deleting_code_shows_negative_line_delta():
+    new = edit("        self.draft_model = draft_model\n", "")
+    result = monitor.compare(BASELINE, new)
+    assert result["lines"]["delta"] == -1 and result["functions"]["changed"] == ["Pipeline"]
+
+
+def test_added_and_removed_knobs():
+    new = edit("NUM_DRAFT_TOKENS = 3 ", "EXTRA_KNOB = (1, 2)  #")
+    result = monitor.compare(BASELINE, new)
+    assert [(k["name"], k["change"]) for k in result["knobs"]] == [
+        ("NUM_DRAFT_TOKENS", "removed"), ("EXTRA_KNOB", "added")]
+    assert "-NUM_DRAFT_TOKENS" in result["summary"] and "+EXTRA_KNOB=(1, 2)" in result["summary"]
+
+
+def test_knob_values():
+    knobs = monitor.knob_values(BASELINE)
+    assert knobs["TEMP"] == 0.7 and knobs["KV_BITS"] is None and knobs["COMPUTE_DTYPE"] == "float32"
+    assert "Pipeline" not in knobs
+    assert monitor.knob_values("A = 1\nB = mx.float16\nlower = 3\nC, D = 2, 'x'\n") == {
+        "A": 1, "B": "mx.float16", "C": 2, "D": "x"}
+
+
+def test_summary_is_one_line_without_tabs():
+    new = edit('COMPUTE_DTYPE = "float32"', 'COMPUTE_DTYPE = "a\\tb\\nc"')
+    new = edit("KV_BITS = None ", "KV_BITS = 8    ", new)
+    new = edit("def _new_cache(", "import functools\n\n\ndef _helper(\n    x,\n):\n    return x\n\n\ndef _new_cache(", new)
+    summary = monitor.compare(BASELINE, new)["summary"]
+    assert "\t" not in summary and "\n" not in summary
+    assert len(summary) <= monitor.SUMMARY_MAX_CHARS
+
+
+def test_source_that_does_not_parse():
+    result = monitor.compare(BASELINE, BASELINE + "\ndef broken(:\n")
+    assert ids(result) == ["syntax"] and "does not parse" in result["summary"]
+    assert "\n" not in result["summary"]
+
+
+def test_format_report():
+    new = edit("TEMP = 0.7 ", "TEMP = 0.0 ")
+    new = edit("KV_BITS = None ", "KV_BITS = 8    ", new)
+    champion = edit("TEMP = 0.7 ", "TEMP = 0 ")
+    text = monitor.format_report(monitor.compare(BASELINE, new), monitor.compare(champion, new))
+    assert "CHANGES FROM BASELINE" in text and "CHANGES FROM CHAMPION" in text
+    baseline_part, champion_part = text.split("CHANGES FROM CHAMPION")
+    assert "TEMP: 0.7 -> 0.0" in baseline_part and "KV_BITS: None -> 8" in baseline_part
+    assert "Tradeoff warnings:" in baseline_part and "deterministic output" in baseline_part
+    # vs the champion, argmax is not news (0 and 0.0 are the same); the KV cache is
+    assert "TEMP" not in champion_part and "deterministic" not in champion_part
+    assert "quantized KV cache" in champion_part
+    assert monitor.format_report(monitor.compare(BASELINE, BASELINE)).count("CHANGES FROM") == 1
