@@ -15,7 +15,7 @@ through `score` and the answers against an independent float32 reference.
 import mlx.core as mx
 from mlx_lm import load as mlx_load
 from mlx_lm.generate import generate_step, speculative_generate_step
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx.utils import tree_map
 
@@ -78,7 +78,15 @@ def load(model_path, draft_model_path=None):
 
 
 def _new_cache(pipeline):
-    return make_prompt_cache(pipeline.model, max_kv_size=MAX_KV_SIZE)
+    """A fresh KV cache; a rotating window when MAX_KV_SIZE is set.
+
+    mlx-lm ignores max_kv_size for models with their own make_cache (llama has one),
+    so the window is built here for plain full-attention caches.
+    """
+    cache = make_prompt_cache(pipeline.model, max_kv_size=MAX_KV_SIZE)
+    if MAX_KV_SIZE is not None:
+        cache = [RotatingKVCache(max_size=MAX_KV_SIZE, keep=4) if type(c) is KVCache else c for c in cache]
+    return cache
 
 
 def generate(pipeline, prompt, *, max_tokens, stop_at_eos):
@@ -116,10 +124,10 @@ def score(pipeline, tokens):
     """
     cache = _new_cache(pipeline)
     for start in range(0, len(tokens), PREFILL_STEP_SIZE):
+        if KV_BITS is not None and start >= QUANTIZED_KV_START:
+            # Quantize before the chunk, so its attention reads the quantized cache too.
+            cache = [c.to_quantized(group_size=KV_GROUP_SIZE, bits=KV_BITS)
+                     if isinstance(c, KVCache) else c for c in cache]
         chunk = mx.array(tokens[start:start + PREFILL_STEP_SIZE])[None]  # (1, L)
         logits = pipeline.model(chunk, cache=cache)[0].astype(mx.float32)  # (L, vocab)
-        if KV_BITS is not None and start + chunk.shape[1] >= QUANTIZED_KV_START:
-            for i, c in enumerate(cache):
-                if hasattr(c, "to_quantized"):
-                    cache[i] = c.to_quantized(group_size=KV_GROUP_SIZE, bits=KV_BITS)
         yield logits - mx.logsumexp(logits, axis=-1, keepdims=True)

@@ -13,7 +13,6 @@ import sys
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-COMMANDS = ("evaluate",)
 # Subcommands that live in their own harness module: each has add_parser(sub) and run(args).
 COMMAND_MODULES = ["harness.history", "harness.profile", "harness.search", "harness.analyze"]
 
@@ -25,6 +24,8 @@ def parse_args(argv):
     ev.add_argument("--quick", action="store_true", help="small workload for smoke runs")
     ev.add_argument("--json", action="store_true", help="also print the result as one JSON line, last on stdout")
     ev.add_argument("--model", help="offline name, local mlx-lm directory or Hugging Face repo id")
+    ev.add_argument("--apply", action="store_true",
+                    help="after REVERT/CRASH/INVALID/REJECT on a clean tree, reset the branch to the champion")
     ev.set_defaults(func=cmd_evaluate)
     for module in _command_modules():
         module.add_parser(sub)
@@ -48,7 +49,7 @@ def cmd_evaluate(args):
     report.note(f"resolving model {args.model or settings['model']} ...")
     ctx = evaluate.make_context(settings, quick=args.quick, model=args.model)
     report.note(f"evaluating inference.py on {ctx.model} ({ctx.preset['name']} workload, protocol {ctx.protocol})")
-    result = evaluate.evaluate(ctx)
+    result = evaluate.evaluate(ctx, apply=args.apply)
     print(report.block(result))
     if args.json:
         print(report.json_line(result))

@@ -23,6 +23,7 @@ class Sample:
     prompt_tokens: int
     n_tokens: int
     ttft_s: float
+    total_s: float       # request sent -> last token arrived
     decode_s: float
     decode_tps: float
     prefill_tps: float
@@ -54,7 +55,7 @@ def time_call(worker, name, prompt, *, max_tokens, timeout_s, repeat=-1):
     return Sample(
         worker=name, prompt=prompt.name, kind=prompt.kind, repeat=repeat, nonce=prompt.nonce,
         prompt_tokens=len(prompt.tokens), n_tokens=len(tokens), ttft_s=times[0],
-        decode_s=decode_s, decode_tps=(len(tokens) - 1) / decode_s,
+        total_s=times[-1], decode_s=decode_s, decode_tps=(len(tokens) - 1) / decode_s,
         prefill_tps=len(prompt.tokens) / times[0], peak_memory_bytes=result["peak_memory_bytes"],
         prompt_ids=prompt.tokens, tokens=tokens)
 

@@ -1,22 +1,24 @@
-"""One evaluation, end to end: settings -> model -> workers -> samples -> statistics
--> decision -> run file + ledger row. Each step is a plain function; prepare.py wires them."""
+"""One evaluation, end to end: settings -> model -> locked files -> change monitor ->
+workers (champion, challenger) -> samples -> statistics + quality -> verdict ->
+run file + ledger row. Each step is a plain function; prepare.py wires them."""
 
 import json
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from harness import bench, gitops, ledger, settings as settings_mod
+from harness import bench, gitops, history, ledger, monitor, quality, stats
+from harness import settings as settings_mod
 from harness.corpus import load_corpus
 from harness.environment import environment
 from harness.models import resolve_model
 from harness.report import Progress, note
+from harness.tasks import load_tasks
 from harness.worker import Worker, WorkerCrash, WorkerInvalid
 
 ROOT = settings_mod.ROOT
-GOOD_DECISIONS = ("BASELINE", "MEASURED", "KEEP")
 
 
 @dataclass
@@ -32,7 +34,6 @@ class Context:
     corpus_sha256: str
     protocol: str
     root: Path = ROOT
-    extra: dict = field(default_factory=dict)
 
     @property
     def preset(self):
@@ -48,80 +49,121 @@ class Context:
 
 
 def make_context(settings, *, quick, model=None, root=ROOT):
-    """Resolve the model and the locked data. Raises ModelError/SettingsError on bad input."""
+    """Check the settings, resolve the model and the locked data.
+
+    Raises ModelError/SettingsError on bad input.
+    """
     from mlx_lm.utils import load_tokenizer
 
+    quality.check_settings(settings)
+    verdict = settings.get("verdict")
+    if not isinstance(verdict, dict) or verdict.get("primary_metric") not in ("decode_tps", "prefill_tps") \
+            or not isinstance(verdict.get("min_effect"), (int, float)) or verdict["min_effect"] < 0:
+        raise settings_mod.SettingsError("harness.yaml: 'verdict' needs primary_metric "
+                                         "(decode_tps or prefill_tps) and min_effect (>= 0)")
     name = model or settings["model"]
     model_dir = resolve_model(name)
     draft = settings.get("draft_model")
     draft_dir = resolve_model(draft) if draft else None
     corpus_text, corpus_sha = load_corpus()
+    tasks_sha = settings_mod.digest([(t.id, t.prompt, t.params) for t in load_tasks()])
     protocol = settings_mod.protocol_hash(settings, quick, name,
-                                          {"corpus": corpus_sha, "draft": draft})
+                                          {"corpus": corpus_sha, "tasks": tasks_sha, "draft": draft})
     return Context(settings=settings, quick=quick, model=name, model_dir=model_dir,
                    draft_dir=draft_dir, tokenizer=load_tokenizer(model_dir),
                    corpus_text=corpus_text, corpus_sha256=corpus_sha, protocol=protocol, root=root)
 
 
-def start_worker(ctx, name, inference_path, log_dir, overrides=None):
-    """Start a worker for `inference_path` and load the model into it."""
-    worker = Worker(inference_path, Path(log_dir) / f"{name}.log")
-    worker.load(ctx.model_dir, ctx.draft_dir, overrides, timeout_s=ctx.settings["timeouts"]["load_s"])
-    return worker
+# ---------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------
+def measure(ctx, inference_paths, *, reference, tasks, overrides=None, log_dir):
+    """Speed for every worker (interleaved), then quality for the challenger.
 
-
-def measure_speed(ctx, inference_paths, *, overrides=None, log_dir):
-    """Run the speed workload on one worker per inference.py, interleaved.
-
-    Returns {"samples": [...], "workers": {name: info}, "failure": None or a dict
-    with decision (CRASH/INVALID), reason, worker and log_tail}.
+    Args:
+        inference_paths: {"champion": path, "challenger": path} or just the challenger.
+    Returns:
+        {"samples", "workers", "quality", "failure"}; failure is None or
+        {"decision": CRASH|INVALID, "reason", "worker", "log_tail"}.
     """
-    workers, out = {}, {"samples": [], "workers": {}, "failure": None}
-    progress = Progress("measuring")
-    current = None
+    timeouts = ctx.settings["timeouts"]
+    workers, out = {}, {"samples": [], "workers": {}, "quality": None, "failure": None}
+    stage = None
     try:
         for name, path in inference_paths.items():
-            current = name
-            workers[name] = start_worker(ctx, name, path, log_dir, overrides)
+            stage = name
+            workers[name] = Worker(path, Path(log_dir) / f"{name}.log")
+            workers[name].load(ctx.model_dir, ctx.draft_dir, overrides if name == "challenger" else None,
+                               timeout_s=timeouts["load_s"])
             out["workers"][name] = dict(workers[name].info)
-        current = None
-        samples = bench.run_workload(workers, ctx.preset, ctx.tokenizer, ctx.corpus_text,
-                                     timeout_s=ctx.settings["timeouts"]["call_s"],
-                                     progress=progress)
-        out["samples"] = samples
+        stage = None
+        out["samples"] = bench.run_workload(workers, ctx.preset, ctx.tokenizer, ctx.corpus_text,
+                                            timeout_s=timeouts["call_s"], progress=Progress("speed"))
+        if "champion" in workers:
+            _close(workers.pop("champion"), out)  # free its memory before the quality pass
+        stage = "challenger"
+        challenger = workers["challenger"]
+        measured = quality.score_corpus(challenger, ctx, reference)
+        answers = quality.answer_tasks(challenger, ctx, tasks, progress=Progress("tasks"))
+        _close(workers.pop("challenger"), out)
+        stage = "reference"
+        mine = [s for s in out["samples"] if s.worker == "challenger"]
+        measured.update(quality.verify_continuations(ctx, mine, log_dir))
+        measured["sanity"] = sum(a["passed"] for a in answers) / len(answers)
+        measured["tasks"] = answers
+        out["quality"] = measured
     except (WorkerCrash, WorkerInvalid) as exc:
-        who = current or _failing_worker(workers)
+        who = stage or next((n for n, w in workers.items() if not w.alive()), "challenger")
         out["failure"] = {"decision": "CRASH" if isinstance(exc, WorkerCrash) else "INVALID",
-                          "reason": str(exc), "worker": who,
-                          "log_tail": getattr(exc, "log_tail", "")}
+                          "reason": str(exc), "worker": who, "log_tail": getattr(exc, "log_tail", "")}
     finally:
-        for name, worker in workers.items():
-            worker.close()
-            out["workers"].setdefault(name, {})["max_rss_bytes"] = worker.max_rss_bytes
+        for worker in list(workers.values()):
+            _close(worker, out)
     return out
 
 
-def _failing_worker(workers):
-    dead = [name for name, w in workers.items() if not w.alive()]
-    return dead[0] if dead else None
+def _close(worker, out):
+    worker.close()
+    name = Path(worker.log_path).stem
+    out["workers"].setdefault(name, {})["max_rss_bytes"] = worker.max_rss_bytes
 
 
-def prior_good_rows(ctx):
-    """Earlier BASELINE/MEASURED/KEEP rows of this protocol on the current branch's history."""
-    rows, problems = ledger.read(ctx.ledger_path)
-    for problem in problems:
-        note(f"warning: {problem}")
-    history = set(gitops.ancestry(ctx.root))
-    return [r for r in rows if r["protocol"] == ctx.protocol and r["decision"] in GOOD_DECISIONS
-            and r["commit"] in history and r["dirty"] != "true"]
+def paired_ratios(samples, metric):
+    """Challenger / champion ratios of `metric`, one per (repeat, prompt) pair.
+
+    For prefill_tps only prefill-kind prompts count (all, if the workload has none).
+    """
+    by_key = {}
+    for s in samples:
+        if s.repeat >= 0:
+            by_key.setdefault((s.repeat, s.prompt), {})[s.worker] = s
+    pairs = [p for p in by_key.values() if "champion" in p and "challenger" in p]
+    if metric == "prefill_tps":
+        pairs = [p for p in pairs if p["challenger"].kind == "prefill"] or pairs
+    if metric == "end_to_end":  # champion time / challenger time on decode-heavy prompts
+        pairs = [p for p in pairs if p["challenger"].kind == "decode"] or pairs
+        return [p["champion"].total_s / p["challenger"].total_s for p in pairs]
+    if metric == "ttft_share":  # how much more of each call is spent before the first token
+        return [(p["challenger"].ttft_s / p["challenger"].total_s) / (p["champion"].ttft_s / p["champion"].total_s)
+                for p in pairs]
+    return [getattr(p["challenger"], metric) / getattr(p["champion"], metric) for p in pairs]
 
 
-def evaluate(ctx, *, inference_path=None, overrides=None, source="agent"):
-    """Evaluate inference.py (or `inference_path`) under `ctx`; returns the result dict.
+def _pct(x):
+    return f"{(x - 1) * 100:+.1f} %"
 
+
+# ---------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------
+def evaluate(ctx, *, inference_path=None, overrides=None, source="agent", apply=False):
+    """Evaluate inference.py (or `inference_path`) under `ctx` and decide.
+
+    Search trials (`overrides` set) are measured alone and logged as MEASURED.
     The run file and the ledger row are written before this returns.
     """
     started = time.perf_counter()
+    stamp = datetime.now(timezone.utc)
     git_state = gitops.state(ctx.root)
     inference_path = Path(inference_path or ctx.root / "inference.py")
     result = {
@@ -130,51 +172,189 @@ def evaluate(ctx, *, inference_path=None, overrides=None, source="agent"):
         "dirty": git_state["dirty"], "model": ctx.model, "protocol": ctx.protocol,
         "preset": ctx.preset["name"], "source": source, "config": overrides or None,
     }
-    stamp = datetime.now(timezone.utc)
-    with tempfile.TemporaryDirectory(prefix="harness-") as tmp:
-        speed = measure_speed(ctx, {"challenger": inference_path}, overrides=overrides, log_dir=tmp)
-        logs = {p.stem: p.read_text(errors="replace")[-20000:] for p in Path(tmp).glob("*.log")}
+    rows, problems = ledger.read(ctx.ledger_path)
+    for problem in problems:
+        note(f"warning: {problem}")
+    ancestry = gitops.ancestry(ctx.root)
+    baseline = _branch_baseline(rows, ancestry, git_state["branch"])
+    champion = history.champion_row(rows, ancestry, protocol=ctx.protocol)
+    result["champion"] = champion["commit"] if champion else None
 
-    samples = speed["samples"]
-    if speed["failure"]:
-        failure = speed["failure"]
-        result.update(decision=failure["decision"], reason=failure["reason"])
-        if failure["log_tail"]:
-            note(f"last lines of the {failure['worker']} worker's output:\n{failure['log_tail']}")
+    # Locked files: anything but inference.py that differs from this branch's baseline.
+    locked = gitops.changed_locked_files(ctx.root, baseline["commit"]) if baseline else []
+    source_now = inference_path.read_text(errors="replace")
+    result["changes"], changes = _change_monitor(ctx, baseline, champion, source_now)
+    samples, workers, logs, measured = [], {}, {}, None
+
+    if locked:
+        result.update(decision="REJECT", reason=f"locked files changed since the baseline "
+                      f"{baseline['commit']}: {', '.join(locked)} (only inference.py may change)")
     else:
-        summary = bench.summarize(samples)
-        result.update({k: v for k, v in summary.items() if k != "samples"})
-        rss = speed["workers"]["challenger"].get("max_rss_bytes")
-        result["max_rss_gb"] = rss / 1e9 if rss else None
-        if overrides:
-            result.update(decision="MEASURED", reason="search trial: knobs overridden in the worker")
-        elif result["dirty"]:
-            result.update(decision="MEASURED", reason="inference.py has uncommitted changes: "
-                          "commit it for a run that can become the baseline")
-        elif prior_good_rows(ctx):
-            result.update(decision="MEASURED", reason="measured; verdicts against a champion come with KEEP/REVERT")
+        paths = {"challenger": inference_path}
+        compare = champion and not overrides and (git_state["dirty"] or champion["commit"] != git_state["commit"])
+        tasks = quality.selected_tasks(ctx.settings, ctx.quick)
+        with tempfile.TemporaryDirectory(prefix="harness-") as tmp:
+            reference = quality.load_reference(ctx, tasks, tmp)
+            if compare:
+                champion_file = Path(tmp) / "champion" / "inference.py"
+                champion_file.parent.mkdir()
+                champion_file.write_text(gitops.file_at(ctx.root, champion["commit"], "inference.py"))
+                paths = {"champion": champion_file, "challenger": inference_path}
+            out = measure(ctx, paths, reference=reference, tasks=tasks, overrides=overrides, log_dir=tmp)
+            logs = {p.stem: p.read_text(errors="replace")[-20000:] for p in Path(tmp).glob("*.log")}
+        samples, workers, measured = out["samples"], out["workers"], out["quality"]
+        if out["failure"]:
+            failure = out["failure"]
+            who = "" if failure["worker"] == "challenger" else f"{failure['worker']}: "
+            result.update(decision=failure["decision"], reason=who + failure["reason"])
+            if failure["log_tail"]:
+                note(f"last lines of the {failure['worker']} worker's output:\n{failure['log_tail']}")
         else:
-            result.update(decision="BASELINE", reason="first good run of this protocol on this branch")
+            _figures(ctx, result, samples, workers, measured, reference)
+            _decide(ctx, result, git_state, champion, overrides)
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
-    result["run_file"] = write_run_file(ctx, result, stamp, samples, speed["workers"], logs)
+    result["run_file"] = write_run_file(ctx, result, stamp, samples, workers, logs, measured, changes)
     ledger.append(ctx.ledger_path, ledger_row(result, stamp))
+    if apply:
+        result["applied"] = apply_verdict(ctx, result, rows, ancestry)
     return result
 
 
-def write_run_file(ctx, result, stamp, samples, workers, logs):
+def _branch_baseline(rows, ancestry, branch):
+    """This branch's BASELINE row (newest), whatever its protocol: the reference for locked files."""
+    history_set = set(ancestry)
+    for row in reversed(rows):
+        if row["decision"] == "BASELINE" and row["commit"] in history_set and row["branch"] == branch:
+            return row
+    return None
+
+
+def _change_monitor(ctx, baseline, champion, source_now):
+    """Print the change monitor (stderr) and return (one-line summary, full data)."""
+    def source_at(row):
+        try:
+            return gitops.file_at(ctx.root, row["commit"], "inference.py") if row else None
+        except Exception:  # the commit may be gone (e.g. garbage-collected): compare with nothing
+            return None
+
+    base_src, champ_src = source_at(baseline), source_at(champion)
+    vs_baseline = monitor.compare(base_src or source_now, source_now)
+    vs_champion = monitor.compare(champ_src, source_now) if champ_src and champ_src != base_src else None
+    note(monitor.format_report(vs_baseline, vs_champion))
+    return vs_baseline["summary"], {"vs_baseline": vs_baseline, "vs_champion": vs_champion}
+
+
+def _figures(ctx, result, samples, workers, measured, reference):
+    """Fill speed, ratio and quality figures into `result`."""
+    mine = [s for s in samples if s.worker == "challenger"]
+    result.update({k: v for k, v in bench.summarize(mine).items() if k != "samples"})
+    rss = workers.get("challenger", {}).get("max_rss_bytes")
+    result["max_rss_gb"] = rss / 1e9 if rss else None
+    weight_bytes = workers.get("challenger", {}).get("weight_bytes")
+    result["bytes_per_token"] = weight_bytes
+    theirs = [s for s in samples if s.worker == "champion"]
+    if theirs:
+        metric = ctx.settings["verdict"]["primary_metric"]
+        result["speedup"], low, high = stats.median_ci(paired_ratios(samples, metric))
+        result["speedup_ci"] = [low, high]
+        result["prefill_ratio"] = stats.median_ci(paired_ratios(samples, "prefill_tps"))[0]
+        result["end_to_end_ratio"] = stats.median_ci(paired_ratios(samples, "end_to_end"))[0]
+        result["ttft_share_ratio"] = stats.median_ci(paired_ratios(samples, "ttft_share"))[0]
+        champ_peak = bench.summarize(theirs)["peak_memory_gb"]
+        if champ_peak and result.get("peak_memory_gb"):
+            result["memory_ratio"] = result["peak_memory_gb"] / champ_peak
+    gate_list = quality.gates(ctx.settings, measured, reference)
+    score = quality.quality_score(measured["kl_mean"])
+    result.update({
+        "perplexity": measured["perplexity"], "perplexity_se": measured["perplexity_se"],
+        "kl_mean": measured["kl_mean"], "kl_p99": measured["kl_p99"],
+        "top1_agreement": measured["top1_agreement"], "sanity": measured["sanity"],
+        "reference_sanity": reference["sanity"],
+        "continuation_nll": measured["continuation_nll"],
+        "quality_score": score, "quality_adjusted_tps": (result["decode_tps"] or 0) * score,
+        "quality_pass": all(g["passed"] for g in gate_list), "gates": gate_list,
+    })
+
+
+def _decide(ctx, result, git_state, champion, overrides):
+    """Set decision and reason for a run that measured cleanly."""
+    gate_reason = quality.failed_gate_reason(result["gates"])
+    speed = ""
+    if result.get("speedup") is not None:
+        low, high = result["speedup_ci"]
+        speed = f"{_pct(result['speedup'])} [{_pct(low)}, {_pct(high)}]"
+    if overrides:
+        result.update(decision="MEASURED", reason="search trial: " + (gate_reason or "quality gates pass"))
+    elif git_state["dirty"]:
+        result.update(decision="MEASURED", reason="inference.py has uncommitted changes: commit it for a verdict"
+                      + (f" (speedup {speed})" if speed else "") + (f"; {gate_reason}" if gate_reason else ""))
+    elif gate_reason:
+        result.update(decision="REVERT" if champion else "MEASURED",
+                      reason=gate_reason + ("" if champion else " (not a baseline: fix inference.py)"))
+    elif champion is None:
+        result.update(decision="BASELINE", reason="first good run of this protocol on this branch")
+    elif result.get("speedup") is None:
+        result.update(decision="MEASURED", reason="HEAD is the champion itself: commit a change to compare")
+    else:
+        need = 1 + ctx.settings["verdict"]["min_effect"]
+        low = result["speedup_ci"][0]
+        if low > need and result["end_to_end_ratio"] < 1 and result["ttft_share_ratio"] > 2:
+            # Real decode gains shorten whole calls too; a pipeline that holds tokens
+            # back and releases them in a burst only looks fast between first and last.
+            result.update(decision="REVERT", reason=f"decode looks {speed} faster but whole calls are "
+                          f"slower ({_pct(result['end_to_end_ratio'])}): tokens seem to be held back")
+        elif low > need:
+            result.update(decision="KEEP", reason=f"faster: {speed} beats the noise (needs > {_pct(need)})")
+        elif result["speedup"] < 1 and result["speedup_ci"][1] < 1:
+            result.update(decision="REVERT", reason=f"slower: {speed}")
+        else:
+            result.update(decision="REVERT", reason=f"within noise: {speed} (needs > {_pct(need)})")
+
+
+def apply_verdict(ctx, result, rows, ancestry):
+    """--apply: after REVERT/CRASH/INVALID/REJECT, reset the branch to the champion.
+
+    Only on a clean tree whose HEAD is the commit just measured. Returns a one-line
+    account of what happened (also printed on stderr).
+    """
+    def say(text):
+        note(text)
+        return text
+
+    if result["decision"] not in ("REVERT", "CRASH", "INVALID", "REJECT"):
+        return say(f"--apply: nothing to do after {result['decision']}")
+    champion = history.champion_row(rows, ancestry, protocol=ctx.protocol) \
+        or history.champion_row(rows, ancestry, branch=result["branch"])
+    state = gitops.state(ctx.root)
+    if champion is None:
+        return say("--apply refused: no champion on this branch to reset to")
+    if not gitops.is_clean(ctx.root):
+        return say("--apply refused: uncommitted changes in tracked files (commit or stash them, then reset by hand)")
+    if state["commit"] != result["commit"]:
+        return say(f"--apply refused: HEAD moved during the run ({result['commit']} -> {state['commit']})")
+    if champion["commit"] == state["commit"]:
+        return say("--apply refused: HEAD is the champion itself")
+    gitops.reset_hard(ctx.root, champion["commit"])
+    return say(f"--apply: reset {state['branch'] or 'HEAD'} to the champion {champion['commit']}")
+
+
+# ---------------------------------------------------------------------------
+# Records
+# ---------------------------------------------------------------------------
+def write_run_file(ctx, result, stamp, samples, workers, logs, measured, changes):
     """Write every raw sample, the settings and the environment to runs/<time>-<commit>.json."""
     ctx.runs_dir.mkdir(exist_ok=True)
     path = ctx.runs_dir / f"{stamp.strftime('%Y%m%d-%H%M%S')}-{result['commit']}.json"
     n = 1
     while path.exists():  # two runs in one second: never overwrite
-        path = path.with_name(f"{path.stem.split('.')[0]}.{n}.json")
+        path = path.with_name(f"{stamp.strftime('%Y%m%d-%H%M%S')}-{result['commit']}.{n}.json")
         n += 1
     payload = {
         "result": result, "timestamp": stamp.isoformat(timespec="seconds"),
         "settings": ctx.settings, "settings_hash": settings_mod.digest(ctx.settings),
         "corpus_sha256": ctx.corpus_sha256, "model_dir": str(ctx.model_dir),
-        "environment": environment(), "workers": workers,
-        "samples": [s.to_dict() for s in samples], "worker_logs": logs,
+        "environment": environment(), "workers": workers, "changes": changes,
+        "quality": measured, "samples": [s.to_dict() for s in samples], "worker_logs": logs,
     }
     path.write_text(json.dumps(payload, indent=1, default=str))
     return str(path.relative_to(ctx.root))

@@ -39,3 +39,22 @@ def file_at(root, commit, path):
     """The text of `path` at `commit`."""
     repo = open_repo(root)
     return repo.git.show(f"{commit}:{Path(path).as_posix()}")
+
+
+def changed_locked_files(root, base_commit):
+    """Tracked files (other than inference.py) that differ from `base_commit`, committed or not."""
+    repo = open_repo(root)
+    names = repo.git.diff("--name-only", base_commit, "--").splitlines()
+    return sorted(n for n in names if n and n != EDITABLE)
+
+
+def is_clean(root):
+    """True when no tracked file has uncommitted changes (untracked files don't count:
+    a hard reset leaves them alone)."""
+    repo = open_repo(root)
+    return repo is not None and not repo.is_dirty(index=True, working_tree=True, untracked_files=False)
+
+
+def reset_hard(root, commit):
+    """Move the current branch to `commit` (only called on a clean tree)."""
+    open_repo(root).git.reset("--hard", commit)

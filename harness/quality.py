@@ -42,9 +42,14 @@ def check_settings(settings):
     q = settings.get("quality")
     if not isinstance(q, dict):
         raise err("harness.yaml: missing key 'quality'")
-    for key in ("kl_tokens",):
-        if not isinstance(q.get(key), int) or q[key] < 2:
-            raise err(f"harness.yaml: 'quality.{key}' must be an integer of at least 2")
+    counts = q.get("corpus_tokens")
+    for preset in ("full", "quick"):
+        n = (counts or {}).get(preset) if isinstance(counts, dict) else None
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise err(f"harness.yaml: 'quality.corpus_tokens.{preset}' must be an integer of at least 2")
+    n = q.get("verify_context_tokens")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise err("harness.yaml: 'quality.verify_context_tokens' must be a positive integer")
     caps = q.get("max_tokens")
     if not isinstance(caps, dict) or not all(isinstance(v, int) and v > 0 for v in caps.values()):
         raise err("harness.yaml: 'quality.max_tokens' must map task kinds to positive integers")
@@ -85,11 +90,11 @@ def model_identity(model_dir):
     return h.hexdigest()[:16]
 
 
-def corpus_tokens(tokenizer, corpus_text):
-    """The corpus as token ids (BOS first when the tokenizer has one)."""
+def corpus_tokens(tokenizer, corpus_text, n):
+    """The first `n` corpus tokens (BOS first when the tokenizer has one)."""
     ids = tokenizer.encode(corpus_text, add_special_tokens=False)
     bos = getattr(tokenizer, "bos_token_id", None)
-    return ([bos] if bos is not None else []) + list(ids)
+    return (([bos] if bos is not None else []) + list(ids))[:n]
 
 
 def reference_key(ctx, tasks):
@@ -121,20 +126,18 @@ def _build_reference(ctx, tasks, folder, log_dir):
     worker = Worker(REFERENCE_PIPELINE, Path(log_dir) / "reference.log")
     try:
         worker.load(ctx.model_dir, timeout_s=ctx.settings["timeouts"]["load_s"])
-        tokens = corpus_tokens(ctx.tokenizer, ctx.corpus_text)
-        nll, kl_rows = [], []
+        # Score as many tokens as the largest preset needs; smaller ones use a prefix.
+        tokens = corpus_tokens(ctx.tokenizer, ctx.corpus_text, max(q["corpus_tokens"].values()))
+        nll, rows_kept = [], []
         for rows, start in _rows_with_offsets(worker.score(tokens, timeout_s=timeout)):
             nll.extend(_token_nll(rows, tokens, start))
-            keep = max(0, min(rows.shape[0], q["kl_tokens"] - start))
-            if keep:
-                kl_rows.append(rows[:keep].astype(np.float16))
+            rows_kept.append(rows.astype(np.float16))  # float16 on disk; renormalized on use
         np.save(tmp / "nll.npy", np.asarray(nll, dtype=np.float64))
-        np.save(tmp / "kl_logprobs.npy", np.concatenate(kl_rows))
+        np.save(tmp / "kl_logprobs.npy", np.concatenate(rows_kept))
         results = answer_tasks(worker, ctx, tasks, progress=Progress("reference tasks"))
     finally:
         worker.close()
-    meta = {"perplexity": float(math.exp(np.mean(nll))), "tokens": len(tokens),
-            "kl_tokens": int(sum(r.shape[0] for r in kl_rows)), "tasks": results,
+    meta = {"tokens": len(tokens), "tasks": results,
             "sanity": sum(r["passed"] for r in results) / len(results),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -180,8 +183,12 @@ def answer_tasks(worker, ctx, tasks, *, progress=None):
 
 
 def score_corpus(worker, ctx, reference):
-    """Perplexity of the corpus through the pipeline's `score`, and KL / top-1 against the reference."""
-    tokens = corpus_tokens(ctx.tokenizer, ctx.corpus_text)
+    """Perplexity of the corpus through the pipeline's `score`, and KL / top-1 against the reference.
+
+    Also returns the reference's perplexity on the same tokens.
+    """
+    n = ctx.settings["quality"]["corpus_tokens"][ctx.preset["name"]]
+    tokens = corpus_tokens(ctx.tokenizer, ctx.corpus_text, n)
     ref_rows = reference["kl_logprobs"]
     nll, kl, top1 = [], [], []
     for rows, start in _rows_with_offsets(worker.score(tokens, timeout_s=ctx.settings["timeouts"]["call_s"])):
@@ -200,7 +207,9 @@ def score_corpus(worker, ctx, reference):
     se_nll = float(np.std(nll, ddof=1) / math.sqrt(len(nll)))
     perplexity = math.exp(mean_nll) if np.isfinite(mean_nll) else float("inf")
     kl = np.asarray(kl)
+    ref_ppl = math.exp(float(np.mean(reference["nll"][:len(tokens) - 1])))
     return {"perplexity": perplexity, "perplexity_se": perplexity * se_nll if np.isfinite(se_nll) else None,
+            "reference_perplexity": ref_ppl,
             "kl_mean": float(np.mean(kl)), "kl_p99": float(np.percentile(kl, 99)) if np.all(np.isfinite(kl)) else float("inf"),
             "top1_agreement": float(np.mean(top1)), "scored_tokens": len(tokens)}
 
@@ -214,17 +223,24 @@ def _normalize(rows):
 
 
 def verify_continuations(ctx, samples, log_dir):
-    """Teacher-force each speed call's output through the reference.
+    """Teacher-force speed-call outputs (the first repeat of each prompt) through the reference,
+    with the last `verify_context_tokens` prompt tokens as context.
 
     Returns the mean NLL of the generated tokens and the mean entropy of the
-    reference's predictions at the same positions.
+    reference's predictions at the same positions (the NLL its own temperature-1
+    sampling would score there).
     """
+    k = ctx.settings["quality"]["verify_context_tokens"]
+    first = {}
+    for s in samples:
+        first.setdefault(s.prompt, s)
     worker = Worker(REFERENCE_PIPELINE, Path(log_dir) / "reference.log")
     nll, entropy = [], []
     try:
         worker.load(ctx.model_dir, timeout_s=ctx.settings["timeouts"]["load_s"])
-        for s in samples:
-            out = worker.token_stats(list(s.prompt_ids) + list(s.tokens), len(s.prompt_ids),
+        for s in first.values():
+            context = list(s.prompt_ids)[-k:]
+            out = worker.token_stats(context + list(s.tokens), len(context),
                                      timeout_s=ctx.settings["timeouts"]["call_s"])
             nll.extend(out["nll"])
             entropy.extend(out["entropy"])
@@ -246,7 +262,7 @@ def gates(settings, measured, reference):
     g = settings["quality"]["gates"]
     return [
         _gate("perplexity", measured["perplexity"], "<=",
-              reference["perplexity"] * (1 + g["perplexity_increase_pct"] / 100)),
+              measured["reference_perplexity"] * (1 + g["perplexity_increase_pct"] / 100)),
         _gate("kl_mean", measured["kl_mean"], "<=", g["kl_mean_max"]),
         _gate("kl_p99", measured["kl_p99"], "<=", g["kl_p99_max"]),
         _gate("top1_agreement", measured["top1_agreement"], ">=", g["top1_agreement_min"]),

@@ -1,0 +1,175 @@
+"""A scripted agent plays the program.md loop through a real git repository, and the
+verdict's building blocks are checked on real samples."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import git
+from harness import ledger
+from harness.bench import Sample
+from harness.evaluate import paired_ratios
+
+
+def _rows(project):
+    rows, problems = ledger.read(project.root / "results.tsv")
+    assert problems == []
+    return rows
+
+
+def _head(project):
+    return git(project.root, "rev-parse", "--short=7", "HEAD")
+
+
+def test_scripted_agent_loop(project):
+    # 1. Baseline.
+    proc, result = project.evaluate("--apply")
+    assert result["decision"] == "BASELINE", result
+    champion = _head(project)
+
+    # 2. Argmax: kept or reverted by the verdict, and --apply follows it.
+    project.edit_inference("TEMP = 0.7 ", "TEMP = 0.0 ")
+    argmax = project.commit("argmax sampling")
+    proc, result = project.evaluate("--apply")
+    assert result["decision"] in ("KEEP", "REVERT"), result
+    assert result["champion"] == champion and result["speedup"] is not None
+    assert "argmax" in result["changes"]
+    if result["decision"] == "KEEP":
+        assert _head(project) == argmax
+        champion = argmax
+    else:
+        assert _head(project) == champion
+    assert _rows(project)[-1]["decision"] == result["decision"]
+
+    # 3. A change that raises in generate: CRASH, and --apply resets the branch.
+    project.edit_inference("    for token, _logprobs in steps:\n",
+                           "    raise RuntimeError('experiment broke generate')\n"
+                           "    for token, _logprobs in steps:\n")
+    project.commit("broken generate")
+    proc, result = project.evaluate("--apply")
+    assert result["decision"] == "CRASH" and "experiment broke generate" in result["reason"]
+    assert _head(project) == champion
+    assert "reset" in result["applied"]
+
+    # 4. 4-bit KV cache from position 0: REVERT on a quality gate.
+    project.edit_inference("KV_BITS = None ", "KV_BITS = 4 ")
+    project.commit("4-bit KV cache")
+    proc, result = project.evaluate("--apply")
+    assert result["decision"] == "REVERT" and "quality gate failed" in result["reason"], result
+    assert result["quality_pass"] is False
+    assert "quantized KV" in result["changes"] or "kv" in result["changes"].lower()
+    assert _head(project) == champion
+
+    # 5. An edit to a locked file: REJECT, naming it; --apply resets.
+    settings = project.settings()
+    settings["quality"]["gates"]["kl_mean_max"] = 100.0
+    project.write_settings(settings)
+    project.commit("loosen a gate")
+    proc, result = project.evaluate("--apply")
+    assert result["decision"] == "REJECT" and "harness.yaml" in result["reason"], result
+    assert _head(project) == champion
+
+    # 6. A comment-only change: REVERT (it cannot beat the noise).
+    project.edit_inference("TOP_K = 0 ", "TOP_K = 0  # considered top-k sampling\n#")
+    project.commit("comment only")
+    proc, result = project.evaluate()
+    assert result["decision"] == "REVERT", result
+    assert "lines: +0" in result["changes"] or "+0 lines" in result["changes"]
+
+    decisions = [r["decision"] for r in _rows(project)]
+    assert decisions[0] == "BASELINE" and decisions[2:] == ["CRASH", "REVERT", "REJECT", "REVERT"]
+    log = git(project.root, "log", "--format=%s")
+    assert "broken generate" not in log and "loosen a gate" not in log
+
+
+def test_apply_refuses_on_dirty_tree_and_keeps_work(project):
+    project.evaluate()
+    project.edit_inference("    for token, _logprobs in steps:\n",
+                           "    raise RuntimeError('nope')\n    for token, _logprobs in steps:\n")
+    bad = project.commit("broken")
+    (project.root / "harness" / "notes.txt").write_text("untracked")
+    project.edit_inference("TOP_P = 0.9 ", "TOP_P = 0.8 ")  # uncommitted work
+    proc, result = project.evaluate("--apply")
+    assert result["decision"] == "CRASH" and result["dirty"] is True
+    assert result["applied"].startswith("--apply refused")
+    assert _head(project) == bad and "TOP_P = 0.8" in project.inference.read_text()
+
+
+def test_uncommitted_locked_file_is_rejected(project):
+    project.evaluate()
+    (project.root / "harness" / "stats.py").write_text("# tampered\n")
+    proc, result = project.evaluate()
+    assert result["decision"] == "REJECT" and "harness/stats.py" in result["reason"]
+
+
+def _sample(worker, prompt, repeat, tps, kind="decode"):
+    return Sample(worker=worker, prompt=prompt, kind=kind, repeat=repeat, nonce="x", prompt_tokens=10,
+                  n_tokens=9, ttft_s=0.1, total_s=0.1 + 8 / tps, decode_s=8 / tps, decode_tps=tps,
+                  prefill_tps=100.0, peak_memory_bytes=1, prompt_ids=[], tokens=[])
+
+
+def test_paired_ratios_pair_by_repeat_and_prompt():
+    samples = [_sample("champion", "a", 0, 100), _sample("challenger", "a", 0, 110),
+               _sample("challenger", "b", 0, 50), _sample("champion", "b", 0, 40),
+               _sample("champion", "a", -1, 1), _sample("challenger", "a", -1, 1000)]  # warm-up ignored
+    assert sorted(round(r, 3) for r in paired_ratios(samples, "decode_tps")) == [1.1, 1.25]
+    e2e = paired_ratios(samples, "end_to_end")
+    assert all(r > 1 for r in e2e)
+
+
+def _worker_pids(project):
+    """PIDs of this project's worker processes (their command line names its inference.py)."""
+    out = subprocess.run(["pgrep", "-f", f"harness.worker .* {project.root}/inference.py"],
+                         capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _start_hanging_run(project):
+    proc = subprocess.Popen([sys.executable, "prepare.py", "--quick", "--model", str(project.model_dir)],
+                            cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not _worker_pids(project):
+        time.sleep(0.2)
+    assert _worker_pids(project), "the worker never started"
+    time.sleep(4)  # past loading: the worker is now asleep inside generate()
+    return proc
+
+
+def test_ledger_survives_sigkilled_worker_and_ctrl_c(project):
+    project.evaluate()
+    project.edit_inference("    for token, _logprobs in steps:\n",
+                           "    import time\n    time.sleep(600)\n    for token, _logprobs in steps:\n")
+    project.commit("hang")
+
+    # The worker is killed from outside mid-run: a CRASH row, the harness carries on.
+    before = project.ledger_lines()
+    proc = _start_hanging_run(project)
+    for pid in _worker_pids(project):
+        os.kill(pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "decision: CRASH" in out and "SIGKILL" in out
+    assert project.ledger_lines()[:len(before)] == before and len(project.ledger_lines()) == len(before) + 1
+
+    # The harness is interrupted (Ctrl-C): no row, the ledger as it was, no worker left behind.
+    before = project.ledger_lines()
+    proc = _start_hanging_run(project)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "results.tsv is intact" in err
+    assert project.ledger_lines() == before
+    assert _worker_pids(project) == []
+
+
+def test_malformed_ledger_line_is_reported_and_kept(project):
+    project.evaluate()
+    path = project.root / "results.tsv"
+    path.write_text(path.read_text() + "2026-01-01\tabc1234\tmain\n")  # hand-edited, fields missing
+    bad = path.read_text()
+    proc, result = project.evaluate()
+    assert proc.returncode == 0 and result["decision"] == "MEASURED"
+    assert "results.tsv line 3 has 3 fields" in proc.stderr
+    assert path.read_text().startswith(bad) and len(project.ledger_lines()) == 4
