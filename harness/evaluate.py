@@ -102,6 +102,7 @@ def measure(ctx, inference_paths, *, reference, tasks, overrides=None, log_dir):
         if "champion" in workers:
             _close(workers.pop("champion"), out)  # free its memory before the quality pass
         stage = "challenger"
+        quality_started = time.perf_counter()
         challenger = workers["challenger"]
         measured = quality.score_corpus(challenger, ctx, reference)
         answers = quality.answer_tasks(challenger, ctx, tasks, progress=Progress("tasks"))
@@ -111,6 +112,7 @@ def measure(ctx, inference_paths, *, reference, tasks, overrides=None, log_dir):
         measured.update(quality.verify_continuations(ctx, mine, log_dir))
         measured["sanity"] = sum(a["passed"] for a in answers) / len(answers)
         measured["tasks"] = answers
+        measured["quality_s"] = round(time.perf_counter() - quality_started, 1)
         out["quality"] = measured
     except (WorkerCrash, WorkerInvalid) as exc:
         who = stage or next((n for n, w in workers.items() if not w.alive()), "challenger")
@@ -211,6 +213,8 @@ def evaluate(ctx, *, inference_path=None, overrides=None, source="agent", apply=
                 note(f"last lines of the {failure['worker']} worker's output:\n{failure['log_tail']}")
         else:
             _figures(ctx, result, samples, workers, measured, reference)
+            vs_champion = changes["vs_champion"]
+            result["lines_vs_champion"] = vs_champion["lines"]["delta"] if vs_champion else None
             _decide(ctx, result, git_state, champion, overrides)
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
     result["run_file"] = write_run_file(ctx, result, stamp, samples, workers, logs, measured, changes)
@@ -239,8 +243,8 @@ def _change_monitor(ctx, baseline, champion, source_now):
 
     base_src, champ_src = source_at(baseline), source_at(champion)
     vs_baseline = monitor.compare(base_src or source_now, source_now)
-    vs_champion = monitor.compare(champ_src, source_now) if champ_src and champ_src != base_src else None
-    note(monitor.format_report(vs_baseline, vs_champion))
+    vs_champion = monitor.compare(champ_src, source_now) if champ_src else None
+    note(monitor.format_report(vs_baseline, vs_champion if champ_src != base_src else None))
     return vs_baseline["summary"], {"vs_baseline": vs_baseline, "vs_champion": vs_champion}
 
 
@@ -273,6 +277,7 @@ def _figures(ctx, result, samples, workers, measured, reference):
         "continuation_nll": measured["continuation_nll"],
         "quality_score": score, "quality_adjusted_tps": (result["decode_tps"] or 0) * score,
         "quality_pass": all(g["passed"] for g in gate_list), "gates": gate_list,
+        "quality_s": measured["quality_s"],
     })
 
 
@@ -305,6 +310,11 @@ def _decide(ctx, result, git_state, champion, overrides):
                           f"slower ({_pct(result['end_to_end_ratio'])}): tokens seem to be held back")
         elif low > need:
             result.update(decision="KEEP", reason=f"faster: {speed} beats the noise (needs > {_pct(need)})")
+        elif (result["lines_vs_champion"] or 0) < 0 and result["speedup_ci"][1] > 1 \
+                and result["speedup"] >= 1 - ctx.settings["verdict"]["min_effect"]:
+            # Simplicity wins: fewer lines at a speed the noise can't tell from the champion's.
+            result.update(decision="KEEP", reason=f"simpler: {result['lines_vs_champion']} lines "
+                          f"at equal speed ({speed})")
         elif result["speedup"] < 1 and result["speedup_ci"][1] < 1:
             result.update(decision="REVERT", reason=f"slower: {speed}")
         else:

@@ -9,10 +9,10 @@ import time
 BLOCK_KEYS = [
     "decision", "reason", "commit", "subject", "branch", "dirty", "model", "protocol", "preset",
     "decode_tps", "decode_tps_ci", "prefill_tps", "prefill_tps_ci", "ttft_s", "peak_memory_gb",
-    "max_rss_gb", "champion", "speedup", "speedup_ci", "prefill_ratio", "end_to_end_ratio", "memory_ratio",
+    "max_rss_gb", "champion", "speedup", "speedup_ci", "prefill_ratio", "end_to_end_ratio", "memory_ratio", "lines_vs_champion",
     "perplexity", "perplexity_se", "kl_mean", "kl_p99", "top1_agreement", "sanity",
     "continuation_nll", "quality_score", "quality_adjusted_tps", "quality_pass",
-    "bytes_per_token", "roofline_fraction", "elapsed_s", "run_file",
+    "bytes_per_token", "roofline_fraction", "quality_s", "elapsed_s", "run_file",
 ]
 
 

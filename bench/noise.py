@@ -1,0 +1,113 @@
+"""Noise: how often does the verdict KEEP a change that is not faster, and how often
+does it miss one that is?
+
+On a tiny random-weight model, in a real git copy of the project:
+  * null: a challenger that differs from the champion only by a comment, N runs;
+  * real: a champion that sleeps a little per token (so the challenger is >= 10 %
+    faster), M runs.
+Each run is a normal `python prepare.py` on its own branch (the champion is the
+baseline commit every time). Prints the KEEP counts; targets: null <= 1 of 20,
+real >= 9 of 10.
+
+    python bench/noise.py [--null-runs 20] [--real-runs 10] [--speedup 0.12]
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent))
+
+from conftest import git, make_project  # noqa: E402  (the test suite's project builder)
+from tiny_models import build_tiny_model  # noqa: E402
+
+TOKEN_LOOP = "    for token, _logprobs in steps:\n        yield token\n"
+
+
+def per_token_seconds(model_dir):
+    """Decode time per token of the baseline pipeline on this model, measured in-process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("inference_probe", HERE.parent / "inference.py")
+    inference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(inference)
+    pipeline = inference.load(model_dir)
+    list(inference.generate(pipeline, [1, 2, 3], max_tokens=64, stop_at_eos=False))
+    start = time.perf_counter()
+    list(inference.generate(pipeline, [1, 2, 3], max_tokens=257, stop_at_eos=False))
+    return (time.perf_counter() - start) / 256
+
+
+def run_trials(project, base, n, label):
+    """Run `n` trials, each on a fresh branch from `base` with the challenger committed."""
+    keeps, rows = 0, []
+    for i in range(n):
+        git(project.root, "checkout", "-q", "-B", f"{label}-{i}", base)
+        yield_challenger(project, label, i)
+        proc, result = project.evaluate()
+        if result is None:
+            raise SystemExit(f"run failed:\n{proc.stdout}\n{proc.stderr}")
+        keeps += result["decision"] == "KEEP"
+        rows.append(result)
+        low, high = result["speedup_ci"]
+        print(f"{label} {i + 1:2d}/{n}: {result['decision']:7s} speedup {result['speedup']:.3f} "
+              f"[{low:.3f}, {high:.3f}]", file=sys.stderr, flush=True)
+    return keeps, rows
+
+
+def yield_challenger(project, label, i):
+    if label == "null":
+        project.edit_inference("TOP_K = 0 ", f"TOP_K = 0  # trial {i}: a comment, nothing else\n#")
+    else:
+        text = project.inference.read_text()
+        start = text.index("    for token, _logprobs in steps:\n")
+        end = text.index("        yield token\n", start) + len("        yield token\n")
+        project.inference.write_text(text[:start] + TOKEN_LOOP + text[end:])
+    project.commit(f"{label} trial {i}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--null-runs", type=int, default=20)
+    parser.add_argument("--real-runs", type=int, default=10)
+    parser.add_argument("--speedup", type=float, default=0.10,
+                        help="how much slower the sleeping champion is, as a fraction of a token's time")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_tiny_model(Path(tmp) / "model", "llama")
+        summary = {}
+
+        # Null: the champion is the baseline inference.py itself.
+        project = make_project(Path(tmp) / "null", model_dir, max_tokens=args.max_tokens, repeats=args.repeats)
+        project.evaluate()
+        base = git(project.root, "rev-parse", "HEAD")
+        summary["null_keep"], _ = run_trials(project, base, args.null_runs, "null")
+
+        # Real: the baseline sleeps per token, so a challenger without the sleep is faster.
+        sleep_s = per_token_seconds(model_dir) * args.speedup / (1 - args.speedup)
+        project = make_project(Path(tmp) / "real", model_dir, max_tokens=args.max_tokens, repeats=args.repeats)
+        project.edit_inference(TOKEN_LOOP, "    import time\n    for token, _logprobs in steps:\n"
+                               f"        time.sleep({sleep_s:.6f})\n        yield token\n")
+        base = project.commit("champion sleeps per token")
+        proc, result = project.evaluate()
+        assert result["decision"] == "BASELINE", result
+        summary["real_keep"], _ = run_trials(project, base, args.real_runs, "real")
+
+    print(f"null_runs: {args.null_runs}")
+    print(f"null_keep: {summary['null_keep']}")
+    print(f"real_runs: {args.real_runs}")
+    print(f"real_speedup_target: {1 / (1 - args.speedup):.3f}")
+    print(f"real_keep: {summary['real_keep']}")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
