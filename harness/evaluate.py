@@ -33,6 +33,7 @@ class Context:
     corpus_text: str
     corpus_sha256: str
     protocol: str
+    vocab_size: int | None = None
     root: Path = ROOT
 
     @property
@@ -69,9 +70,12 @@ def make_context(settings, *, quick, model=None, root=ROOT):
     tasks_sha = settings_mod.digest([(t.id, t.prompt, t.params) for t in load_tasks()])
     protocol = settings_mod.protocol_hash(settings, quick, name,
                                           {"corpus": corpus_sha, "tasks": tasks_sha, "draft": draft})
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    vocab_size = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
     return Context(settings=settings, quick=quick, model=name, model_dir=model_dir,
                    draft_dir=draft_dir, tokenizer=load_tokenizer(model_dir),
-                   corpus_text=corpus_text, corpus_sha256=corpus_sha, protocol=protocol, root=root)
+                   corpus_text=corpus_text, corpus_sha256=corpus_sha, protocol=protocol,
+                   vocab_size=vocab_size, root=root)
 
 
 # ---------------------------------------------------------------------------
@@ -93,6 +97,7 @@ def measure(ctx, inference_paths, *, reference, tasks, overrides=None, log_dir):
         for name, path in inference_paths.items():
             stage = name
             workers[name] = Worker(path, Path(log_dir) / f"{name}.log")
+            workers[name].vocab_size = ctx.vocab_size
             workers[name].load(ctx.model_dir, ctx.draft_dir, overrides if name == "challenger" else None,
                                timeout_s=timeouts["load_s"])
             out["workers"][name] = dict(workers[name].info)

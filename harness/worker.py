@@ -64,6 +64,7 @@ class Worker:
         self._send_conn = Connection(req_w, readable=False)
         self._recv_conn = Connection(resp_r, writable=False)
         self.max_rss_bytes = None
+        self.vocab_size = None  # when set, generated token ids must lie in [0, vocab_size)
         self.info = {}
         self._limit_s = 0.0
 
@@ -86,7 +87,14 @@ class Worker:
             raise self._crash(f"the worker exited during {what}") from None
 
     def _recv(self, deadline, what):
-        message = json.loads(self._recv_raw(deadline, what))
+        raw = self._recv_raw(deadline, what)
+        try:
+            message = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            message = None
+        if not isinstance(message, dict):
+            self.kill()
+            raise WorkerInvalid(f"{what}: something wrote garbage into the harness's pipe ({raw[:40]!r})")
         if "error" in message:
             self.kill()
             raise WorkerCrash(f"{what} raised {message['error']}", message.get("traceback", ""))
@@ -144,6 +152,9 @@ class Worker:
                 token = message["t"]
                 if isinstance(token, bool) or not isinstance(token, int):
                     raise WorkerInvalid(f"generate() yielded a non-integer token: {token!r}")
+                if self.vocab_size and not 0 <= token < self.vocab_size:
+                    raise WorkerInvalid(f"generate() yielded token id {token}, outside the "
+                                        f"vocabulary [0, {self.vocab_size})")
                 tokens.append(token)
                 times.append(now - start)
             else:

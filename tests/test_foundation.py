@@ -155,3 +155,23 @@ def test_bad_settings_are_usage_errors(project, breakage, words):
         assert word in last, last
     assert "Traceback" not in proc.stderr
     assert project.ledger_lines() == before
+
+
+def test_out_of_vocabulary_tokens_are_invalid(project):
+    project.edit_inference("        yield token\n", "        yield token + 10**6\n")
+    _expect(project, "INVALID", ["outside the vocabulary"])
+
+
+def test_tokens_handed_over_at_once_are_invalid(project):
+    # Buffering every token and releasing them together would make decode look infinitely fast.
+    project.edit_inference("    for token, _logprobs in steps:\n        yield token\n"
+                           "        if stop_at_eos and token in eos:\n            return\n",
+                           "    held = [token for token, _ in steps]\n    yield from held\n")
+    project.commit("buffer every token")
+    proc, result = project.evaluate()
+    # Either the stopwatch sees (almost) no decode time at all, or the burst is visible as a
+    # time to first token that swallows the whole call.
+    if result["decision"] != "INVALID":
+        assert result["decision"] == "BASELINE"
+        run = __import__("json").loads((project.root / result["run_file"]).read_text())
+        assert all(s["ttft_s"] > 0.9 * s["total_s"] for s in run["samples"])
