@@ -184,7 +184,9 @@ def evaluate(ctx, *, inference_path=None, overrides=None, source="agent", apply=
         note(f"warning: {problem}")
     ancestry = gitops.ancestry(ctx.root)
     baseline = _branch_baseline(rows, ancestry, git_state["branch"])
-    champion = history.champion_row(rows, ancestry, protocol=ctx.protocol)
+    # Everything is per branch: a new branch starts with its own BASELINE, whose commit
+    # then locks every file but inference.py for the rest of the branch.
+    champion = history.champion_row(rows, ancestry, protocol=ctx.protocol, branch=git_state["branch"])
     result["champion"] = champion["commit"] if champion else None
 
     # Locked files: anything but inference.py that differs from this branch's baseline.
@@ -259,8 +261,10 @@ def _figures(ctx, result, samples, workers, measured, reference):
     result.update({k: v for k, v in bench.summarize(mine).items() if k != "samples"})
     rss = workers.get("challenger", {}).get("max_rss_bytes")
     result["max_rss_gb"] = rss / 1e9 if rss else None
-    weight_bytes = workers.get("challenger", {}).get("weight_bytes")
-    result["bytes_per_token"] = weight_bytes
+    result["bytes_per_token"] = bytes_per_token(ctx, workers.get("challenger", {}), mine)
+    bandwidth = _bandwidth_gbs()
+    if result["bytes_per_token"] and bandwidth:
+        result["roofline_fraction"] = result["decode_tps"] * result["bytes_per_token"] / (bandwidth * 1e9)
     theirs = [s for s in samples if s.worker == "champion"]
     if theirs:
         metric = ctx.settings["verdict"]["primary_metric"]
@@ -284,6 +288,35 @@ def _figures(ctx, result, samples, workers, measured, reference):
         "quality_pass": all(g["passed"] for g in gate_list), "gates": gate_list,
         "quality_s": measured["quality_s"],
     })
+
+
+def bytes_per_token(ctx, info, samples):
+    """Bytes read per decoded token: every weight once, plus the KV cache at the calls'
+    mean context length (keys and values, all layers, in the activations' dtype)."""
+    if not info.get("weight_bytes"):
+        return None
+    config = json.loads((Path(ctx.model_dir) / "config.json").read_text())
+    config = {**config.get("text_config", {}), **config}
+    heads = config.get("num_attention_heads")
+    layers, hidden = config.get("num_hidden_layers"), config.get("hidden_size")
+    if not (heads and layers and hidden) or not samples:
+        return info["weight_bytes"]
+    head_dim = config.get("head_dim") or hidden // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    per_position = 2 * layers * kv_heads * head_dim * info.get("float_itemsize", 4)
+    context = sum(s.prompt_tokens + s.n_tokens / 2 for s in samples) / len(samples)
+    return int(info["weight_bytes"] + per_position * context)
+
+
+def _bandwidth_gbs():
+    """Measured memory bandwidth from the hardware profile (cached; measured once per machine)."""
+    from harness.profile import load_profile
+
+    try:
+        return load_profile().get("bandwidth_gbs")
+    except Exception as exc:  # the roofline is a hint: never let it sink a run
+        note(f"warning: no bandwidth figure for the roofline ({exc})")
+        return None
 
 
 def _decide(ctx, result, git_state, champion, overrides):
@@ -338,7 +371,7 @@ def apply_verdict(ctx, result, rows, ancestry):
 
     if result["decision"] not in ("REVERT", "CRASH", "INVALID", "REJECT"):
         return say(f"--apply: nothing to do after {result['decision']}")
-    champion = history.champion_row(rows, ancestry, protocol=ctx.protocol) \
+    champion = history.champion_row(rows, ancestry, protocol=ctx.protocol, branch=result["branch"]) \
         or history.champion_row(rows, ancestry, branch=result["branch"])
     state = gitops.state(ctx.root)
     if champion is None:

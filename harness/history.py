@@ -88,7 +88,8 @@ def history(root, *, show_all=False):
     ancestry = gitops.ancestry(root)
     history_set = set(ancestry)
     protocol = newest_protocol(rows, ancestry)
-    champion = champion_row(rows, ancestry, protocol=protocol)
+    branch = gitops.state(root)["branch"]
+    champion = champion_row(rows, ancestry, protocol=protocol, branch=branch)
     shown = []
     for row in rows:
         in_history = row["commit"] in history_set

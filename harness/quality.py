@@ -223,22 +223,19 @@ def _normalize(rows):
 
 
 def verify_continuations(ctx, samples, log_dir):
-    """Teacher-force speed-call outputs (the first repeat of each prompt) through the reference,
-    with the last `verify_context_tokens` prompt tokens as context.
+    """Teacher-force every speed call's output through the reference, with the last
+    `verify_context_tokens` prompt tokens as context.
 
     Returns the mean NLL of the generated tokens and the mean entropy of the
     reference's predictions at the same positions (the NLL its own temperature-1
     sampling would score there).
     """
     k = ctx.settings["quality"]["verify_context_tokens"]
-    first = {}
-    for s in samples:
-        first.setdefault(s.prompt, s)
     worker = Worker(REFERENCE_PIPELINE, Path(log_dir) / "reference.log")
     nll, entropy = [], []
     try:
         worker.load(ctx.model_dir, timeout_s=ctx.settings["timeouts"]["load_s"])
-        for s in first.values():
+        for s in samples:
             context = list(s.prompt_ids)[-k:]
             out = worker.token_stats(context + list(s.tokens), len(context),
                                      timeout_s=ctx.settings["timeouts"]["call_s"])

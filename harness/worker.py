@@ -173,8 +173,14 @@ class Worker:
                 if rows != len(tokens):
                     raise WorkerInvalid(f"score() returned {rows} rows for {len(tokens)} tokens")
                 return
-            shape = tuple(message["shape"])
+            shape = tuple(message.get("shape") or ())
+            if len(shape) != 2 or (self.vocab_size and shape[1] != self.vocab_size):
+                self.kill()
+                raise WorkerInvalid(f"score() yielded a chunk of shape {shape}, expected (rows, {self.vocab_size})")
             block = np.frombuffer(self._recv_raw(deadline, "score()"), dtype=np.float32)
+            if block.size != shape[0] * shape[1]:
+                self.kill()
+                raise WorkerInvalid("score() chunk size does not match its shape")
             rows += shape[0]
             yield block.reshape(shape)
 
@@ -272,8 +278,11 @@ def _model_info(pipeline):
     model = getattr(pipeline, "model", None)
     if model is None or not hasattr(model, "parameters"):
         return {}
-    weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()) if isinstance(v, mx.array))
-    return {"weight_bytes": int(weight_bytes)}
+    arrays = [v for _, v in tree_flatten(model.parameters()) if isinstance(v, mx.array)]
+    floats = [v for v in arrays if mx.issubdtype(v.dtype, mx.floating)]
+    return {"weight_bytes": int(sum(v.nbytes for v in arrays)),
+            # the KV cache is kept in the activations' dtype, which follows the float parameters
+            "float_itemsize": int(floats[0].itemsize) if floats else 4}
 
 
 def _serve(send, recv, inference_path):
