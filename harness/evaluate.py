@@ -392,11 +392,6 @@ def apply_verdict(ctx, result, rows, ancestry):
 def write_run_file(ctx, result, stamp, samples, workers, logs, measured, changes):
     """Write every raw sample, the settings and the environment to runs/<time>-<commit>.json."""
     ctx.runs_dir.mkdir(exist_ok=True)
-    path = ctx.runs_dir / f"{stamp.strftime('%Y%m%d-%H%M%S')}-{result['commit']}.json"
-    n = 1
-    while path.exists():  # two runs in one second: never overwrite
-        path = path.with_name(f"{stamp.strftime('%Y%m%d-%H%M%S')}-{result['commit']}.{n}.json")
-        n += 1
     payload = {
         "result": result, "timestamp": stamp.isoformat(timespec="seconds"),
         "settings": ctx.settings, "settings_hash": settings_mod.digest(ctx.settings),
@@ -404,8 +399,16 @@ def write_run_file(ctx, result, stamp, samples, workers, logs, measured, changes
         "environment": environment(), "workers": workers, "changes": changes,
         "quality": measured, "samples": [s.to_dict() for s in samples], "worker_logs": logs,
     }
-    path.write_text(json.dumps(payload, indent=1, default=str))
-    return str(path.relative_to(ctx.root))
+    base = f"{stamp.strftime('%Y%m%d-%H%M%S')}-{result['commit']}"
+    for n in range(1000):  # two runs in one second (search workers): never overwrite
+        path = ctx.runs_dir / (f"{base}.json" if n == 0 else f"{base}.{n}.json")
+        try:
+            with open(path, "x") as f:
+                f.write(json.dumps(payload, indent=1, default=str))
+            return str(path.relative_to(ctx.root))
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not find a free run-file name for {base} in {ctx.runs_dir}")
 
 
 def ledger_row(result, stamp):

@@ -109,9 +109,9 @@ def digest(obj):
 def protocol_hash(settings, quick, model, extra=None):
     """Hash of everything that shapes the numbers: model, workload preset and locked data.
 
-    Runs are only ever compared within one protocol. Timeouts are left out: they
-    decide when to give up, not what is measured.
+    Runs are only ever compared within one protocol. Timeouts and the search space are
+    left out: they decide when to give up and what to try, not how a run is measured.
     """
-    locked = {k: v for k, v in settings.items() if k not in ("timeouts", "model")}
+    locked = {k: v for k, v in settings.items() if k not in ("timeouts", "model", "search")}
     return digest({"settings": locked, "preset": "quick" if quick else "full",
                    "model": model, "extra": extra or {}})

@@ -173,3 +173,19 @@ def test_malformed_ledger_line_is_reported_and_kept(project):
     assert proc.returncode == 0 and result["decision"] == "MEASURED"
     assert "results.tsv line 3 has 3 fields" in proc.stderr
     assert path.read_text().startswith(bad) and len(project.ledger_lines()) == 4
+
+
+def test_each_branch_starts_with_its_own_baseline(project):
+    proc, result = project.evaluate()
+    assert result["decision"] == "BASELINE" and result["branch"] == "main"
+    git(project.root, "checkout", "-q", "-b", "hillclimb/exp")
+    proc, result = project.evaluate()
+    assert result["decision"] == "BASELINE" and result["branch"] == "hillclimb/exp"
+    assert result["bytes_per_token"] > 0 and result["roofline_fraction"] > 0
+    # From here on the branch's baseline locks every other file.
+    settings = project.settings()
+    settings["workload"]["presets"]["quick"]["max_tokens"] = 4
+    project.write_settings(settings)
+    project.commit("fewer tokens, please")
+    proc, result = project.evaluate()
+    assert result["decision"] == "REJECT" and "harness.yaml" in result["reason"]

@@ -1,0 +1,120 @@
+"""`prepare.py analyze`: the frontier is exactly the non-dominated points, failures and
+unscored rows stay off it, the best configuration per quality target, the plot and report."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from harness import analyze, ledger
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_pareto_frontier_is_the_non_dominated_set():
+    pairs = [(100, 1.0), (120, 0.99), (110, 0.97), (130, 0.96), (125, 0.95), (90, 0.90), (140, 0.92),
+             (140, 0.92), (139, 0.92)]
+    frontier = analyze.pareto_frontier(pairs)
+    assert sorted(pairs[i] for i in frontier) == [(100, 1.0), (120, 0.99), (130, 0.96), (140, 0.92),
+                                                  (140, 0.92)]
+    for i, (s, q) in enumerate(pairs):  # brute force: on the frontier iff nothing dominates it
+        beaten = any(s2 >= s and q2 >= q and (s2, q2) != (s, q) for s2, q2 in pairs)
+        assert (i in frontier) == (not beaten)
+    assert analyze.pareto_frontier([]) == []
+
+
+# (source, decision, decode_tps, quality_score, quality_pass, config/subject)
+ROWS = [
+    ("agent", "BASELINE", 100.0, 1.000, "true", "baseline"),             # frontier
+    ("agent", "KEEP", 120.0, 0.990, "true", "fuse the MLP"),              # frontier
+    ("agent", "REVERT", 110.0, 0.970, "true", "bigger prefill step"),     # dominated by the KEEP
+    ("agent", "REVERT", 200.0, 0.700, "false", "4-bit everything"),       # fastest, but gates failed
+    ("agent", "CRASH", None, None, "", "typo"),                           # excluded
+    ("search", "MEASURED", 130.0, 0.960, "true", {"KV_BITS": 8}),         # frontier
+    ("search", "MEASURED", 125.0, 0.950, "true", {"KV_BITS": 8, "TOP_K": 20}),  # lower speed AND quality
+    ("search", "MEASURED", 90.0, 0.900, "true", {"COMPUTE_DTYPE": "float16"}),  # dominated
+    ("search", "MEASURED", 140.0, 0.920, "true", {"KV_BITS": 4}),         # frontier (fastest good)
+    ("search", "CRASH", 150.0, None, "", {"COMPUTE_DTYPE": "bad"}),       # excluded, even with a speed
+    ("search", "MEASURED", 300.0, None, "", {"TEMP": 0.0}),               # unscored: never on it
+]
+FRONTIER_LINES = {10, 7, 3, 2}  # file lines (header is line 1) of 140, 130, 120, 100
+
+
+def _write_ledger(path):
+    for i, (source, decision, tps, quality, passed, what) in enumerate(ROWS):
+        config = what if isinstance(what, dict) else None
+        ledger.append(path, {
+            "timestamp": f"2026-01-0{1 + i // 4}T1{i % 10}:00:00+00:00", "commit": f"c{i:06d}",
+            "branch": "main", "subject": what if isinstance(what, str) else "baseline", "source": source,
+            "protocol": "proto1", "model": "tiny", "preset": "quick", "decision": decision,
+            "reason": "test row", "decode_tps": tps, "quality_score": quality, "quality_pass": passed,
+            "quality_adjusted_tps": tps * quality if tps and quality else None,
+            "config": json.dumps(config) if config else None,
+            "speedup": 1.25 if decision == "KEEP" else None})
+    # line numbers: header is line 1, ROWS[i] is line i + 2
+    assert FRONTIER_LINES == {i + 2 for i in (8, 5, 1, 0)}
+
+
+def _run(*args, cwd):
+    return subprocess.run([sys.executable, str(REPO / "prepare.py"), "analyze", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+
+
+def test_analyze_frontier_targets_plot_and_report(tmp_path):
+    path = tmp_path / "results.tsv"
+    _write_ledger(path)
+    out = tmp_path / "out"
+    proc = _run("results.tsv", "--target-quality", "0.995", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    block = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line)
+    assert block["frontier"] == "4"
+    frontier = {int(block[f"frontier_{i}"].rsplit(":", 1)[1]) for i in range(4)}
+    assert frontier == FRONTIER_LINES
+    assert block["frontier_0"].startswith("decode_tps=140 quality=0.92 source=search")
+    assert block["excluded"] == "2 (CRASH 2)"
+    assert block["points"] == "9 (scored 7, unscored 1, quality_failed 1)"
+    # the fastest row reaching each target; 200 tok/s failed its gates and 300 has no score
+    assert block["best_at_0.9"].startswith("decode_tps=140 ")
+    assert block["best_at_0.95"].startswith("decode_tps=130 ")
+    assert block["best_at_0.99"].startswith("decode_tps=120 ")
+    assert block["best_at_0.995"].startswith("decode_tps=100 ")
+
+    png = out / "pareto-proto1.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    report = (out / "analysis.md").read_text()
+    assert "| 0.95 | 130 | 0.96 | search | MEASURED | search `{\"KV_BITS\": 8}` | results.tsv:7 |" in report
+    assert "| 0.9 | 140 | 0.92 | search | MEASURED | search `{\"KV_BITS\": 4}` |" in report
+    assert "| 0.99 | 120 | 0.99 | agent | KEEP | `c000001` fuse the MLP | results.tsv:3 |" in report
+    assert "| 0.995 | 100 | 1 | agent | BASELINE |" in report
+    assert "![speed vs quality](pareto-proto1.png)" in report
+
+    # progress: the baseline's tok/s, times the KEEP's paired speedup (not its absolute tok/s)
+    line = analyze.progress(analyze.load_points([path]))["main"]
+    assert [level for _, level in line] == [100.0, 125.0]
+
+
+def test_analyze_in_process_matches_the_rules():
+    rows = [dict(zip(ledger.COLUMNS, [""] * len(ledger.COLUMNS)), line=n) for n in range(2, 6)]
+    rows[0].update(decision="KEEP", decode_tps="10", quality_score="0.99", quality_pass="true")
+    rows[1].update(decision="REJECT", decode_tps="50", quality_score="1.0")
+    rows[2].update(decision="MEASURED", decode_tps="20", quality_score="0.98", quality_pass="false")
+    rows[3].update(decision="MEASURED", decode_tps="30")
+    points = [analyze.point(r) for r in rows]
+    assert [p["status"] for p in points] == ["scored", "excluded", "quality_failed", "unscored"]
+    assert analyze.frontier_points(points) == [points[0]]
+
+
+def test_bad_input_is_one_clear_line(tmp_path):
+    def error(*files):
+        proc = _run(*files, "--out", str(tmp_path / "out"), cwd=tmp_path)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+        return lines[0]
+
+    assert "not found" in error(str(tmp_path / "missing.tsv"))
+    empty = tmp_path / "empty.tsv"
+    empty.write_text(ledger.HEADER)
+    assert "no rows" in error(str(empty))
+    other = tmp_path / "other.tsv"
+    other.write_text("a\tb\n1\t2\n")
+    assert "not a results.tsv" in error(str(other))
