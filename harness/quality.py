@@ -173,7 +173,8 @@ def answer_tasks(worker, ctx, tasks, *, progress=None):
         out = worker.generate(chat_tokens(ctx.tokenizer, task.prompt), max_tokens=caps[task.kind],
                               stop_at_eos=True, timeout_s=ctx.settings["timeouts"]["call_s"],
                               seed=TASK_SEED)
-        text = ctx.tokenizer.decode([t for t in out["tokens"] if t not in eos])
+        answer = out["tokens"][:caps[task.kind]]  # a pipeline that overruns the cap gains nothing
+        text = ctx.tokenizer.decode([t for t in answer if t not in eos])
         passed, why = check(task, text)
         results.append({"id": task.id, "kind": task.kind, "passed": passed, "why": why,
                         "answer": text[:2000]})

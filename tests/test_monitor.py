@@ -141,9 +141,7 @@ def test_compile_and_state_and_work_warn():
 
 
 def test_functions_added_removed_changed():
-    new = edit("def _new_cache(pipeline):\n    return make_prompt_cache(pipeline.model, max_kv_size=MAX_KV_SIZE)\n",
-               "def _fresh_cache(pipeline):\n    return make_prompt_cache(pipeline.model, max_kv_size=MAX_KV_SIZE)\n")
-    new = new.replace("_new_cache(pipeline)", "_fresh_cache(pipeline)")
+    new = BASELINE.replace("_new_cache", "_fresh_cache")  # a rename: one added, one removed
     new = edit("    mx.eval(model.parameters())\n", "    mx.eval(model.parameters())\n    return model\n", new)
     result = monitor.compare(BASELINE, new)
     assert result["functions"]["added"] == ["_fresh_cache"]
