@@ -268,7 +268,7 @@ def _figures(ctx, result, samples, workers, measured, reference):
     theirs = [s for s in samples if s.worker == "champion"]
     if theirs:
         metric = ctx.settings["verdict"]["primary_metric"]
-        result["speedup"], low, high = stats.median_ci(paired_ratios(samples, metric))
+        result["speedup"], low, high = stats.conservative_median_ci(paired_ratios(samples, metric))
         result["speedup_ci"] = [low, high]
         result["prefill_ratio"] = stats.median_ci(paired_ratios(samples, "prefill_tps"))[0]
         result["end_to_end_ratio"] = stats.median_ci(paired_ratios(samples, "end_to_end"))[0]
