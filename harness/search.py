@@ -546,19 +546,7 @@ def warm_start_trials(rows, space, *, protocol, commit):
     return trials, skipped
 
 
-def cpu_dtype_problem(knobs, accelerator):
-    """Why a configuration is not worth a trial on this machine, or None.
-
-    MLX's CPU backend has no fast float16/bfloat16 kernels: on Linux CPU they run
-    3-10x (and up to 100x) slower than float32, so such a trial only burns its timeout.
-    """
-    dtype = knobs.get("COMPUTE_DTYPE", "float32")
-    if accelerator == "none" and dtype not in (None, "float32"):
-        return f"COMPUTE_DTYPE {dtype} on a CPU-only machine: MLX's CPU kernels are fast in float32 only"
-    return None
-
-
-def make_objective(ctx, space, defaults, budget_bytes, n_trials, accelerator=None):
+def make_objective(ctx, space, defaults, budget_bytes, n_trials):
     """The Optuna objective: one normal evaluation per trial, gates and memory enforced."""
     optuna = _optuna()
     from harness import evaluate
@@ -576,9 +564,6 @@ def make_objective(ctx, space, defaults, budget_bytes, n_trials, accelerator=Non
                                    quick=ctx.quick, draft_dir=ctx.draft_dir)
         trial.set_user_attr("memory_estimate_gb", round(estimate["total"] / 1e9, 3))
         ok, why = fits(estimate, budget_bytes)
-        cpu_problem = cpu_dtype_problem({**defaults, **params}, accelerator)
-        if cpu_problem:
-            ok, why = False, cpu_problem
         if not ok:
             trial.set_user_attr("prune_reason", why)
             raise optuna.TrialPruned(why)
@@ -738,8 +723,7 @@ def _search(args):
                      + (f" ({skipped} outside the space skipped)" if skipped else ""))
     optuna.storages.fail_stale_trials(study)  # trials of a killed process no longer count
 
-    facts = static_facts()
-    budget = facts["memory_budget_bytes"]
+    budget = static_facts()["memory_budget_bytes"]
     warm = len([t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("warm_start")])
     remaining = args.trials - len(counted_trials(study))
     note(f"search: study {name} in {shown_url(storage_url)}: "
@@ -758,7 +742,7 @@ def _search(args):
             note(f"search: trial {trial.number} {what}")
             progress(min(done, args.trials), args.trials, f"trial {trial.number}")
 
-        objective = make_objective(ctx, space, defaults, budget, args.trials, facts.get("accelerator"))
+        objective = make_objective(ctx, space, defaults, budget, args.trials)
         stop = optuna.study.MaxTrialsCallback(
             args.trials + warm,
             states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,

@@ -348,10 +348,3 @@ def test_two_processes_share_one_postgres_study(tmp_path, tiny_llama, postgres_u
     assert Counter(r["run_file"] for r in rows) == Counter(t.user_attrs["run_file"] for t in done)
     assert sorted(json.dumps(json.loads(r["config"]), sort_keys=True) for r in rows) == \
         sorted(json.dumps(t.params, sort_keys=True) for t in done)
-
-
-def test_cpu_only_machines_skip_half_precision_compute():
-    assert search.cpu_dtype_problem({"COMPUTE_DTYPE": "float16"}, "none")
-    assert search.cpu_dtype_problem({"COMPUTE_DTYPE": "bfloat16"}, "none")
-    assert search.cpu_dtype_problem({"COMPUTE_DTYPE": "float32"}, "none") is None
-    assert search.cpu_dtype_problem({"COMPUTE_DTYPE": "bfloat16"}, "Metal") is None
