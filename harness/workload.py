@@ -2,6 +2,7 @@
 
 import secrets
 from dataclasses import dataclass
+from functools import lru_cache
 
 
 @dataclass
@@ -24,8 +25,12 @@ def chat_tokens(tokenizer, text):
     return [int(t) for t in tokenizer.encode(text)]
 
 
+@lru_cache(maxsize=8)
 def document(tokenizer, corpus_text, n_tokens):
-    """The evaluation corpus cut to `n_tokens` tokens, as text (repeated if it is shorter)."""
+    """The evaluation corpus cut to `n_tokens` tokens, as text (repeated if it is shorter).
+
+    Cached: every speed call of a run needs the same document, so it is built once.
+    """
     ids = tokenizer.encode(corpus_text, add_special_tokens=False)
     while len(ids) < n_tokens:
         ids = ids + ids
