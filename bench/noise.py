@@ -3,8 +3,9 @@ does it miss one that is?
 
 On a tiny random-weight model, in a real git copy of the project:
   * null: a challenger that differs from the champion only by a comment, N runs;
-  * real: a champion that sleeps a little per token (so the challenger is >= 10 %
-    faster), M runs.
+  * real: a champion that sleeps a little per token, M runs. The sleep is calibrated
+    on a first run of the plain pipeline (per-token time as the harness measures it,
+    slowest prompt), so the challenger without it is >= 1/(1 - speedup) faster.
 Each run is a normal `python prepare.py`; the branch is reset to the champion (the
 baseline commit) after every run. Prints the KEEP counts; targets: null <= 1 of 20,
 real >= 9 of 10.
@@ -14,9 +15,9 @@ real >= 9 of 10.
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -29,18 +30,19 @@ from tiny_models import build_tiny_model  # noqa: E402
 TOKEN_LOOP = "    for token, _logprobs in steps:\n        yield token\n"
 
 
-def per_token_seconds(model_dir):
-    """Decode time per token of the baseline pipeline on this model, measured in-process."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("inference_probe", HERE.parent / "inference.py")
-    inference = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(inference)
-    pipeline = inference.load(model_dir)
-    list(inference.generate(pipeline, [1, 2, 3], max_tokens=64, stop_at_eos=False))
-    start = time.perf_counter()
-    list(inference.generate(pipeline, [1, 2, 3], max_tokens=257, stop_at_eos=False))
-    return (time.perf_counter() - start) / 256
+def per_token_seconds(project):
+    """Decode seconds per token of `project`'s pipeline as the harness measures it (through
+    the worker and its pipe, on the workload's prompts): the slowest prompt's median, so a
+    sleep of s/(1-s) of it makes every prompt at least 1/(1-s) times slower."""
+    proc, result = project.evaluate()
+    if result is None:
+        raise SystemExit(f"calibration run failed:\n{proc.stdout}\n{proc.stderr}")
+    samples = json.loads((project.root / result["run_file"]).read_text())["samples"]
+    per_prompt = {}
+    for s in samples:
+        if s["worker"] == "challenger" and s["repeat"] >= 0:
+            per_prompt.setdefault(s["prompt"], []).append(s["decode_s"] / (s["n_tokens"] - 1))
+    return max(statistics.median(v) for v in per_prompt.values())
 
 
 def run_trials(project, base, n, label):
@@ -85,7 +87,7 @@ def main():
     parser.add_argument("--speedup", type=float, default=0.10,
                         help="how much slower the sleeping champion is, as a fraction of a token's time")
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=8)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,19 +101,23 @@ def main():
         summary["null_keep"], _ = run_trials(project, base, args.null_runs, "null")
 
         # Real: the baseline sleeps per token, so a challenger without the sleep is faster.
-        sleep_s = per_token_seconds(model_dir) * args.speedup / (1 - args.speedup)
+        calibration = make_project(Path(tmp) / "calibration", model_dir, max_tokens=args.max_tokens,
+                                   repeats=args.repeats)
+        sleep_s = per_token_seconds(calibration) * args.speedup / (1 - args.speedup)
         project = make_project(Path(tmp) / "real", model_dir, max_tokens=args.max_tokens, repeats=args.repeats)
         project.edit_inference(TOKEN_LOOP, "    import time\n    for token, _logprobs in steps:\n"
                                f"        time.sleep({sleep_s:.6f})\n        yield token\n")
         base = project.commit("champion sleeps per token")
         proc, result = project.evaluate()
         assert result["decision"] == "BASELINE", result
-        summary["real_keep"], _ = run_trials(project, base, args.real_runs, "real")
+        summary["real_keep"], rows = run_trials(project, base, args.real_runs, "real")
+        summary["real_speedup_median"] = round(statistics.median(r["speedup"] for r in rows), 3)
 
     print(f"null_runs: {args.null_runs}")
     print(f"null_keep: {summary['null_keep']}")
     print(f"real_runs: {args.real_runs}")
     print(f"real_speedup_target: {1 / (1 - args.speedup):.3f}")
+    print(f"real_speedup_median: {summary['real_speedup_median']}")
     print(f"real_keep: {summary['real_keep']}")
     print(json.dumps(summary))
 

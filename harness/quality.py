@@ -10,12 +10,16 @@ return (nothing the pipeline says about itself is used):
   * the speed calls' continuations, teacher-forced through the reference: their
     mean NLL against the reference's entropy along the same path (what sampling
     the reference at temperature 1 would score), so canned or random tokens fail.
+    A random subset of the calls is checked (at least one per prompt), picked after
+    the calls are made: to move the verdict a pipeline must cheat on nearly every
+    call, and then a checked one is cheated.
 """
 
 import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import time
 from pathlib import Path
@@ -50,6 +54,11 @@ def check_settings(settings):
     n = q.get("verify_context_tokens")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise err("harness.yaml: 'quality.verify_context_tokens' must be a positive integer")
+    counts = q.get("verify_calls")
+    for preset in ("full", "quick"):
+        n = counts.get(preset) if isinstance(counts, dict) else None
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise err(f"harness.yaml: 'quality.verify_calls.{preset}' must be a positive integer")
     caps = q.get("max_tokens")
     if not isinstance(caps, dict) or not all(isinstance(v, int) and v > 0 for v in caps.values()):
         raise err("harness.yaml: 'quality.max_tokens' must map task kinds to positive integers")
@@ -98,9 +107,11 @@ def corpus_tokens(tokenizer, corpus_text, n):
 
 
 def reference_key(ctx, tasks):
+    q = ctx.settings["quality"]  # only what the reference's figures depend on, not the gates
     return settings_mod.digest({
         "model": model_identity(ctx.model_dir), "corpus": ctx.corpus_sha256,
-        "tasks": [(t.id, t.prompt) for t in tasks], "quality": ctx.settings["quality"],
+        "tasks": [(t.id, t.prompt, t.kind) for t in tasks],
+        "corpus_tokens": max(q["corpus_tokens"].values()), "max_tokens": q["max_tokens"],
         "reference": hashlib.sha256(REFERENCE_PIPELINE.read_bytes()).hexdigest()[:12],
     })
 
@@ -223,20 +234,40 @@ def _normalize(rows):
         return rows - (top + np.log(np.sum(np.exp(rows - top), axis=-1, keepdims=True)))
 
 
+def pick_calls_to_verify(samples, n, rng=None):
+    """`n` of the speed `samples` at random, at least one per prompt (all if n >= len).
+
+    `rng` defaults to the system's entropy source, so no seed in the code tells a
+    pipeline which calls will be checked.
+    """
+    if n >= len(samples):
+        return list(samples)
+    rng = rng or random.SystemRandom()
+    by_prompt = {}
+    for s in samples:
+        by_prompt.setdefault(s.prompt, []).append(s)
+    picked = [rng.choice(group) for group in by_prompt.values()]
+    rest = [s for s in samples if all(s is not p for p in picked)]
+    picked += rng.sample(rest, max(0, n - len(picked)))
+    return [s for s in samples if any(s is p for p in picked)]
+
+
 def verify_continuations(ctx, samples, log_dir):
-    """Teacher-force every speed call's output through the reference, with the last
-    `verify_context_tokens` prompt tokens as context.
+    """Teacher-force a random subset of the speed calls' outputs (`verify_calls` of them)
+    through the reference, with the last `verify_context_tokens` prompt tokens as context.
 
     Returns the mean NLL of the generated tokens and the mean entropy of the
     reference's predictions at the same positions (the NLL its own temperature-1
-    sampling would score there).
+    sampling would score there), and which calls were checked.
     """
-    k = ctx.settings["quality"]["verify_context_tokens"]
+    q = ctx.settings["quality"]
+    k = q["verify_context_tokens"]
+    chosen = pick_calls_to_verify(samples, q["verify_calls"][ctx.preset["name"]])
     worker = Worker(REFERENCE_PIPELINE, Path(log_dir) / "reference.log")
     nll, entropy = [], []
     try:
         worker.load(ctx.model_dir, timeout_s=ctx.settings["timeouts"]["load_s"])
-        for s in samples:
+        for s in chosen:
             context = list(s.prompt_ids)[-k:]
             out = worker.token_stats(context + list(s.tokens), len(context),
                                      timeout_s=ctx.settings["timeouts"]["call_s"])
@@ -244,7 +275,8 @@ def verify_continuations(ctx, samples, log_dir):
             entropy.extend(out["entropy"])
     finally:
         worker.close()
-    return {"continuation_nll": float(np.mean(nll)), "reference_entropy": float(np.mean(entropy))}
+    return {"continuation_nll": float(np.mean(nll)), "reference_entropy": float(np.mean(entropy)),
+            "verified_calls": [[s.prompt, s.repeat] for s in chosen]}
 
 
 # ---------------------------------------------------------------------------

@@ -130,6 +130,7 @@ def test_unknown_model_is_usage_error(project):
     ("bad_yaml", ["not valid YAML"]),
     ("bad_type", ["max_tokens", "integer"]),
     ("unknown_prompt", ["unknown prompt"]),
+    ("bad_verify_calls", ["verify_calls.quick", "positive integer"]),
 ])
 def test_bad_settings_are_usage_errors(project, breakage, words):
     project.evaluate()
@@ -143,6 +144,9 @@ def test_bad_settings_are_usage_errors(project, breakage, words):
         path.write_text(path.read_text() + "\n  - : : [unclosed\n")
     elif breakage == "bad_type":
         settings["workload"]["presets"]["quick"]["max_tokens"] = "many"
+        project.write_settings(settings)
+    elif breakage == "bad_verify_calls":
+        settings["quality"]["verify_calls"]["quick"] = 0
         project.write_settings(settings)
     else:
         settings["workload"]["presets"]["quick"]["prompts"].append("nope")
