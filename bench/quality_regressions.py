@@ -41,6 +41,21 @@ def generate(pipeline, prompt, *, max_tokens, stop_at_eos):
         yield token
 '''
 
+# Honest on the tasks (EOS honoured), one fixed token when timed: only the speed-output
+# checks can see it.
+LOOP_WHEN_TIMED = '''
+_honest_generate = generate
+
+
+def generate(pipeline, prompt, *, max_tokens, stop_at_eos):
+    if stop_at_eos:
+        yield from _honest_generate(pipeline, prompt, max_tokens=max_tokens, stop_at_eos=stop_at_eos)
+        return
+    token = pipeline.tokenizer.encode(" the", add_special_tokens=False)[0]
+    for _ in range(max_tokens):
+        yield token
+'''
+
 
 def variant(name):
     """The source of inference.py for one variant."""
@@ -57,10 +72,12 @@ def variant(name):
         return src.replace("    _cast(model, dtype)\n", "    _cast(model, dtype)\n    model = _Noisy(model)\n", 1)
     if name == "fixed_token":
         return BASE + FIXED_TOKEN  # the later definition wins
+    if name == "loop_when_timed":
+        return BASE + LOOP_WHEN_TIMED
     raise ValueError(name)
 
 
-VARIANTS = ["baseline", "argmax", "kv4_from_0", "temp_2", "noisy_logits", "fixed_token"]
+VARIANTS = ["baseline", "argmax", "kv4_from_0", "temp_2", "noisy_logits", "fixed_token", "loop_when_timed"]
 EXPECT_PASS = {"baseline", "argmax"}
 
 
@@ -77,7 +94,7 @@ def main():
     ok = True
     print(f"model: {ctx.model}  preset: {ctx.preset['name']}")
     print(f"{'variant':14s} {'ppl':>8s} {'kl_mean':>9s} {'kl_p99':>8s} {'top1':>6s} {'sanity':>6s} "
-          f"{'cont_nll':>8s} {'ref_ent':>7s} {'quality_s':>9s}  verdict")
+          f"{'cont_nll':>8s} {'ref_ent':>7s} {'repeat':>6s} {'quality_s':>9s}  verdict")
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         reference = quality.load_reference(ctx, tasks, tmp)
@@ -98,7 +115,7 @@ def main():
             failed = [g["name"] for g in gate_list if not g["passed"]]
             print(f"{name:14s} {m['perplexity']:8.3f} {m['kl_mean']:9.2e} {m['kl_p99']:8.3f} "
                   f"{m['top1_agreement']:6.3f} {m['sanity']:6.2f} {m['continuation_nll']:8.3f} "
-                  f"{m['reference_entropy']:7.3f} {m['quality_s']:9.1f}  "
+                  f"{m['reference_entropy']:7.3f} {m['repetition']:6.3f} {m['quality_s']:9.1f}  "
                   f"{'PASS' if not failed else 'FAIL ' + ','.join(failed)}", flush=True)
             ok &= (not failed) == (name in EXPECT_PASS)
     print(f"all_as_expected: {str(ok).lower()}")

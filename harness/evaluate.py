@@ -115,6 +115,7 @@ def measure(ctx, inference_paths, *, reference, tasks, overrides=None, log_dir):
         stage = "reference"
         mine = [s for s in out["samples"] if s.worker == "challenger"]
         measured.update(quality.verify_continuations(ctx, mine, log_dir))
+        measured["repetition"] = sum(quality.repetition(s.tokens) for s in mine) / len(mine)
         measured["sanity"] = sum(a["passed"] for a in answers) / len(answers)
         measured["tasks"] = answers
         measured["quality_s"] = round(time.perf_counter() - quality_started, 1)
@@ -283,7 +284,7 @@ def _figures(ctx, result, samples, workers, measured, reference):
         "kl_mean": measured["kl_mean"], "kl_p99": measured["kl_p99"],
         "top1_agreement": measured["top1_agreement"], "sanity": measured["sanity"],
         "reference_sanity": reference["sanity"],
-        "continuation_nll": measured["continuation_nll"],
+        "continuation_nll": measured["continuation_nll"], "repetition": measured["repetition"],
         "quality_score": score, "quality_adjusted_tps": (result["decode_tps"] or 0) * score,
         "quality_pass": all(g["passed"] for g in gate_list), "gates": gate_list,
         "quality_s": measured["quality_s"],

@@ -12,7 +12,8 @@ return (nothing the pipeline says about itself is used):
     the reference at temperature 1 would score), so canned or random tokens fail.
     A random subset of the calls is checked (at least one per prompt), picked after
     the calls are made: to move the verdict a pipeline must cheat on nearly every
-    call, and then a checked one is cheated.
+    call, and then a checked one is cheated. The reference likes loops as much as any
+    language model does, so every speed output is also checked for repetition.
 """
 
 import hashlib
@@ -74,7 +75,7 @@ def check_settings(settings):
                 raise err(f"harness.yaml: 'quality.max_tokens' has no cap for kind '{known[task_id].kind}'")
     gates = q.get("gates")
     for key in ("perplexity_increase_pct", "kl_mean_max", "kl_p99_max", "top1_agreement_min",
-                "sanity_tolerance", "sanity_floor", "continuation_nll_margin"):
+                "sanity_tolerance", "sanity_floor", "continuation_nll_margin", "repetition_max"):
         if not isinstance(gates, dict) or isinstance(gates.get(key), bool) \
                 or not isinstance(gates.get(key), (int, float)):
             raise err(f"harness.yaml: 'quality.gates.{key}' must be a number")
@@ -279,6 +280,13 @@ def verify_continuations(ctx, samples, log_dir):
             "verified_calls": [[s.prompt, s.repeat] for s in chosen]}
 
 
+def repetition(tokens, n=4):
+    """Share of the `n`-grams in `tokens` that already occurred earlier in them
+    (0 for ordinary text; near 1 for one token or a short cycle over and over)."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
+
+
 # ---------------------------------------------------------------------------
 # Gates
 # ---------------------------------------------------------------------------
@@ -300,6 +308,7 @@ def gates(settings, measured, reference):
               max(reference["sanity"] - g["sanity_tolerance"], g["sanity_floor"])),
         _gate("continuation_nll", measured["continuation_nll"], "<=",
               measured["reference_entropy"] + g["continuation_nll_margin"]),
+        _gate("repetition", measured["repetition"], "<=", g["repetition_max"]),
     ]
 
 

@@ -11,7 +11,7 @@ BLOCK_KEYS = [
     "decode_tps", "decode_tps_ci", "prefill_tps", "prefill_tps_ci", "ttft_s", "peak_memory_gb",
     "max_rss_gb", "champion", "speedup", "speedup_ci", "prefill_ratio", "end_to_end_ratio", "memory_ratio", "lines_vs_champion",
     "perplexity", "perplexity_se", "kl_mean", "kl_p99", "top1_agreement", "sanity",
-    "continuation_nll", "quality_score", "quality_adjusted_tps", "quality_pass",
+    "continuation_nll", "repetition", "quality_score", "quality_adjusted_tps", "quality_pass",
     "bytes_per_token", "roofline_fraction", "quality_s", "elapsed_s", "run_file",
 ]
 

@@ -4,7 +4,7 @@ import random
 from collections import Counter
 from types import SimpleNamespace
 
-from harness.quality import pick_calls_to_verify
+from harness.quality import pick_calls_to_verify, repetition
 
 
 def calls(prompts=("a", "b", "c"), repeats=3):
@@ -39,3 +39,38 @@ def test_choice_varies_over_calls_and_repeats():
     for _ in range(300):  # the default source: system entropy, no seed in the code
         seen.update((s.prompt, s.repeat) for s in pick_calls_to_verify(samples, 4))
     assert set(seen) == {(s.prompt, s.repeat) for s in samples}
+
+
+def test_repetition_counts_repeated_four_grams():
+    assert repetition(list(range(40))) == 0.0
+    assert repetition([7] * 20) == 16 / 17          # every 4-gram after the first is old
+    cycle = [1, 2, 3, 4, 5] * 8                       # a short canned cycle
+    assert repetition(cycle) > 0.8
+    assert repetition([1, 2, 3]) == 0.0               # too short to repeat anything
+
+
+LOOP_WHEN_TIMED = '''
+
+_honest_generate = generate
+
+
+def generate(pipeline, prompt, *, max_tokens, stop_at_eos):
+    if stop_at_eos:  # the tasks: honest
+        yield from _honest_generate(pipeline, prompt, max_tokens=max_tokens, stop_at_eos=stop_at_eos)
+        return
+    for _ in range(max_tokens):  # the speed calls: one token, no model
+        yield 5
+'''
+
+
+def test_looping_only_when_timed_fails_the_repetition_gate(project):
+    _, baseline = project.evaluate()
+    assert baseline["decision"] == "BASELINE" and baseline["repetition"] < 0.5
+    project.inference.write_text(project.inference.read_text() + LOOP_WHEN_TIMED)
+    project.commit("loop when timed")
+    proc, result = project.evaluate()
+    assert result is not None, proc.stderr
+    gates = {g["name"]: g for g in result["gates"]}
+    assert not gates["repetition"]["passed"] and gates["repetition"]["value"] > 0.5
+    assert gates["sanity"]["passed"]  # the tasks alone would not have caught it
+    assert result["decision"] == "REVERT" and "repetition" in result["reason"]
