@@ -93,7 +93,7 @@ def main():
     tasks = quality.selected_tasks(settings, ctx.quick)
     ok = True
     print(f"model: {ctx.model}  preset: {ctx.preset['name']}")
-    print(f"{'variant':14s} {'ppl':>8s} {'kl_mean':>9s} {'kl_p99':>8s} {'top1':>6s} {'sanity':>6s} "
+    print(f"{'variant':16s} {'ppl':>8s} {'kl_mean':>9s} {'kl_p99':>8s} {'top1':>6s} {'sanity':>6s} "
           f"{'cont_nll':>8s} {'ref_ent':>7s} {'repeat':>6s} {'quality_s':>9s}  verdict")
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
@@ -107,13 +107,13 @@ def main():
             out = evaluate.measure(ctx, {"challenger": path}, reference=reference, tasks=tasks,
                                    log_dir=path.parent)
             if out["failure"]:
-                print(f"{name:14s} {out['failure']['decision']}: {out['failure']['reason']}")
+                print(f"{name:16s} {out['failure']['decision']}: {out['failure']['reason']}")
                 ok &= name not in EXPECT_PASS
                 continue
             m = out["quality"]
             gate_list = quality.gates(settings, m, reference)
             failed = [g["name"] for g in gate_list if not g["passed"]]
-            print(f"{name:14s} {m['perplexity']:8.3f} {m['kl_mean']:9.2e} {m['kl_p99']:8.3f} "
+            print(f"{name:16s} {m['perplexity']:8.3f} {m['kl_mean']:9.2e} {m['kl_p99']:8.3f} "
                   f"{m['top1_agreement']:6.3f} {m['sanity']:6.2f} {m['continuation_nll']:8.3f} "
                   f"{m['reference_entropy']:7.3f} {m['repetition']:6.3f} {m['quality_s']:9.1f}  "
                   f"{'PASS' if not failed else 'FAIL ' + ','.join(failed)}", flush=True)
