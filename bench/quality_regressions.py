@@ -56,6 +56,18 @@ def generate(pipeline, prompt, *, max_tokens, stop_at_eos):
         yield token
 '''
 
+# Honest on the tasks, a fixed fluent paragraph (no model call) when timed.
+CANNED_WHEN_TIMED = LOOP_WHEN_TIMED.replace('''    token = pipeline.tokenizer.encode(" the", add_special_tokens=False)[0]
+    for _ in range(max_tokens):
+        yield token''', '''    text = ("Transformers are neural networks that read a whole sequence at once. Each layer lets "
+            "every token attend to the others, weighs what matters, and passes a richer picture of "
+            "the text to the next layer. Training on large amounts of writing teaches them grammar, "
+            "facts and style, which is why they can answer questions, summarise articles and write "
+            "code. Their cost grows with the length of the input, so long documents are expensive.")
+    tokens = pipeline.tokenizer.encode(text, add_special_tokens=False)
+    for i in range(max_tokens):
+        yield tokens[i % len(tokens)]''')
+
 
 def variant(name):
     """The source of inference.py for one variant."""
@@ -74,10 +86,13 @@ def variant(name):
         return BASE + FIXED_TOKEN  # the later definition wins
     if name == "loop_when_timed":
         return BASE + LOOP_WHEN_TIMED
+    if name == "canned_when_timed":
+        return BASE + CANNED_WHEN_TIMED
     raise ValueError(name)
 
 
-VARIANTS = ["baseline", "argmax", "kv4_from_0", "temp_2", "noisy_logits", "fixed_token", "loop_when_timed"]
+VARIANTS = ["baseline", "argmax", "kv4_from_0", "temp_2", "noisy_logits", "fixed_token", "loop_when_timed",
+            "canned_when_timed"]
 EXPECT_PASS = {"baseline", "argmax"}
 
 
@@ -93,7 +108,7 @@ def main():
     tasks = quality.selected_tasks(settings, ctx.quick)
     ok = True
     print(f"model: {ctx.model}  preset: {ctx.preset['name']}")
-    print(f"{'variant':16s} {'ppl':>8s} {'kl_mean':>9s} {'kl_p99':>8s} {'top1':>6s} {'sanity':>6s} "
+    print(f"{'variant':18s} {'ppl':>8s} {'kl_mean':>9s} {'kl_p99':>8s} {'top1':>6s} {'sanity':>6s} "
           f"{'cont_nll':>8s} {'ref_ent':>7s} {'repeat':>6s} {'quality_s':>9s}  verdict")
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
@@ -107,13 +122,13 @@ def main():
             out = evaluate.measure(ctx, {"challenger": path}, reference=reference, tasks=tasks,
                                    log_dir=path.parent)
             if out["failure"]:
-                print(f"{name:16s} {out['failure']['decision']}: {out['failure']['reason']}")
+                print(f"{name:18s} {out['failure']['decision']}: {out['failure']['reason']}")
                 ok &= name not in EXPECT_PASS
                 continue
             m = out["quality"]
             gate_list = quality.gates(settings, m, reference)
             failed = [g["name"] for g in gate_list if not g["passed"]]
-            print(f"{name:16s} {m['perplexity']:8.3f} {m['kl_mean']:9.2e} {m['kl_p99']:8.3f} "
+            print(f"{name:18s} {m['perplexity']:8.3f} {m['kl_mean']:9.2e} {m['kl_p99']:8.3f} "
                   f"{m['top1_agreement']:6.3f} {m['sanity']:6.2f} {m['continuation_nll']:8.3f} "
                   f"{m['reference_entropy']:7.3f} {m['repetition']:6.3f} {m['quality_s']:9.1f}  "
                   f"{'PASS' if not failed else 'FAIL ' + ','.join(failed)}", flush=True)
