@@ -41,9 +41,10 @@ def generate(pipeline, prompt, *, max_tokens, stop_at_eos):
         yield token
 '''
 
-# Honest on the tasks (EOS honoured), one fixed token when timed: only the speed-output
-# checks can see it.
-LOOP_WHEN_TIMED = '''
+def honest_on_tasks(timed_body):
+    """Source appended to inference.py: honest when EOS is honoured (the tasks), `timed_body`
+    when timed (speed calls ignore EOS), so only the speed-output checks can see it."""
+    return '''
 _honest_generate = generate
 
 
@@ -51,23 +52,25 @@ def generate(pipeline, prompt, *, max_tokens, stop_at_eos):
     if stop_at_eos:
         yield from _honest_generate(pipeline, prompt, max_tokens=max_tokens, stop_at_eos=stop_at_eos)
         return
-    token = pipeline.tokenizer.encode(" the", add_special_tokens=False)[0]
+''' + timed_body
+
+
+# When timed: one token over and over.
+LOOP_WHEN_TIMED = honest_on_tasks('''    token = pipeline.tokenizer.encode(" the", add_special_tokens=False)[0]
     for _ in range(max_tokens):
         yield token
-'''
+''')
 
-# Honest on the tasks, a fixed fluent paragraph (no model call) when timed.
-CANNED_WHEN_TIMED = LOOP_WHEN_TIMED.replace('''    token = pipeline.tokenizer.encode(" the", add_special_tokens=False)[0]
-    for _ in range(max_tokens):
-        yield token''', '''    text = ("Transformers are neural networks that read a whole sequence at once. Each layer lets "
+# When timed: a fixed fluent paragraph, no model call.
+CANNED_WHEN_TIMED = honest_on_tasks('''    text = ("Transformers are neural networks that read a whole sequence at once. Each layer lets "
             "every token attend to the others, weighs what matters, and passes a richer picture of "
             "the text to the next layer. Training on large amounts of writing teaches them grammar, "
             "facts and style, which is why they can answer questions, summarise articles and write "
             "code. Their cost grows with the length of the input, so long documents are expensive.")
     tokens = pipeline.tokenizer.encode(text, add_special_tokens=False)
     for i in range(max_tokens):
-        yield tokens[i % len(tokens)]''')
-
+        yield tokens[i % len(tokens)]
+''')
 
 def variant(name):
     """The source of inference.py for one variant."""

@@ -47,19 +47,16 @@ def check_settings(settings):
     q = settings.get("quality")
     if not isinstance(q, dict):
         raise err("harness.yaml: missing key 'quality'")
-    counts = q.get("corpus_tokens")
-    for preset in ("full", "quick"):
-        n = (counts or {}).get(preset) if isinstance(counts, dict) else None
-        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-            raise err(f"harness.yaml: 'quality.corpus_tokens.{preset}' must be an integer of at least 2")
+    for key, least, wording in (("corpus_tokens", 2, "an integer of at least 2"),
+                                ("verify_calls", 1, "a positive integer")):
+        counts = q.get(key)
+        for preset in ("full", "quick"):
+            n = counts.get(preset) if isinstance(counts, dict) else None
+            if isinstance(n, bool) or not isinstance(n, int) or n < least:
+                raise err(f"harness.yaml: 'quality.{key}.{preset}' must be {wording}")
     n = q.get("verify_context_tokens")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise err("harness.yaml: 'quality.verify_context_tokens' must be a positive integer")
-    counts = q.get("verify_calls")
-    for preset in ("full", "quick"):
-        n = counts.get(preset) if isinstance(counts, dict) else None
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise err(f"harness.yaml: 'quality.verify_calls.{preset}' must be a positive integer")
     caps = q.get("max_tokens")
     if not isinstance(caps, dict) or not all(isinstance(v, int) and v > 0 for v in caps.values()):
         raise err("harness.yaml: 'quality.max_tokens' must map task kinds to positive integers")
@@ -245,12 +242,12 @@ def pick_calls_to_verify(samples, n, rng=None):
         return list(samples)
     rng = rng or random.SystemRandom()
     by_prompt = {}
-    for s in samples:
-        by_prompt.setdefault(s.prompt, []).append(s)
-    picked = [rng.choice(group) for group in by_prompt.values()]
-    rest = [s for s in samples if all(s is not p for p in picked)]
-    picked += rng.sample(rest, max(0, n - len(picked)))
-    return [s for s in samples if any(s is p for p in picked)]
+    for i, s in enumerate(samples):
+        by_prompt.setdefault(s.prompt, []).append(i)
+    picked = {rng.choice(indices) for indices in by_prompt.values()}
+    rest = [i for i in range(len(samples)) if i not in picked]
+    picked.update(rng.sample(rest, max(0, n - len(picked))))
+    return [samples[i] for i in sorted(picked)]
 
 
 def verify_continuations(ctx, samples, log_dir):
