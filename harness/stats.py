@@ -1,4 +1,4 @@
-"""Statistics on raw samples: medians with bootstrap confidence intervals."""
+"""Statistics on raw samples: medians with bootstrap and order-statistic confidence intervals."""
 
 import math
 
