@@ -49,7 +49,7 @@ def trial(project, base, label, i):
 
     The challenger is a comment (null) or the champion without its sleep (real); both
     keep the line count, so only speed can earn a KEEP (not "simpler").
-    Returns (result, pair ratios of the primary metric).
+    Returns (result, the decode tok/s ratio of every pair).
     """
     git(project.root, "reset", "-q", "--hard", base)
     if label == "null":
