@@ -70,16 +70,18 @@ def trial(project, base, label, i):
     return result, ratios
 
 
-def sleepy_champion(root, model_dir, fraction, args):
-    """A project whose baseline (the champion) sleeps `fraction` of each token's time."""
+def champion_project(root, model_dir, args, sleep_fraction=None):
+    """A project whose baseline run (the champion) is done; with `sleep_fraction`, the
+    champion sleeps that fraction of each token's time. Returns (project, champion commit)."""
     project = make_project(root, model_dir, max_tokens=args.max_tokens, repeats=args.repeats)
-    project.edit_inference(TOKEN_LOOP, SLEEPY_LOOP)
-    project.edit_inference("NUM_DRAFT_TOKENS = 3 ", f"SLEEP_FRACTION = {fraction:.4f}\nNUM_DRAFT_TOKENS = 3 ")
-    base = project.commit("champion sleeps per token")
+    if sleep_fraction is not None:
+        project.edit_inference(TOKEN_LOOP, SLEEPY_LOOP)
+        project.edit_inference("NUM_DRAFT_TOKENS = 3 ", f"SLEEP_FRACTION = {sleep_fraction:.4f}\nNUM_DRAFT_TOKENS = 3 ")
+        project.commit("champion sleeps per token")
     proc, result = project.evaluate()
     if result is None or result["decision"] != "BASELINE":
         raise SystemExit(f"champion's baseline run failed:\n{proc.stdout}\n{proc.stderr}")
-    return project, base
+    return project, git(project.root, "rev-parse", "HEAD")
 
 
 def main():
@@ -97,12 +99,10 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_tiny_model(Path(tmp) / "model", "llama")
         if args.null_runs:
-            project = make_project(Path(tmp) / "null", model_dir, max_tokens=args.max_tokens, repeats=args.repeats)
-            project.evaluate()
-            base = git(project.root, "rev-parse", "HEAD")
+            project, base = champion_project(Path(tmp) / "null", model_dir, args)
             trials["null"] = [trial(project, base, "null", i) for i in range(args.null_runs)]
         if args.real_runs:
-            project, base = sleepy_champion(Path(tmp) / "real", model_dir, args.sleep_fraction, args)
+            project, base = champion_project(Path(tmp) / "real", model_dir, args, args.sleep_fraction)
             trials["real"] = [trial(project, base, "real", i) for i in range(args.real_runs)]
 
     keeps = {label: sum(r["decision"] == "KEEP" for r, _ in runs) for label, runs in trials.items()}

@@ -1,4 +1,5 @@
-"""Which speed calls the reference re-reads: a random subset the pipeline cannot predict."""
+"""The quality checks on speed outputs: which calls the reference re-reads (a random subset the
+pipeline cannot predict) and the repetition gate."""
 
 import random
 from collections import Counter
