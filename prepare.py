@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 # Subcommands that live in their own harness module: each has add_parser(sub) and run(args).
-COMMAND_MODULES = ["harness.history", "harness.profile", "harness.search", "harness.analyze"]
+COMMAND_MODULES = ["harness.log", "harness.profile", "harness.search", "harness.analyze"]
 
 
 def parse_args(argv):
@@ -46,9 +46,9 @@ def cmd_evaluate(args):
     from harness.settings import load_settings
 
     settings = load_settings()
-    report.note(f"resolving model {args.model or settings['model']} ...")
+    report.note(f"resolving model {args.model or settings.model} ...")
     ctx = evaluate.make_context(settings, quick=args.quick, model=args.model)
-    report.note(f"evaluating inference.py on {ctx.model} ({ctx.preset['name']} workload, protocol {ctx.protocol})")
+    report.note(f"evaluating inference.py on {ctx.model} ({ctx.preset.name} workload, protocol {ctx.protocol})")
     result = evaluate.evaluate(ctx, apply=args.apply)
     print(report.block(result))
     if args.json:

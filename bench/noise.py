@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from conftest import git, make_project  # noqa: E402  (the test suite's project builder)
 from harness.bench import Sample  # noqa: E402
-from harness.evaluate import paired_ratios  # noqa: E402
+from harness.verdict import paired_ratios  # noqa: E402
 from tiny_models import build_tiny_model  # noqa: E402
 
 TOKEN_LOOP = "    for token, _logprobs in steps:\n        yield token\n"

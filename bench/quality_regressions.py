@@ -110,7 +110,7 @@ def main():
     ctx = evaluate.make_context(settings, quick=not args.full, model=args.model)
     tasks = quality.selected_tasks(settings, ctx.quick)
     ok = True
-    print(f"model: {ctx.model}  preset: {ctx.preset['name']}")
+    print(f"model: {ctx.model}  preset: {ctx.preset.name}")
     print(f"{'variant':18s} {'ppl':>8s} {'kl_mean':>9s} {'kl_p99':>8s} {'top1':>6s} {'sanity':>6s} "
           f"{'cont_nll':>8s} {'ref_ent':>7s} {'repeat':>6s} {'quality_s':>9s}  verdict")
     with tempfile.TemporaryDirectory() as tmp:

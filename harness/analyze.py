@@ -1,6 +1,6 @@
 """Speed/quality analysis of results.tsv files: agent runs and search trials alike.
 
-    python prepare.py analyze FILE [FILE ...] [--target-quality Q] [--out DIR]
+    python prepare.py analyze FILE [FILE ...] [--target-quality Q] [--out DIR] [--json]
 
 For each protocol (only runs of one protocol are comparable) it computes:
   * the Pareto frontier of decode tok/s against quality score, both maximized;
@@ -9,7 +9,8 @@ For each protocol (only runs of one protocol are comparable) it computes:
   * the progress of each branch over time: its BASELINE's tok/s times the paired
     speedups of its KEEPs (see progress()).
 It writes a PNG per protocol and one markdown report to --out (default analysis/),
-and prints a `key: value` summary.
+and prints a `key: value` summary; with --json, also one JSON object as the last line
+(see analysis_json()).
 
 Which rows count (explicit, since most mistakes hide here):
   * CRASH, INVALID and REJECT rows are excluded: they measured nothing trustworthy.
@@ -21,6 +22,7 @@ Which rows count (explicit, since most mistakes hide here):
   * Every other row (BASELINE, MEASURED, KEEP, REVERT, search trials) is a point.
 """
 
+import json
 import math
 import sys
 from collections import Counter
@@ -203,114 +205,165 @@ def plot(points, frontier, targets, path, title):
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 10), gridspec_kw={"height_ratios": [3, 2]})
-    shown = [p for p in points if p["status"] != "excluded"]
-    scored = [p for p in shown if p["quality"] is not None]
-    qualities = [p["quality"] for p in scored] + [t for t in targets if scored]
-    q_low, q_high = (min(qualities), max(qualities)) if qualities else (0.0, 1.0)
-    span = max(q_high - q_low, 0.02)
-    band = q_low - 0.15 * span  # where unscored points sit, below every real score
-
-    for k, (marker, color, label) in STYLE.items():
-        mine = [p for p in shown if kind(p) == k]
-        if not mine:
-            continue
-        ok = [p for p in mine if p["status"] == "scored"]
-        failed = [p for p in mine if p["status"] == "quality_failed" and p["quality"] is not None]
-        no_score = [p for p in mine if p["quality"] is None]
-        if ok:
-            top.scatter([p["decode_tps"] for p in ok], [p["quality"] for p in ok], marker=marker,
-                        color=color, s=45, alpha=0.85, label=label, zorder=3)
-        if failed:  # grey (hollow where the marker can be): measured, but its quality gates failed
-            style = {"color": "grey"} if marker == "x" else {"facecolors": "none", "edgecolors": "grey"}
-            top.scatter([p["decode_tps"] for p in failed], [p["quality"] for p in failed], marker=marker,
-                        s=45, alpha=0.8, label=f"{label.split(' (')[0]}, quality gates failed", zorder=3,
-                        linewidths=1.2, **style)
-        if no_score:
-            top.scatter([p["decode_tps"] for p in no_score], [band] * len(no_score), marker=marker,
-                        color=color, s=30, alpha=0.5, zorder=3, label=None if ok or failed else label)
-    if frontier:
-        xs = [p["decode_tps"] for p in reversed(frontier)]  # slowest first
-        ys = [p["quality"] for p in reversed(frontier)]
-        top.step(xs, ys, where="pre", color="black", linewidth=1.6, zorder=2, label="Pareto frontier")
-        top.scatter(xs, ys, s=160, facecolors="none", edgecolors="black", linewidths=1.4, zorder=4)
-    for target in targets:
-        if scored:
-            top.axhline(target, color="grey", linestyle=":", linewidth=0.8, zorder=1)
-            top.annotate(f"quality {target:g}", (1.0, target), xycoords=("axes fraction", "data"),
-                         ha="right", va="bottom", fontsize=8, color="grey")
-    if any(p["quality"] is None for p in shown):
-        # unscored points get a band of their own, with its own tick, below every real score
-        if scored:
-            top.axhline((band + q_low) / 2, color="lightgrey", linewidth=0.8, zorder=1)
-            top.set_ylim(band - 0.1 * span, q_high + 0.1 * span)
-            ticks = [t for t in top.get_yticks() if (band + q_low) / 2 < t <= q_high + 0.1 * span]
-        else:
-            top.set_ylim(band - 0.5 * span, band + 0.5 * span)
-            ticks = []
-            top.text(0.5, 0.75, "no row has a quality score: the frontier needs quality_score",
-                     transform=top.transAxes, ha="center", fontsize=9, color="grey")
-        top.set_yticks(ticks + [band], [f"{t:g}" for t in ticks] + ["no score"])
-    top.set_xlabel("decode speed (tokens/s, median over the workload's calls)")
-    top.set_ylabel("quality score (1.0 = the float32 reference)")
-    top.set_title(title, fontsize=10)
-    top.grid(True, alpha=0.3)
-    top.legend(fontsize=8, loc="best")
-
-    lines = progress(points)
-    stamps = [p["timestamp"] for p in points if p["timestamp"]]
-    end = max(stamps) + max((max(stamps) - min(stamps)) * 0.03, timedelta(seconds=1)) if stamps else None
-    for branch, series in lines.items():
-        times = [t for t, _ in series] + [end]  # the line holds its level past the last run
-        best = [b for _, b in series] + [series[-1][1]]
-        bottom.step(times, best, where="post", linewidth=1.8,
-                    label=f"kept line, {branch}: baseline x paired speedups of KEEPs")
-    for k in ("kept", "reverted", "measured", "search"):
-        mine = [p for p in shown if kind(p) == k and p["timestamp"]]
-        if mine:
-            marker, color, label = STYLE[k]
-            bottom.scatter([p["timestamp"] for p in mine], [p["decode_tps"] for p in mine], marker=marker,
-                           color=color, s=25, alpha=0.7, label=label, zorder=3)
-    failures = [p for p in points if p["status"] == "excluded" and p["timestamp"]]
-    if failures:
-        for p in failures:
-            bottom.axvline(p["timestamp"], color="black", alpha=0.25, linewidth=0.8, linestyle="--")
-        bottom.plot([], [], color="black", alpha=0.4, linestyle="--",
-                    label=f"CRASH/INVALID/REJECT ({len(failures)})")
-    bottom.xaxis.set_major_formatter(mdates.ConciseDateFormatter(bottom.xaxis.get_major_locator()))
-    bottom.set_xlabel("time of the run (UTC)")
-    bottom.set_ylabel("decode speed (tokens/s)")
-    bottom.set_title("progress over time", fontsize=10)
-    bottom.grid(True, alpha=0.3)
-    if bottom.get_legend_handles_labels()[0]:
-        bottom.legend(fontsize=8, loc="best")
+    draw_quality_panel(top, points, frontier, targets, title)
+    draw_progress_panel(bottom, points)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _fmt(value, digits=4):
+def quality_axis(points, targets):
+    """(q_low, q_high, span, band) of the quality axis; band is where unscored points sit."""
+    scored = [p for p in points if p["status"] != "excluded" and p["quality"] is not None]
+    qualities = [p["quality"] for p in scored] + [t for t in targets if scored]
+    q_low, q_high = (min(qualities), max(qualities)) if qualities else (0.0, 1.0)
+    span = max(q_high - q_low, 0.02)
+    band = q_low - 0.15 * span  # below every real score, so an unscored point never reads as a score
+    return q_low, q_high, span, band
+
+
+def draw_quality_panel(ax, points, frontier, targets, title):
+    """Top panel: every point by kind and status, the frontier, the quality targets."""
+    shown = [p for p in points if p["status"] != "excluded"]
+    has_scores = any(p["quality"] is not None for p in shown)
+    q_low, q_high, span, band = quality_axis(points, targets)
+    for k in STYLE:
+        _scatter_kind(ax, [p for p in shown if kind(p) == k], STYLE[k], band)
+    _draw_frontier(ax, frontier)
+    if has_scores:  # with no score on the axis a target line has nothing to compare with
+        _draw_targets(ax, targets)
+    if any(p["quality"] is None for p in shown):
+        _draw_no_score_band(ax, has_scores, q_low, q_high, span, band)
+    ax.set_xlabel("decode speed (tokens/s, median over the workload's calls)")
+    ax.set_ylabel("quality score (1.0 = the float32 reference)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+
+
+def _scatter_kind(ax, mine, style, band):
+    """One kind's points: scored in colour, gate failures grey, unscored in the band."""
+    marker, color, label = style
+    ok = [p for p in mine if p["status"] == "scored"]
+    failed = [p for p in mine if p["status"] == "quality_failed" and p["quality"] is not None]
+    no_score = [p for p in mine if p["quality"] is None]
+    if ok:
+        ax.scatter([p["decode_tps"] for p in ok], [p["quality"] for p in ok], marker=marker,
+                   color=color, s=45, alpha=0.85, label=label, zorder=3)
+    if failed:  # grey (hollow where the marker can be): measured, but its quality gates failed
+        face = {"color": "grey"} if marker == "x" else {"facecolors": "none", "edgecolors": "grey"}
+        ax.scatter([p["decode_tps"] for p in failed], [p["quality"] for p in failed], marker=marker,
+                   s=45, alpha=0.8, label=f"{label.split(' (')[0]}, quality gates failed", zorder=3,
+                   linewidths=1.2, **face)
+    if no_score:  # labelled only when the kind has no other entry in the legend
+        ax.scatter([p["decode_tps"] for p in no_score], [band] * len(no_score), marker=marker,
+                   color=color, s=30, alpha=0.5, zorder=3, label=None if ok or failed else label)
+
+
+def _draw_frontier(ax, frontier):
+    """The frontier as a black step line, its points ringed."""
+    if not frontier:
+        return
+    xs = [p["decode_tps"] for p in reversed(frontier)]  # slowest first
+    ys = [p["quality"] for p in reversed(frontier)]
+    ax.step(xs, ys, where="pre", color="black", linewidth=1.6, zorder=2, label="Pareto frontier")
+    ax.scatter(xs, ys, s=160, facecolors="none", edgecolors="black", linewidths=1.4, zorder=4)
+
+
+def _draw_targets(ax, targets):
+    """Each quality target as a dotted line, labelled at the right edge."""
+    for target in targets:
+        ax.axhline(target, color="grey", linestyle=":", linewidth=0.8, zorder=1)
+        ax.annotate(f"quality {target:g}", (1.0, target), xycoords=("axes fraction", "data"),
+                    ha="right", va="bottom", fontsize=8, color="grey")
+
+
+def _draw_no_score_band(ax, has_scores, q_low, q_high, span, band):
+    """Give unscored points a band of their own, with its own tick, below every real score."""
+    if has_scores:
+        ax.axhline((band + q_low) / 2, color="lightgrey", linewidth=0.8, zorder=1)
+        ax.set_ylim(band - 0.1 * span, q_high + 0.1 * span)
+        ticks = [t for t in ax.get_yticks() if (band + q_low) / 2 < t <= q_high + 0.1 * span]
+    else:
+        ax.set_ylim(band - 0.5 * span, band + 0.5 * span)
+        ticks = []
+        ax.text(0.5, 0.75, "no row has a quality score: the frontier needs quality_score",
+                transform=ax.transAxes, ha="center", fontsize=9, color="grey")
+    ax.set_yticks(ticks + [band], [f"{t:g}" for t in ticks] + ["no score"])
+
+
+def draw_progress_panel(ax, points):
+    """Bottom panel: decode tok/s of every run over time, each branch's kept line, failures."""
+    import matplotlib.dates as mdates
+
+    _draw_kept_lines(ax, points)
+    shown = [p for p in points if p["status"] != "excluded"]
+    for k in ("kept", "reverted", "measured", "search"):
+        mine = [p for p in shown if kind(p) == k and p["timestamp"]]
+        if mine:
+            marker, color, label = STYLE[k]
+            ax.scatter([p["timestamp"] for p in mine], [p["decode_tps"] for p in mine], marker=marker,
+                       color=color, s=25, alpha=0.7, label=label, zorder=3)
+    _draw_failures(ax, points)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(ax.xaxis.get_major_locator()))
+    ax.set_xlabel("time of the run (UTC)")
+    ax.set_ylabel("decode speed (tokens/s)")
+    ax.set_title("progress over time", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="best")
+
+
+def _draw_kept_lines(ax, points):
+    """Each branch's kept line (see progress()), held level a little past the last run."""
+    stamps = [p["timestamp"] for p in points if p["timestamp"]]
+    end = max(stamps) + max((max(stamps) - min(stamps)) * 0.03, timedelta(seconds=1)) if stamps else None
+    for branch, series in progress(points).items():
+        times = [t for t, _ in series] + [end]  # the line holds its level past the last run
+        best = [b for _, b in series] + [series[-1][1]]
+        ax.step(times, best, where="post", linewidth=1.8,
+                label=f"kept line, {branch}: baseline x paired speedups of KEEPs")
+
+
+def _draw_failures(ax, points):
+    """CRASH/INVALID/REJECT runs as dashed vertical lines, with one legend entry for all."""
+    failures = [p for p in points if p["status"] == "excluded" and p["timestamp"]]
+    if not failures:
+        return
+    for p in failures:
+        ax.axvline(p["timestamp"], color="black", alpha=0.25, linewidth=0.8, linestyle="--")
+    ax.plot([], [], color="black", alpha=0.4, linestyle="--", label=f"CRASH/INVALID/REJECT ({len(failures)})")
+
+
+def _format_number(value, digits=4):
+    """A number for tables and the key: value block: 4 significant digits, '-' when missing."""
     return "-" if value is None else f"{value:.{digits}g}"
 
 
-def _q(value):
+def _format_quality(value):
     """A quality score: enough digits to tell close scores apart."""
-    return _fmt(value, 6)
+    return _format_number(value, 6)
+
+
+def _format_excluded_by(excluded_by):
+    """{decision: count} as 'CRASH 2, REJECT 1' (sorted), '' when nothing was excluded."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(excluded_by.items()))
 
 
 def markdown(groups, targets):
     """The markdown report: per protocol, the best point per target and the frontier."""
     out = ["# Speed/quality analysis", ""]
     for g in groups:
+        c = g["counts"]
         out += [f"## protocol `{g['protocol']}` ({g['model']}, {g['preset']} workload)", "",
                 f"![speed vs quality]({g['plot'].name})", "",
-                f"{g['counts']['points']} points ({g['counts']['scored']} scored, "
-                f"{g['counts']['unscored']} unscored, {g['counts']['quality_failed']} failed quality gates); "
-                f"{g['counts']['excluded']} rows excluded ({g['counts']['excluded_by'] or 'none'}).", "",
+                f"{c['points']} points ({c['scored']} scored, {c['unscored']} unscored, "
+                f"{c['quality_failed']} failed quality gates); "
+                f"{c['excluded']} rows excluded ({_format_excluded_by(c['excluded_by']) or 'none'}).", "",
                 "### Best configuration per quality target", "",
                 "| quality target | decode tok/s | quality | source | decision | configuration | row |",
                 "|---|---|---|---|---|---|---|"]
@@ -319,13 +372,13 @@ def markdown(groups, targets):
             if p is None:
                 out.append(f"| {target:g} | - | - | - | - | no row reaches this quality | - |")
             else:
-                out.append(f"| {target:g} | {_fmt(p['decode_tps'])} | {_q(p['quality'])} | {p['source']} | "
-                           f"{p['decision']} | {describe(p)} | {p['file']}:{p['line']} |")
+                out.append(f"| {target:g} | {_format_number(p['decode_tps'])} | {_format_quality(p['quality'])} | "
+                           f"{p['source']} | {p['decision']} | {describe(p)} | {p['file']}:{p['line']} |")
         out += ["", "### Pareto frontier (fastest first)", "",
                 "| decode tok/s | quality | source | decision | configuration | row |", "|---|---|---|---|---|---|"]
         for p in g["frontier"]:
-            out.append(f"| {_fmt(p['decode_tps'])} | {_q(p['quality'])} | {p['source']} | {p['decision']} | "
-                       f"{describe(p)} | {p['file']}:{p['line']} |")
+            out.append(f"| {_format_number(p['decode_tps'])} | {_format_quality(p['quality'])} | {p['source']} | "
+                       f"{p['decision']} | {describe(p)} | {p['file']}:{p['line']} |")
         if not g["frontier"]:
             out.append("| - | - | - | - | no scored row: the frontier needs quality_score | - |")
         out.append("")
@@ -335,8 +388,24 @@ def markdown(groups, targets):
 # ---------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------
+def row_counts(points):
+    """How many rows of one protocol fall in each class (see the module docstring)."""
+    statuses = Counter(p["status"] for p in points)
+    return {"rows": len(points), "agent": sum(p["source"] != "search" for p in points),
+            "search": sum(p["source"] == "search" for p in points),
+            "points": len(points) - statuses["excluded"], "scored": statuses["scored"],
+            "unscored": statuses["unscored"], "quality_failed": statuses["quality_failed"],
+            "excluded": statuses["excluded"],
+            "excluded_by": dict(Counter(p["decision"] or "no speed" for p in points
+                                        if p["status"] == "excluded"))}
+
+
 def analyze(paths, targets, out_dir):
-    """Run the whole analysis; returns the groups (one per protocol) with their numbers and files."""
+    """Run the whole analysis; returns (groups, report): one group per protocol, and the markdown's path.
+
+    A group: protocol, model, preset, points, counts, frontier, best ({target: point or None})
+    and plot (the PNG's path).
+    """
     points = load_points(paths)
     by_protocol = {}
     for p in points:
@@ -344,50 +413,70 @@ def analyze(paths, targets, out_dir):
     groups = []
     for protocol, mine in sorted(by_protocol.items(), key=lambda kv: -len(kv[1])):
         first = next((p for p in mine if p["model"]), mine[0])
-        statuses = Counter(p["status"] for p in mine)
-        excluded_by = Counter(p["decision"] or "no speed" for p in mine if p["status"] == "excluded")
-        counts = {"points": len(mine) - statuses["excluded"], "scored": statuses["scored"],
-                  "unscored": statuses["unscored"], "quality_failed": statuses["quality_failed"],
-                  "excluded": statuses["excluded"],
-                  "excluded_by": ", ".join(f"{k} {v}" for k, v in sorted(excluded_by.items())),
-                  "search": sum(p["source"] == "search" for p in mine),
-                  "agent": sum(p["source"] != "search" for p in mine)}
+        c = row_counts(mine)
         frontier = frontier_points(mine)
         path = Path(out_dir) / f"pareto-{protocol}.png"
         title = (f"{first['model']}  |  protocol {protocol}  |  {first['preset']} workload\n"
-                 f"{counts['agent']} agent runs, {counts['search']} search trials, "
-                 f"{counts['excluded']} excluded")
+                 f"{c['agent']} agent runs, {c['search']} search trials, {c['excluded']} excluded")
         plot(mine, frontier, targets, path, title)
         groups.append({"protocol": protocol, "model": first["model"], "preset": first["preset"],
-                       "points": mine, "counts": counts, "frontier": frontier,
+                       "points": mine, "counts": c, "frontier": frontier,
                        "best": best_at_targets(mine, targets), "plot": path})
     report = Path(out_dir) / "analysis.md"
     report.write_text(markdown(groups, targets))
     return groups, report
 
 
-def summary(groups, report, paths, targets):
-    """The printed `key: value` summary."""
+def _point_text(p):
+    """A frontier or best point on one line of the key: value block."""
+    return (f"decode_tps={_format_number(p['decode_tps'])} quality={_format_quality(p['quality'])} "
+            f"source={p['source']} row={p['file']}:{p['line']}")
+
+
+def analysis_block(groups, report, paths, targets):
+    """The printed `key: value` block of `analyze`."""
     lines = ["---", f"files: {' '.join(str(p) for p in paths)}", f"protocols: {len(groups)}"]
     for g in groups:
         c = g["counts"]
         lines += [f"protocol: {g['protocol']}", f"model: {g['model']}", f"preset: {g['preset']}",
-                  f"rows: {c['points'] + c['excluded']} (agent {c['agent']}, search {c['search']})",
+                  f"rows: {c['rows']} (agent {c['agent']}, search {c['search']})",
                   f"points: {c['points']} (scored {c['scored']}, unscored {c['unscored']}, "
                   f"quality_failed {c['quality_failed']})",
-                  f"excluded: {c['excluded']}" + (f" ({c['excluded_by']})" if c["excluded"] else ""),
+                  f"excluded: {c['excluded']}" + (f" ({_format_excluded_by(c['excluded_by'])})"
+                                                  if c["excluded"] else ""),
                   f"frontier: {len(g['frontier'])}"]
         for i, p in enumerate(g["frontier"]):
-            lines.append(f"frontier_{i}: decode_tps={_fmt(p['decode_tps'])} quality={_q(p['quality'])} "
-                         f"source={p['source']} row={p['file']}:{p['line']}")
+            lines.append(f"frontier_{i}: {_point_text(p)}")
         for target in targets:
             p = g["best"][target]
-            lines.append(f"best_at_{target:g}: " + ("none" if p is None else
-                         f"decode_tps={_fmt(p['decode_tps'])} quality={_q(p['quality'])} "
-                         f"source={p['source']} row={p['file']}:{p['line']}"))
+            lines.append(f"best_at_{target:g}: " + ("none" if p is None else _point_text(p)))
         lines.append(f"plot: {g['plot']}")
     lines.append(f"table: {report}")
     return "\n".join(lines)
+
+
+def point_json(p):
+    """A point for --json: where its row is, and that row's values (results.tsv's column names)."""
+    return {"file": p["file"], "line": p["line"],
+            "timestamp": p["timestamp"].isoformat() if p["timestamp"] else None,
+            "source": p["source"], "decision": p["decision"], "reason": p["reason"], "branch": p["branch"],
+            "commit": p["commit"], "subject": p["subject"], "decode_tps": p["decode_tps"],
+            "quality_score": p["quality"], "quality_pass": p["quality_pass"], "speedup": p["speedup"],
+            "config": p["config"] or None}
+
+
+def analysis_json(groups, report, paths, targets):
+    """The --json object: what analysis_block says, with whole rows instead of one-line summaries."""
+    protocols = []
+    for g in groups:
+        protocols.append({
+            "protocol": g["protocol"], "model": g["model"], "preset": g["preset"], "counts": g["counts"],
+            "frontier": [point_json(p) for p in g["frontier"]],
+            # JSON keys are strings: the target as the key: value block writes it (best_at_0.9)
+            "best": {f"{t:g}": None if g["best"][t] is None else point_json(g["best"][t]) for t in targets},
+            "plot": str(g["plot"])})
+    return {"files": [str(p) for p in paths], "targets": list(targets), "protocols": protocols,
+            "table": str(report)}
 
 
 def add_parser(sub):
@@ -398,6 +487,8 @@ def add_parser(sub):
                    help=f"also report the fastest configuration with quality >= Q "
                         f"(always: {', '.join(f'{t:g}' for t in DEFAULT_TARGETS)}); may repeat")
     p.add_argument("--out", default=None, help="folder for the PNG and the markdown (default: analysis/)")
+    p.add_argument("--json", action="store_true",
+                   help="also print the analysis as one JSON object, the last line of stdout")
     p.set_defaults(func=run)
 
 
@@ -410,5 +501,7 @@ def run(args):
     except AnalyzeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(summary(groups, report, args.files, targets))
+    print(analysis_block(groups, report, args.files, targets))
+    if args.json:
+        print(json.dumps(analysis_json(groups, report, args.files, targets), separators=(",", ":")))
     return 0

@@ -66,33 +66,33 @@ def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress
     Args:
         workers: {name: Worker}; with two, calls alternate A B, B A, ... so drift
             and order effects fall on both alike.
-        preset: the workload preset (settings.preset()).
+        preset: the workload preset (a settings.Preset).
         progress: optional callable(done, total, label) for a progress bar.
 
     Returns:
         A list of Samples (warm-up calls are not included).
     """
     names = list(workers)
-    specs = preset["prompts"]
-    total = len(specs) * len(names) * (preset["warmup"] + preset["repeats"])
+    specs = preset.prompts
+    total = len(specs) * len(names) * (preset.warmup + preset.repeats)
     done = 0
 
     def call(name, spec, repeat):
         nonlocal done
         prompt = build_prompt(tokenizer, spec, corpus_text)
-        sample = time_call(workers[name], name, prompt, max_tokens=preset["max_tokens"],
+        sample = time_call(workers[name], name, prompt, max_tokens=preset.max_tokens,
                            timeout_s=timeout_s, repeat=repeat)
         done += 1
         if progress:
-            progress(done, total, f"{name} {spec['name']}")
+            progress(done, total, f"{name} {spec.name}")
         return sample
 
-    for _ in range(preset["warmup"]):
+    for _ in range(preset.warmup):
         for spec in specs:
             for name in names:
                 call(name, spec, -1)
     samples = []
-    for repeat in range(preset["repeats"]):
+    for repeat in range(preset.repeats):
         for i, spec in enumerate(specs):
             order = names if (repeat + i) % 2 == 0 else names[::-1]
             for name in order:
@@ -100,7 +100,7 @@ def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress
     return samples
 
 
-def summarize(samples):
+def speed_figures(samples):
     """Medians with 95% bootstrap intervals for one worker's samples."""
     decode = stats.median_ci([s.decode_tps for s in samples])
     prefill_samples = [s for s in samples if s.kind == "prefill"] or samples

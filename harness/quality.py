@@ -41,47 +41,10 @@ TASK_SEED = 1234  # seeds MLX's generator before each task answer, so sampling r
 # ---------------------------------------------------------------------------
 # Settings
 # ---------------------------------------------------------------------------
-def check_settings(settings):
-    """Validate the `quality:` section of harness.yaml (raises SettingsError)."""
-    err = settings_mod.SettingsError
-    q = settings.get("quality")
-    if not isinstance(q, dict):
-        raise err("harness.yaml: missing key 'quality'")
-    for key, least, wording in (("corpus_tokens", 2, "an integer of at least 2"),
-                                ("verify_calls", 1, "a positive integer")):
-        counts = q.get(key)
-        for preset in ("full", "quick"):
-            n = counts.get(preset) if isinstance(counts, dict) else None
-            if isinstance(n, bool) or not isinstance(n, int) or n < least:
-                raise err(f"harness.yaml: 'quality.{key}.{preset}' must be {wording}")
-    n = q.get("verify_context_tokens")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise err("harness.yaml: 'quality.verify_context_tokens' must be a positive integer")
-    caps = q.get("max_tokens")
-    if not isinstance(caps, dict) or not all(isinstance(v, int) and v > 0 for v in caps.values()):
-        raise err("harness.yaml: 'quality.max_tokens' must map task kinds to positive integers")
-    known = {t.id: t for t in load_tasks()}
-    for preset in ("full", "quick"):
-        ids = (q.get("tasks") or {}).get(preset)
-        if not isinstance(ids, list) or not ids:
-            raise err(f"harness.yaml: 'quality.tasks.{preset}' must be a non-empty list of task ids")
-        for task_id in ids:
-            if task_id not in known:
-                raise err(f"harness.yaml: 'quality.tasks.{preset}' names unknown task '{task_id}'")
-            if known[task_id].kind not in caps:
-                raise err(f"harness.yaml: 'quality.max_tokens' has no cap for kind '{known[task_id].kind}'")
-    gates = q.get("gates")
-    for key in ("perplexity_increase_pct", "kl_mean_max", "kl_p99_max", "top1_agreement_min",
-                "sanity_tolerance", "sanity_floor", "continuation_nll_margin", "repetition_max"):
-        if not isinstance(gates, dict) or isinstance(gates.get(key), bool) \
-                or not isinstance(gates.get(key), (int, float)):
-            raise err(f"harness.yaml: 'quality.gates.{key}' must be a number")
-
-
 def selected_tasks(settings, quick):
     """The locked tasks this preset answers, in order."""
     by_id = {t.id: t for t in load_tasks()}
-    return [by_id[i] for i in settings["quality"]["tasks"]["quick" if quick else "full"]]
+    return [by_id[i] for i in settings.quality.tasks["quick" if quick else "full"]]
 
 
 # ---------------------------------------------------------------------------
@@ -105,11 +68,12 @@ def corpus_tokens(tokenizer, corpus_text, n):
 
 
 def reference_key(ctx, tasks):
-    q = ctx.settings["quality"]  # only what the reference's figures depend on, not the gates
+    """The cache key of the reference: only what its figures depend on, not the gates."""
+    q = ctx.settings.quality
     return settings_mod.digest({
         "model": model_identity(ctx.model_dir), "corpus": ctx.corpus_sha256,
         "tasks": [(t.id, t.prompt, t.kind) for t in tasks],
-        "corpus_tokens": max(q["corpus_tokens"].values()), "max_tokens": q["max_tokens"],
+        "corpus_tokens": max(q.corpus_tokens.full, q.corpus_tokens.quick), "max_tokens": dict(q.max_tokens),
         "reference": hashlib.sha256(REFERENCE_PIPELINE.read_bytes()).hexdigest()[:12],
     })
 
@@ -127,16 +91,16 @@ def load_reference(ctx, tasks, log_dir):
 
 
 def _build_reference(ctx, tasks, folder, log_dir):
-    q = ctx.settings["quality"]
-    timeout = ctx.settings["timeouts"]["call_s"]
+    q = ctx.settings.quality
+    timeout = ctx.settings.timeouts.call_s
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     worker = Worker(REFERENCE_PIPELINE, Path(log_dir) / "reference.log")
     try:
-        worker.load(ctx.model_dir, timeout_s=ctx.settings["timeouts"]["load_s"])
+        worker.load(ctx.model_dir, timeout_s=ctx.settings.timeouts.load_s)
         # Score as many tokens as the largest preset needs; smaller ones use a prefix.
-        tokens = corpus_tokens(ctx.tokenizer, ctx.corpus_text, max(q["corpus_tokens"].values()))
+        tokens = corpus_tokens(ctx.tokenizer, ctx.corpus_text, max(q.corpus_tokens.full, q.corpus_tokens.quick))
         nll, rows_kept = [], []
         for rows, start in _rows_with_offsets(worker.score(tokens, timeout_s=timeout)):
             nll.extend(_token_nll(rows, tokens, start))
@@ -175,12 +139,12 @@ def _token_nll(rows, tokens, start):
 # ---------------------------------------------------------------------------
 def answer_tasks(worker, ctx, tasks, *, progress=None):
     """Have `worker` answer each task (EOS honoured, capped) and check every answer."""
-    caps = ctx.settings["quality"]["max_tokens"]
+    caps = ctx.settings.quality.max_tokens
     eos = set(getattr(ctx.tokenizer, "eos_token_ids", None) or [ctx.tokenizer.eos_token_id])
     results = []
     for i, task in enumerate(tasks):
         out = worker.generate(chat_tokens(ctx.tokenizer, task.prompt), max_tokens=caps[task.kind],
-                              stop_at_eos=True, timeout_s=ctx.settings["timeouts"]["call_s"],
+                              stop_at_eos=True, timeout_s=ctx.settings.timeouts.call_s,
                               seed=TASK_SEED)
         answer = out["tokens"][:caps[task.kind]]  # a pipeline that overruns the cap gains nothing
         text = ctx.tokenizer.decode([t for t in answer if t not in eos])
@@ -197,16 +161,16 @@ def score_corpus(worker, ctx, reference):
 
     Also returns the reference's perplexity on the same tokens.
     """
-    n = ctx.settings["quality"]["corpus_tokens"][ctx.preset["name"]]
+    n = ctx.settings.quality.corpus_tokens[ctx.preset.name]
     tokens = corpus_tokens(ctx.tokenizer, ctx.corpus_text, n)
     ref_rows = reference["kl_logprobs"]
     nll, kl, top1 = [], [], []
-    for rows, start in _rows_with_offsets(worker.score(tokens, timeout_s=ctx.settings["timeouts"]["call_s"])):
-        rows = _normalize(rows)
+    for rows, start in _rows_with_offsets(worker.score(tokens, timeout_s=ctx.settings.timeouts.call_s)):
+        rows = _log_softmax(rows)
         nll.extend(_token_nll(rows, tokens, start))
         keep = max(0, min(rows.shape[0], ref_rows.shape[0] - start))
         if keep:
-            ref = _normalize(np.asarray(ref_rows[start:start + keep], dtype=np.float32))
+            ref = _log_softmax(np.asarray(ref_rows[start:start + keep], dtype=np.float32))
             mine = rows[:keep]
             p = np.exp(ref)
             with np.errstate(invalid="ignore", over="ignore"):
@@ -224,7 +188,7 @@ def score_corpus(worker, ctx, reference):
             "top1_agreement": float(np.mean(top1)), "scored_tokens": len(tokens)}
 
 
-def _normalize(rows):
+def _log_softmax(rows):
     """Renormalize log-probabilities (the pipeline's output is not trusted to sum to 1)."""
     rows = np.asarray(rows, dtype=np.float32)
     with np.errstate(invalid="ignore", over="ignore"):
@@ -258,17 +222,17 @@ def verify_continuations(ctx, samples, log_dir):
     reference's predictions at the same positions (the NLL its own temperature-1
     sampling would score there), and which calls were checked.
     """
-    q = ctx.settings["quality"]
-    k = q["verify_context_tokens"]
-    chosen = pick_calls_to_verify(samples, q["verify_calls"][ctx.preset["name"]])
+    q = ctx.settings.quality
+    k = q.verify_context_tokens
+    chosen = pick_calls_to_verify(samples, q.verify_calls[ctx.preset.name])
     worker = Worker(REFERENCE_PIPELINE, Path(log_dir) / "reference.log")
     nll, entropy = [], []
     try:
-        worker.load(ctx.model_dir, timeout_s=ctx.settings["timeouts"]["load_s"])
+        worker.load(ctx.model_dir, timeout_s=ctx.settings.timeouts.load_s)
         for s in chosen:
             context = list(s.prompt_ids)[-k:]
             out = worker.token_stats(context + list(s.tokens), len(context),
-                                     timeout_s=ctx.settings["timeouts"]["call_s"])
+                                     timeout_s=ctx.settings.timeouts.call_s)
             nll.extend(out["nll"])
             entropy.extend(out["entropy"])
     finally:
@@ -294,18 +258,18 @@ def _gate(name, value, op, threshold):
 
 def gates(settings, measured, reference):
     """Every gate with its figure, threshold and verdict, from harness.yaml's thresholds."""
-    g = settings["quality"]["gates"]
+    g = settings.quality.gates
     return [
         _gate("perplexity", measured["perplexity"], "<=",
-              measured["reference_perplexity"] * (1 + g["perplexity_increase_pct"] / 100)),
-        _gate("kl_mean", measured["kl_mean"], "<=", g["kl_mean_max"]),
-        _gate("kl_p99", measured["kl_p99"], "<=", g["kl_p99_max"]),
-        _gate("top1_agreement", measured["top1_agreement"], ">=", g["top1_agreement_min"]),
+              measured["reference_perplexity"] * (1 + g.perplexity_increase_pct / 100)),
+        _gate("kl_mean", measured["kl_mean"], "<=", g.kl_mean_max),
+        _gate("kl_p99", measured["kl_p99"], "<=", g.kl_p99_max),
+        _gate("top1_agreement", measured["top1_agreement"], ">=", g.top1_agreement_min),
         _gate("sanity", measured["sanity"], ">=",
-              max(reference["sanity"] - g["sanity_tolerance"], g["sanity_floor"])),
+              max(reference["sanity"] - g.sanity_tolerance, g.sanity_floor)),
         _gate("continuation_nll", measured["continuation_nll"], "<=",
-              measured["reference_entropy"] + g["continuation_nll_margin"]),
-        _gate("repetition", measured["repetition"], "<=", g["repetition_max"]),
+              measured["reference_entropy"] + g.continuation_nll_margin),
+        _gate("repetition", measured["repetition"], "<=", g.repetition_max),
     ]
 
 

@@ -38,14 +38,14 @@ def document(tokenizer, corpus_text, n_tokens):
 
 
 def build_prompt(tokenizer, spec, corpus_text):
-    """Render one prompt of the workload with a fresh random nonce.
+    """Render one prompt of the workload (a settings.PromptSpec) with a fresh random nonce.
 
     The nonce comes first, so no call can reuse another call's prompt (or a cached
     prefix of it beyond the chat template's fixed header).
     """
     nonce = secrets.token_hex(4)
-    text = spec["text"]
-    if spec["kind"] == "prefill":
-        text = text.replace("{document}", document(tokenizer, corpus_text, spec["document_tokens"]))
+    text = spec.text
+    if spec.kind == "prefill":
+        text = text.replace("{document}", document(tokenizer, corpus_text, spec.document_tokens))
     text = f"[request {nonce}] {text}"
-    return Prompt(spec["name"], spec["kind"], nonce, chat_tokens(tokenizer, text))
+    return Prompt(spec.name, spec.kind, nonce, chat_tokens(tokenizer, text))

@@ -78,6 +78,7 @@ def test_analyze_frontier_targets_plot_and_report(tmp_path):
     assert block["best_at_0.95"].startswith("decode_tps=130 ")
     assert block["best_at_0.99"].startswith("decode_tps=120 ")
     assert block["best_at_0.995"].startswith("decode_tps=100 ")
+    assert proc.stdout.splitlines()[-1].startswith("table: ")  # no JSON line without --json
 
     png = out / "pareto-proto1.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
@@ -91,6 +92,55 @@ def test_analyze_frontier_targets_plot_and_report(tmp_path):
     # progress: the baseline's tok/s, times the KEEP's paired speedup (not its absolute tok/s)
     line = analyze.progress(analyze.load_points([path]))["main"]
     assert [level for _, level in line] == [100.0, 125.0]
+
+
+def test_analyze_json_is_the_last_line_and_agrees_with_the_files(tmp_path):
+    _write_ledger(tmp_path / "results.tsv")
+    out = tmp_path / "out"
+    proc = _run("results.tsv", "--target-quality", "0.995", "--out", str(out), "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    *text, last = proc.stdout.strip().splitlines()
+    data = json.loads(last)
+    assert isinstance(data, dict)
+    assert not any(line.startswith("{") for line in text)  # one JSON object, and it is the last line
+    block = dict(line.split(": ", 1) for line in text if ": " in line)  # the key: value block still comes first
+    assert block["frontier"] == "4"
+
+    assert data["files"] == ["results.tsv"] and data["targets"] == [0.9, 0.95, 0.99, 0.995]
+    assert len(data["protocols"]) == 1
+    group = data["protocols"][0]
+    assert (group["protocol"], group["model"], group["preset"]) == ("proto1", "tiny", "quick")
+    assert group["counts"]["points"] == 9 and group["counts"]["excluded_by"] == {"CRASH": 2}
+
+    # the files it names are the ones written
+    png, table = Path(group["plot"]), Path(data["table"])
+    assert (png, table) == (out / "pareto-proto1.png", out / "analysis.md")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and block["plot"] == group["plot"]
+    report = table.read_text()
+
+    # frontier: the same rows, in the same order (fastest first), as the block and the markdown
+    frontier = group["frontier"]
+    assert {row["line"] for row in frontier} == FRONTIER_LINES
+    assert [row["decode_tps"] for row in frontier] == [140.0, 130.0, 120.0, 100.0]
+    frontier_table = report.split("### Pareto frontier")[1]
+    for i, row in enumerate(frontier):
+        assert block[f"frontier_{i}"].endswith(f"row=results.tsv:{row['line']}")
+        assert f"| {row['decode_tps']:g} | {row['quality_score']:g} | {row['source']} | {row['decision']} |" \
+            in frontier_table
+    rows_in_table = [line.rsplit("results.tsv:", 1)[1].split(" ")[0] for line in frontier_table.splitlines()
+                     if "results.tsv:" in line]
+    assert rows_in_table == [str(row["line"]) for row in frontier]
+    assert frontier[0]["config"] == json.dumps({"KV_BITS": 4}) and frontier[0]["quality_pass"] is True
+
+    # best per target: keyed as the block writes the target, each the same row as the block and the markdown
+    assert set(group["best"]) == {"0.9", "0.95", "0.99", "0.995"}
+    for target, row in group["best"].items():
+        assert block[f"best_at_{target}"].endswith(f"row=results.tsv:{row['line']}")
+        assert f"| {target} | {row['decode_tps']:g} | {row['quality_score']:g} | {row['source']} | " \
+               f"{row['decision']} |" in report
+        assert f"results.tsv:{row['line']} |" in next(line for line in report.splitlines()
+                                                      if line.startswith(f"| {target} |"))
+    assert [group["best"][t]["decode_tps"] for t in ("0.9", "0.95", "0.99", "0.995")] == [140, 130, 120, 100]
 
 
 def test_analyze_in_process_matches_the_rules():

@@ -10,7 +10,7 @@ import time
 from conftest import git
 from harness import ledger
 from harness.bench import Sample
-from harness.evaluate import paired_ratios
+from harness.verdict import paired_ratios
 
 
 def _rows(project):

@@ -4,7 +4,7 @@ import json
 
 from conftest import git, make_project
 
-from harness import history, ledger
+from harness import ledger, log
 
 PROTOCOL = "p1"
 
@@ -61,29 +61,29 @@ def test_champion_row_rules():
             dict(_row("eeeeeee", "KEEP"), line=6), dict(_row("fffffff", "MEASURED"), line=7)]
     for row in rows:  # as harness.ledger.read gives them: text cells
         row["dirty"] = "true" if row["dirty"] else "false"
-    assert history.champion_row(rows, ["fffffff", "ddddddd", "ccccccc", "bbbbbbb", "aaaaaaa"])["line"] == 3
-    assert history.champion_row(rows, ["aaaaaaa"])["line"] == 2
-    assert history.champion_row(rows, ["eeeeeee", "aaaaaaa"])["line"] == 6
-    assert history.champion_row(rows, ["eeeeeee"], protocol="other") is None
-    assert history.champion_row(rows, ["bbbbbbb"], branch="side") is None
-    assert history.champion_row([], ["aaaaaaa"]) is None
+    assert ledger.champion_row(rows, ["fffffff", "ddddddd", "ccccccc", "bbbbbbb", "aaaaaaa"])["line"] == 3
+    assert ledger.champion_row(rows, ["aaaaaaa"])["line"] == 2
+    assert ledger.champion_row(rows, ["eeeeeee", "aaaaaaa"])["line"] == 6
+    assert ledger.champion_row(rows, ["eeeeeee"], protocol="other") is None
+    assert ledger.champion_row(rows, ["bbbbbbb"], branch="side") is None
+    assert ledger.champion_row([], ["aaaaaaa"]) is None
 
 
 def test_format_speedup():
-    assert history.format_speedup("1.041", "1.02", "1.063") == "+4.1 % [+2.0, +6.3]"
-    assert history.format_speedup("0.95", "0.93", "0.97") == "-5.0 % [-7.0, -3.0]"
-    assert history.format_speedup("1.0", "", "") == "+0.0 %"
-    assert history.format_speedup("") == "-"
+    assert log.format_speedup("1.041", "1.02", "1.063") == "+4.1 % [+2.0, +6.3]"
+    assert log.format_speedup("0.95", "0.93", "0.97") == "-5.0 % [-7.0, -3.0]"
+    assert log.format_speedup("1.0", "", "") == "+0.0 %"
+    assert log.format_speedup("") == "-"
 
 
 def test_history_marks_champion_and_hides_other_branches(tmp_path):
     root, commits = _repo(tmp_path)
     _ledger(root, commits)
-    data = history.history(root)
+    data = log.history(root)
     shown = [(r["commit"], r["decision"]) for r in data["rows"]]
     assert (commits["side"], "KEEP") not in shown and data["hidden"] == 1
     assert data["champion"]["commit"] == commits["keep1"]
-    text = history.format_table(data)
+    text = log.format_table(data)
     lines = text.splitlines()
     champion_line = next(line for line in lines if commits["keep1"] in line and "argmax" in line)
     assert champion_line.startswith("*")
@@ -96,16 +96,16 @@ def test_history_marks_champion_and_hides_other_branches(tmp_path):
     assert sum(line.startswith("*") for line in lines) == 2  # the row and the footer
     assert "--all" in text and "side idea" not in text
 
-    everything = history.history(root, show_all=True)
+    everything = log.history(root, show_all=True)
     assert everything["hidden"] == 0 and len(everything["rows"]) == 5
-    text = history.format_table(everything)
+    text = log.format_table(everything)
     side_line = next(line for line in text.splitlines() if "side idea" in line)
     assert side_line.startswith("x")
     assert everything["champion"]["commit"] == commits["keep1"]  # --all never moves the champion
 
     # on the side branch, its own KEEP is the champion and main's runs are hidden
     git(root, "checkout", "-q", "side")
-    side = history.history(root)
+    side = log.history(root)
     assert side["champion"]["commit"] == commits["side"]
     assert {r["commit"] for r in side["rows"]} == {commits["base"], commits["side"]}
 
@@ -116,9 +116,9 @@ def test_newest_protocol_decides_the_champion(tmp_path):
     ledger.append(path, _row(commits["base"], "BASELINE", protocol="old"))
     ledger.append(path, _row(commits["keep1"], "KEEP", protocol="old"))
     ledger.append(path, _row(commits["revert1"], "BASELINE", protocol="new"))
-    data = history.history(root)
+    data = log.history(root)
     assert data["protocol"] == "new" and data["champion"]["commit"] == commits["revert1"]
-    text = history.format_table(data)
+    text = log.format_table(data)
     assert "-- protocol old" in text and "-- protocol new" in text
 
 
@@ -134,13 +134,13 @@ def test_malformed_line_is_reported_and_the_rest_shown(tmp_path, capsys):
         json = False
 
     Args.root = root
-    assert history.run(Args) == 0
+    assert log.run(Args) == 0
     out, err = capsys.readouterr()
     assert "results.tsv line 4 has 3 fields" in err
     assert "argmax sampling" in out and "8-bit KV cache" in out and out.count("\n") >= 4
 
     Args.json = True
-    assert history.run(Args) == 0
+    assert log.run(Args) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["champion"] == commits["keep1"] and len(data["rows"]) == 4
     assert data["problems"] and "line 4" in data["problems"][0]
@@ -154,7 +154,7 @@ def test_no_ledger_yet(tmp_path, capsys):
         json = False
 
     Args.root = root
-    assert history.run(Args) == 0
+    assert log.run(Args) == 0
     assert "no results.tsv yet" in capsys.readouterr().err
 
 

@@ -14,35 +14,8 @@ from pathlib import Path
 from harness import gitops, ledger
 from harness.settings import ROOT
 
-CHAMPION_DECISIONS = ("BASELINE", "KEEP")
 SUBJECT_WIDTH = 34
 REASON_WIDTH = 90
-
-
-def champion_row(rows, ancestry, protocol=None, branch=None):
-    """The row the next run is compared with, or None.
-
-    The newest row (by file order) whose decision is BASELINE or KEEP, that was not run on
-    a dirty inference.py, whose commit is in `ancestry` (short hashes of HEAD and its
-    ancestors), and whose protocol (and branch) match when given.
-    """
-    history = set(ancestry)
-    for row in reversed(rows):
-        if (row.get("decision") in CHAMPION_DECISIONS and row.get("dirty") != "true"
-                and row.get("commit") in history
-                and (protocol is None or row.get("protocol") == protocol)
-                and (branch is None or row.get("branch") == branch)):
-            return row
-    return None
-
-
-def newest_protocol(rows, ancestry):
-    """The protocol of the newest row on this branch's history (None when there is none)."""
-    history = set(ancestry)
-    for row in reversed(rows):
-        if row.get("commit") in history and row.get("protocol"):
-            return row["protocol"]
-    return None
 
 
 def _number(text):
@@ -74,6 +47,7 @@ def _tps(row):
 
 
 def _cut(text, width):
+    text = text.replace("\t", " ")  # a tab in a subject (csv carries it) would break the columns
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
@@ -87,9 +61,9 @@ def history(root, *, show_all=False):
     rows, problems = ledger.read(root / "results.tsv")
     ancestry = gitops.ancestry(root)
     history_set = set(ancestry)
-    protocol = newest_protocol(rows, ancestry)
+    protocol = ledger.newest_protocol(rows, ancestry)
     branch = gitops.state(root)["branch"]
-    champion = champion_row(rows, ancestry, protocol=protocol, branch=branch)
+    champion = ledger.champion_row(rows, ancestry, protocol=protocol, branch=branch)
     shown = []
     for row in rows:
         in_history = row["commit"] in history_set

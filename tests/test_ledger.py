@@ -1,0 +1,144 @@
+"""harness.ledger: results.tsv written as csv, read back exactly, old unquoted files included."""
+
+import csv
+
+import pandas
+import pytest
+
+from harness import ledger
+from harness.ledger import Decision
+
+# Subjects that a plain tab split, or a careless csv reader, would get wrong.
+AWKWARD_SUBJECTS = [
+    '"quoted" start\tand a tab',
+    'say ""hi"" to the cache"',
+    '"',
+    '\t',
+    "plain words",
+]
+
+
+def _row(subject, decision="KEEP", **extra):
+    return dict({"timestamp": "2026-01-01T00:00:00+00:00", "commit": "abc1234", "branch": "main",
+                 "subject": subject, "decision": decision, "reason": "because", "decode_tps": 101.5,
+                 "dirty": False}, **extra)
+
+
+def _write_awkward(path):
+    for subject in AWKWARD_SUBJECTS:
+        ledger.append(path, _row(subject))
+
+
+def test_awkward_subjects_round_trip_through_read(tmp_path):
+    path = tmp_path / "results.tsv"
+    _write_awkward(path)
+    rows, problems = ledger.read(path)
+    assert problems == []
+    assert [r["subject"] for r in rows] == AWKWARD_SUBJECTS
+    assert [r["line"] for r in rows] == list(range(2, 2 + len(AWKWARD_SUBJECTS)))
+    assert rows[0]["decode_tps"] == "101.5" and rows[0]["dirty"] == "false" and rows[0]["config"] == ""
+    # one physical line per row
+    assert len(path.read_text().splitlines()) == 1 + len(AWKWARD_SUBJECTS)
+
+
+def test_awkward_subjects_round_trip_through_csv_dictreader(tmp_path):
+    path = tmp_path / "results.tsv"
+    _write_awkward(path)
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert [r["subject"] for r in rows] == AWKWARD_SUBJECTS
+    assert all(list(r) == ledger.COLUMNS for r in rows)
+    # the form the brief names, without newline="", reads the same
+    with open(path) as f:
+        assert [r["subject"] for r in csv.DictReader(f, delimiter="\t")] == AWKWARD_SUBJECTS
+
+
+def test_awkward_subjects_round_trip_through_pandas(tmp_path):
+    path = tmp_path / "results.tsv"
+    _write_awkward(path)
+    frame = pandas.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    assert list(frame.columns) == ledger.COLUMNS
+    assert list(frame["subject"]) == AWKWARD_SUBJECTS
+    assert list(frame["decision"]) == ["KEEP"] * len(AWKWARD_SUBJECTS)
+
+
+def test_newlines_become_spaces_tabs_stay():
+    line = ledger.format_row(_row("two\nlines\r\nand\ta tab"))
+    assert line.endswith("\n") and line.count("\n") == 1 and "\r" not in line
+    assert ledger.parse_line(line[:-1])[ledger.COLUMNS.index("subject")] == "two lines  and\ta tab"
+
+
+def test_legacy_unquoted_file_reads_exactly(tmp_path):
+    """A file from before quoting: cells split on tabs, quotes written as they were."""
+    subjects = ['"quoted" start', 'say "hi"', '"a"', '""', 'ends with a quote"', "plain"]
+    path = tmp_path / "results.tsv"
+    lines = [ledger.HEADER]
+    for subject in subjects:
+        cells = {c: "" for c in ledger.COLUMNS}
+        cells.update(commit="abc1234", branch="main", subject=subject, decision="REVERT",
+                     reason='"slower": 0.9x', changes='+1 line "x"')
+        lines.append("\t".join(cells[c] for c in ledger.COLUMNS) + "\n")
+    path.write_text("".join(lines))
+    rows, problems = ledger.read(path)
+    assert problems == []
+    assert [r["subject"] for r in rows] == subjects
+    assert all(r["reason"] == '"slower": 0.9x' and r["changes"] == '+1 line "x"' for r in rows)
+
+    # the harness goes on appending quoted rows to the old file; both kinds read back
+    ledger.append(path, _row('"new" row\twith a tab'))
+    rows, problems = ledger.read(path)
+    assert problems == [] and [r["subject"] for r in rows] == subjects + ['"new" row\twith a tab']
+
+
+def test_missing_final_newline_never_glues_rows(tmp_path):
+    path = tmp_path / "results.tsv"
+    ledger.append(path, _row("first"))
+    path.write_text(path.read_text().rstrip("\n"))  # a hand edit lost the last newline
+    ledger.append(path, _row("second"))
+    rows, problems = ledger.read(path)
+    assert problems == [] and [r["subject"] for r in rows] == ["first", "second"]
+
+
+def test_damaged_line_is_reported_by_number_and_skipped(tmp_path):
+    path = tmp_path / "results.tsv"
+    ledger.append(path, _row("first"))
+    with open(path, "a") as f:
+        f.write('"an unclosed quote\tand\tthree\n')  # line 3; must not swallow line 4
+    ledger.append(path, _row("after"))
+    rows, problems = ledger.read(path)
+    assert [r["subject"] for r in rows] == ["first", "after"] and rows[1]["line"] == 4
+    assert len(problems) == 1 and "results.tsv line 3 has 3 fields" in problems[0]
+
+
+def test_other_header_is_refused(tmp_path):
+    path = tmp_path / "results.tsv"
+    path.write_text("timestamp\tcommit\n")
+    with pytest.raises(ledger.LedgerError, match="different header"):
+        ledger.append(path, _row("x"))
+    rows, problems = ledger.read(path)
+    assert rows == [] and "line 1" in problems[0]
+    with pytest.raises(ValueError, match="unknown results.tsv columns"):
+        ledger.format_row({"nope": 1})
+
+
+def test_decision_vocabulary_is_plain_text(tmp_path):
+    assert Decision.KEEP == "KEEP" and f"{Decision.CRASH}" == "CRASH"
+    assert ledger.CHAMPION_DECISIONS == {"BASELINE", "KEEP"}
+    assert ledger.FAILED == {"CRASH", "INVALID", "REJECT"}
+    assert ledger.RESETTABLE == {"REVERT", "CRASH", "INVALID", "REJECT"}
+    path = tmp_path / "results.tsv"
+    ledger.append(path, _row("x", decision=Decision.REVERT))
+    rows, _ = ledger.read(path)
+    assert type(rows[0]["decision"]) is str and rows[0]["decision"] in ledger.RESETTABLE
+
+
+def test_branch_baseline():
+    rows = [dict(commit="a", branch="main", decision="BASELINE", line=2),
+            dict(commit="b", branch="side", decision="BASELINE", line=3),
+            dict(commit="c", branch="main", decision="KEEP", line=4),
+            dict(commit="d", branch="main", decision="BASELINE", line=5)]
+    assert ledger.branch_baseline(rows, ["c", "a"], "main")["line"] == 2
+    assert ledger.branch_baseline(rows, ["d", "c", "a"], "main")["line"] == 5
+    assert ledger.branch_baseline(rows, ["b", "a"], "side")["line"] == 3
+    assert ledger.branch_baseline(rows, ["c"], "main") is None
+    assert ledger.branch_baseline([], ["a"], "main") is None
