@@ -476,7 +476,7 @@ def analysis_json(groups, report, paths, targets):
             "best": {f"{t:g}": None if g["best"][t] is None else point_json(g["best"][t]) for t in targets},
             "plot": str(g["plot"])})
     return {"files": [str(p) for p in paths], "targets": list(targets), "protocols": protocols,
-            "table": str(report)}
+            "table": str(report), "written": [str(g["plot"]) for g in groups] + [str(report)]}
 
 
 def add_parser(sub):

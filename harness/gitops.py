@@ -19,12 +19,11 @@ def state(root):
     """Where the working tree stands: commit, subject, branch, and whether inference.py is dirty."""
     repo = open_repo(root)
     if repo is None or not repo.head.is_valid():
-        return {"commit": "none", "subject": "", "branch": "", "dirty": True, "repo": repo is not None}
+        return {"commit": "none", "subject": "", "branch": "", "dirty": True}
     head = repo.head.commit
     branch = "" if repo.head.is_detached else repo.active_branch.name
     dirty = bool(repo.git.status("--porcelain", "--", EDITABLE).strip())
-    return {"commit": head.hexsha[:7], "full_commit": head.hexsha, "subject": head.summary,
-            "branch": branch, "dirty": dirty, "repo": True}
+    return {"commit": head.hexsha[:7], "subject": head.summary, "branch": branch, "dirty": dirty}
 
 
 def ancestry(root):

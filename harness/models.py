@@ -391,12 +391,21 @@ def _llama_weights(tensors: dict, config: dict, gguf_path: Path) -> dict:
 def _tokenizer_files(meta: dict, config: dict, gguf_path: Path) -> dict:
     """Build tokenizer.json (a tokenizers.Tokenizer), tokenizer_config.json and
     generation_config.json from the GGUF's GPT-2 style BPE tokenizer metadata."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
     kind = _meta_str(meta.get("tokenizer.ggml.model"))
     if kind != "gpt2":
         raise ModelError(f"unsupported GGUF tokenizer {kind!r} in {gguf_path.name}: only GPT-2 style BPE tokenizers are supported; pass an mlx-lm model directory instead")
     tokens = list(meta["tokenizer.ggml.tokens"])
+    return {
+        "tokenizer.json": _bpe_tokenizer(meta, tokens),
+        "tokenizer_config.json": _tokenizer_config(meta, config, tokens, gguf_path),
+        "generation_config.json": _generation_config(meta, config, gguf_path),
+    }
+
+
+def _bpe_tokenizer(meta: dict, tokens: list):
+    """The byte-level BPE tokenizer (vocabulary, merges, pre-tokenizer, special tokens)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
     token_types = (
         meta["tokenizer.ggml.token_type"].tolist()
@@ -420,7 +429,11 @@ def _tokenizer_files(meta: dict, config: dict, gguf_path: Path) -> dict:
     tokenizer.add_tokens(
         [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, token_types) if ty == 4]
     )
+    return tokenizer
 
+
+def _tokenizer_config(meta: dict, config: dict, tokens: list, gguf_path: Path) -> dict:
+    """tokenizer_config.json: the special tokens by text, BOS/EOS handling, chat template."""
     def token(key: str) -> Optional[str]:
         idx = int(_meta_num(meta, f"tokenizer.ggml.{key}_token_id", gguf_path, -1))
         return tokens[idx] if 0 <= idx < len(tokens) else None
@@ -438,15 +451,15 @@ def _tokenizer_files(meta: dict, config: dict, gguf_path: Path) -> dict:
     }
     if "tokenizer.chat_template" in meta:
         tokenizer_config["chat_template"] = _meta_str(meta["tokenizer.chat_template"])
+    return tokenizer_config
 
+
+def _generation_config(meta: dict, config: dict, gguf_path: Path) -> dict:
+    """generation_config.json: the BOS/EOS ids from config.json, plus the padding id if any."""
     generation_config = {
         key: config[key] for key in ("bos_token_id", "eos_token_id") if key in config
     }
     pad = int(_meta_num(meta, "tokenizer.ggml.padding_token_id", gguf_path, -1))
     if pad >= 0:
         generation_config["pad_token_id"] = pad
-    return {
-        "tokenizer.json": tokenizer,
-        "tokenizer_config.json": tokenizer_config,
-        "generation_config.json": generation_config,
-    }
+    return generation_config

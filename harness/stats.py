@@ -27,15 +27,6 @@ def median_ci(values, *, level=0.95, resamples=BOOTSTRAP_RESAMPLES):
     return med, float(low), float(high)
 
 
-def mean_se(values):
-    """Return (mean, standard error of the mean) of `values`."""
-    x = np.asarray(values, dtype=float)
-    if x.size == 0:
-        return None, None
-    se = float(x.std(ddof=1) / np.sqrt(x.size)) if x.size > 1 else 0.0
-    return float(x.mean()), se
-
-
 def median_interval_order(values, *, level=0.95):
     """Distribution-free interval for the median: order statistics from the binomial
     (sign-test inversion). Exact for any continuous distribution, so it does not

@@ -181,7 +181,7 @@ def check(task: Task, answer: str) -> tuple[bool, str]:
         raise ValueError(f"task {task.id!r}: unknown kind {task.kind!r}")
     if not isinstance(answer, str) or not answer.strip():
         return False, "empty answer"
-    if _normalize(answer) == _normalize(task.prompt):
+    if _fold_text(answer) == _fold_text(task.prompt):
         return False, "answer echoes the prompt"
     words = _words(answer)
     if len(words) >= 3 and len(set(words)) == 1:
@@ -199,7 +199,8 @@ def check(task: Task, answer: str) -> tuple[bool, str]:
     return checker(params, answer)
 
 
-def _normalize(text: str) -> str:
+def _fold_text(text: str) -> str:
+    """Lowercase words and digits joined by single spaces, so case and punctuation don't count."""
     return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
 
 
@@ -456,8 +457,8 @@ def _check_prose(p: dict, answer: str) -> tuple[bool, str]:
     sentences = _sentences(answer)
     if not p["min_sentences"] <= len(sentences) <= p["max_sentences"]:
         return False, f"{len(sentences)} sentences, want {p['min_sentences']}-{p['max_sentences']}"
-    normalized = [_normalize(s) for s in sentences]
-    if len(set(normalized)) < len(normalized):
+    folded = [_fold_text(s) for s in sentences]
+    if len(set(folded)) < len(folded):
         return False, "a sentence is repeated"
     ratio = _distinct_ratio(words)
     if ratio < p["min_distinct_ratio"]:
@@ -473,7 +474,7 @@ def _check_poem(p: dict, answer: str) -> tuple[bool, str]:
     if not p["min_lines"] <= len(lines) <= p["max_lines"]:
         return False, f"{len(lines)} lines, want {p['min_lines']}-{p['max_lines']}"
     # Refrains are fine, but at least half of the lines must be distinct.
-    distinct_lines = len({_normalize(ln) for ln in lines})
+    distinct_lines = len({_fold_text(ln) for ln in lines})
     if distinct_lines < 2 or distinct_lines * 2 < len(lines):
         return False, f"only {distinct_lines} distinct lines of {len(lines)}"
     ratio = _distinct_ratio(_words(answer))

@@ -1,38 +1,28 @@
 """The worker process that runs inference.py, and the parent's handle on it.
 
 The parent starts `python -m harness.worker` with two private pipes: requests go
-down one, replies come back on the other as JSON messages (one per token during
-generation) plus raw float32 blocks for scores. The worker's stdout and stderr go
-to a log file, so nothing the pipeline prints can corrupt the protocol, and the
-last lines of that log explain a crash. The parent owns every clock.
+down one, replies come back on the other (framing in harness.pipe: JSON messages,
+one per token during generation, plus raw float32 blocks for scores). The
+worker's stdout and stderr go to a log file, so nothing the pipeline prints can
+corrupt the protocol, and the last lines of that log explain a crash. The parent
+owns every clock.
 """
 
 import importlib.util
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
 import traceback
-from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
 
+# WorkerCrash and WorkerInvalid are defined with the framing that raises them;
+# callers may keep importing them from here.
+from harness.pipe import Channel, WorkerCrash, WorkerInvalid, decode_block, decode_reply
 from harness.settings import ROOT
-
-
-class WorkerCrash(Exception):
-    """The worker died, hung past its timeout, or the pipeline raised. str(e) is one line."""
-
-    def __init__(self, message, log_tail=""):
-        super().__init__(message)
-        self.log_tail = log_tail
-
-
-class WorkerInvalid(Exception):
-    """The pipeline broke the contract (wrong token count, non-integer tokens, bad scores)."""
 
 
 # ---------------------------------------------------------------------------
@@ -44,10 +34,9 @@ class Worker:
     Args:
         inference_path: the inference.py to import (the challenger's or the champion's copy).
         log_path: where the worker's stdout/stderr go.
-        env: extra environment variables for the worker.
     """
 
-    def __init__(self, inference_path, log_path, *, env=None):
+    def __init__(self, inference_path, log_path):
         self.inference_path = Path(inference_path)
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,51 +46,51 @@ class Worker:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "harness.worker", str(req_r), str(resp_w), str(self.inference_path)],
             cwd=str(ROOT), stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            pass_fds=(req_r, resp_w), env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
+            pass_fds=(req_r, resp_w), env={**os.environ, "PYTHONUNBUFFERED": "1"},
             start_new_session=True)  # its own process group: Ctrl-C reaches the parent only
         os.close(req_r)
         os.close(resp_w)
-        self._send_conn = Connection(req_w, readable=False)
-        self._recv_conn = Connection(resp_r, writable=False)
+        self._channel = Channel(send_fd=req_w, recv_fd=resp_r)
         self.max_rss_bytes = None
         self.vocab_size = None  # when set, generated token ids must lie in [0, vocab_size)
         self.info = {}
         self._limit_s = 0.0
 
-    # -- low level ---------------------------------------------------------
+    # -- messages (a failure kills the worker, so it cannot linger half-way through a call)
     def _send(self, message):
         try:
-            self._send_conn.send_bytes(json.dumps(message).encode())
-        except (BrokenPipeError, OSError):
+            self._channel.send(message)
+        except OSError:  # includes BrokenPipeError
             raise self._crash("the worker exited before it took a request") from None
 
-    def _recv_raw(self, deadline, what):
-        """Next message bytes; a WorkerCrash if the worker dies or the deadline passes."""
-        remaining = deadline - time.perf_counter()
-        if remaining <= 0 or not self._recv_conn.poll(remaining):
-            if self.alive():
-                raise self._crash(f"timeout: {what} ran past {self._limit_s:g} s (timeouts in harness.yaml)")
+    def _recv_bytes(self, deadline, what):
+        """Next frame; a WorkerCrash if the worker dies or the deadline passes."""
+        # A dead worker past its deadline still gets its last frames read: its exit
+        # status says more than "timeout".
+        if not self._channel.wait(deadline) and self.alive():
+            raise self._crash(f"timeout: {what} ran past {self._limit_s:g} s (timeouts in harness.yaml)")
         try:
-            return self._recv_conn.recv_bytes()
+            return self._channel.recv_bytes()
         except (EOFError, OSError):
             raise self._crash(f"the worker exited during {what}") from None
 
     def _recv(self, deadline, what):
-        raw = self._recv_raw(deadline, what)
+        """Next reply as a dict; garbage, an error or an invalid reply kills the worker."""
+        raw = self._recv_bytes(deadline, what)
         try:
-            message = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            message = None
-        if not isinstance(message, dict):
+            return decode_reply(raw, what)
+        except (WorkerCrash, WorkerInvalid):
             self.kill()
-            raise WorkerInvalid(f"{what}: something wrote garbage into the harness's pipe ({raw[:40]!r})")
-        if "error" in message:
+            raise
+
+    def _recv_block(self, deadline, shape, what):
+        """The float32 block announced by a {"shape": shape} reply."""
+        raw = self._recv_bytes(deadline, what)
+        try:
+            return decode_block(raw, shape, what)
+        except WorkerInvalid:
             self.kill()
-            raise WorkerCrash(f"{what} raised {message['error']}", message.get("traceback", ""))
-        if "invalid" in message:
-            self.kill()
-            raise WorkerInvalid(message["invalid"])
-        return message
+            raise
 
     def _crash(self, message):
         self.kill()
@@ -177,12 +166,9 @@ class Worker:
             if len(shape) != 2 or (self.vocab_size and shape[1] != self.vocab_size):
                 self.kill()
                 raise WorkerInvalid(f"score() yielded a chunk of shape {shape}, expected (rows, {self.vocab_size})")
-            block = np.frombuffer(self._recv_raw(deadline, "score()"), dtype=np.float32)
-            if block.size != shape[0] * shape[1]:
-                self.kill()
-                raise WorkerInvalid("score() chunk size does not match its shape")
+            block = self._recv_block(deadline, shape, "score()")
             rows += shape[0]
-            yield block.reshape(shape)
+            yield block
 
     def token_stats(self, tokens, start, *, timeout_s):
         """Reference workers only: per-token NLL and entropy for tokens[start:]."""
@@ -190,6 +176,7 @@ class Worker:
         self._send({"op": "token_stats", "tokens": tokens, "start": start})
         return self._recv(time.perf_counter() + timeout_s, "token_stats()")
 
+    # -- process -----------------------------------------------------------
     def _reap(self, block):
         """Collect the exited worker with wait4, recording its peak resident memory.
 
@@ -217,7 +204,7 @@ class Worker:
         """Ask the worker to exit, wait a little, then make sure it has gone."""
         if self.alive():
             try:
-                self._send_conn.send_bytes(b'{"op": "exit"}')
+                self._channel.send({"op": "exit"})
             except OSError:
                 pass
             deadline = time.perf_counter() + grace_s
@@ -233,11 +220,7 @@ class Worker:
             except (ProcessLookupError, PermissionError):
                 pass
             self._reap(block=True)
-        for conn in (self._send_conn, self._recv_conn):
-            try:
-                conn.close()
-            except OSError:
-                pass
+        self._channel.close()
         if not self._log.closed:
             self._log.close()
 
@@ -285,71 +268,89 @@ def _model_info(pipeline):
             "float_itemsize": int(floats[0].itemsize) if floats else 4}
 
 
-def _serve(send, recv, inference_path):
+def _load(channel, module, request):
+    """Apply the knob overrides, load the model, reply with its facts; returns the pipeline."""
+    _apply_overrides(module, request["overrides"])
+    pipeline = module.load(request["model"], request["draft"])
+    channel.send({"loaded": True, **_model_info(pipeline)})
+    return pipeline
+
+
+def _generate(channel, module, pipeline, request):
+    """Send each generated token as it comes, then the peak memory."""
     import mlx.core as mx
+
+    if request.get("seed") is not None:
+        mx.random.seed(request["seed"])
+    mx.reset_peak_memory()
+    cap = request["max_tokens"] + 1  # one past the cap proves "too many"
+    count = 0
+    for token in module.generate(pipeline, list(request["prompt"]),
+                                 max_tokens=request["max_tokens"],
+                                 stop_at_eos=request["stop_at_eos"]):
+        if isinstance(token, (bool, np.bool_)) or not isinstance(token, (int, np.integer)):
+            channel.send({"invalid": f"generate() yielded a non-integer token: {type(token).__name__} {token!r:.60}"})
+            break
+        channel.send({"t": int(token)})
+        count += 1
+        if count >= cap:
+            break
+    channel.send({"done": True, "peak_memory_bytes": int(mx.get_peak_memory())})
+
+
+def _score(channel, module, pipeline, request):
+    """Send each chunk of log-probabilities as a float32 block, then the peak memory."""
+    import mlx.core as mx
+
+    mx.reset_peak_memory()
+    for chunk in module.score(pipeline, list(request["tokens"])):
+        block = np.asarray(mx.array(chunk).astype(mx.float32))
+        if block.ndim != 2:
+            channel.send({"invalid": f"score() yielded an array of shape {block.shape}, expected (rows, vocab)"})
+            break
+        channel.send_block(block)
+    channel.send({"done": True, "peak_memory_bytes": int(mx.get_peak_memory())})
+
+
+def _serve(channel, inference_path):
+    """Import inference.py, then answer requests until the parent says exit."""
+    # MLX before inference.py, so that a broken MLX install kills the worker here
+    # instead of reading as an error in the pipeline's import.
+    importlib.import_module("mlx.core")
 
     try:
         module = _import_inference(inference_path)
     except BaseException as exc:  # a syntax or import error is the pipeline's, not ours
-        send(_error(exc))
+        channel.send(_error(exc))
         return
-    send({"ready": True})
+    channel.send({"ready": True})
     pipeline = None
     while True:
-        request = json.loads(recv())
+        request = channel.recv()
         op = request["op"]
         if op == "exit":
             return
         try:
             if op == "load":
-                _apply_overrides(module, request["overrides"])
-                pipeline = module.load(request["model"], request["draft"])
-                send({"loaded": True, **_model_info(pipeline)})
+                pipeline = _load(channel, module, request)
             elif op == "generate":
-                if request.get("seed") is not None:
-                    mx.random.seed(request["seed"])
-                mx.reset_peak_memory()
-                cap = request["max_tokens"] + 1  # one past the cap proves "too many"
-                count = 0
-                for token in module.generate(pipeline, list(request["prompt"]),
-                                             max_tokens=request["max_tokens"],
-                                             stop_at_eos=request["stop_at_eos"]):
-                    if isinstance(token, (bool, np.bool_)) or not isinstance(token, (int, np.integer)):
-                        send({"invalid": f"generate() yielded a non-integer token: {type(token).__name__} {token!r:.60}"})
-                        break
-                    send({"t": int(token)})
-                    count += 1
-                    if count >= cap:
-                        break
-                send({"done": True, "peak_memory_bytes": int(mx.get_peak_memory())})
+                _generate(channel, module, pipeline, request)
             elif op == "score":
-                mx.reset_peak_memory()
-                for chunk in module.score(pipeline, list(request["tokens"])):
-                    block = np.asarray(mx.array(chunk).astype(mx.float32))
-                    if block.ndim != 2:
-                        send({"invalid": f"score() yielded an array of shape {block.shape}, expected (rows, vocab)"})
-                        break
-                    send({"shape": list(block.shape)})
-                    send(np.ascontiguousarray(block).tobytes(), raw=True)
-                send({"done": True, "peak_memory_bytes": int(mx.get_peak_memory())})
+                _score(channel, module, pipeline, request)
             elif op == "token_stats":
-                send(module.token_stats(pipeline, request["tokens"], request["start"]))
+                channel.send(module.token_stats(pipeline, request["tokens"], request["start"]))
         except Exception as exc:
-            send(_error(exc))
+            channel.send(_error(exc))
 
 
 def main():
+    """Entry point of `python -m harness.worker REQUEST_FD REPLY_FD INFERENCE_PATH`."""
     req_fd, resp_fd, inference_path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    recv_conn = Connection(req_fd, writable=False)
-    send_conn = Connection(resp_fd, readable=False)
-
-    def send(message, raw=False):
-        send_conn.send_bytes(message if raw else json.dumps(message).encode())
-
+    channel = Channel(send_fd=resp_fd, recv_fd=req_fd)
     # The pipeline must not touch the protocol pipes through sys.stdout.
     sys.stdout = sys.stderr
     try:
-        _serve(send, recv_conn.recv_bytes, inference_path)
+        _serve(channel, inference_path)
     except (EOFError, BrokenPipeError):
         pass  # the parent went away: nothing left to do
 
