@@ -9,7 +9,7 @@ of the kind the real pipeline shows on a CPU: float32 is fastest, quantized KV o
 pays with float32 activations, 4-bit KV and a short window cost quality, the prefill
 step has a sweet spot. The optimum is known by enumerating the grid.
 
-For each seed, TPE (harness.search's sampler and suggest, unchanged) proposes
+For each seed, TPE (harness.search_space's sampler and suggest, unchanged) proposes
 configurations until one is within `--within` of the optimum; the trial count is
 recorded. With --noise, each observation is multiplied by a random factor (timing
 noise), while "within 3%" is still judged on the true value. Acceptance: the median
@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import optuna  # noqa: E402
 
-from harness import search  # noqa: E402
-from harness.settings import load_settings  # noqa: E402
+from harness import knobs, search_space  # noqa: E402
+from harness.settings import ROOT, KnobSpace, SearchSettings, load_settings  # noqa: E402
 
 SPACE = {
     "COMPUTE_DTYPE": {"choices": ["float32", "float16", "bfloat16"]},
@@ -56,7 +56,7 @@ def objective(c):
 
 
 def grid():
-    """Every configuration of SPACE that the search can propose: as in harness.search,
+    """Every configuration of SPACE that the search can propose: as in harness.search_space,
     MAX_KV_SIZE only exists without KV_BITS (mlx-lm cannot quantize a rotating cache)."""
     names = list(SPACE)
     configs = []
@@ -72,14 +72,16 @@ def grid():
 
 def trials_to_reach(seed, target, *, noise, startup_trials, limit):
     """Trials TPE needs until a proposal's true value is >= target (limit + 1 if never)."""
-    knobs = search.inference_knobs((Path(search.ROOT) / "inference.py").read_text())
-    space = search.load_space({"search": {"knobs": SPACE}}, knobs)
-    defaults = {name: k["value"] for name, k in knobs.items()}
-    study = optuna.create_study(direction="maximize", sampler=search.make_sampler(seed, startup_trials))
+    defaults = knobs.settable((ROOT / "inference.py").read_text())
+    specs = tuple(KnobSpace(name, choices=tuple(spec["choices"])) for name, spec in SPACE.items())
+    space = search_space.load_space(SearchSettings(seed=seed, startup_trials=startup_trials, knobs=specs),
+                                    defaults)
+    study = optuna.create_study(direction="maximize",
+                                sampler=search_space.make_sampler(seed, startup_trials))
     rng = random.Random(seed)
     for n in range(1, limit + 1):
         trial = study.ask()
-        config = search.suggest(trial, space, {"draft_model": None}, defaults)
+        config = search_space.suggest(trial, space, defaults)
         true = objective(config)
         study.tell(trial, true * (1 + rng.uniform(-noise, noise)))
         if true >= target:
@@ -100,8 +102,7 @@ def main(argv=None):
     best = max(values)
     target = (1 - args.within) * best
     good = sum(v >= target for v in values)
-    startup = search.load_space(load_settings(), search.inference_knobs(
-        (Path(search.ROOT) / "inference.py").read_text()))["startup_trials"]
+    startup = load_settings().search.startup_trials
     counts = [trials_to_reach(seed, target, noise=args.noise, startup_trials=startup, limit=len(configs))
               for seed in range(args.seeds)]
     median = statistics.median(counts)
@@ -111,7 +112,7 @@ def main(argv=None):
     print(f"optimum: {best:.4g} ({configs[values.index(best)]})")
     print(f"within: {args.within:g} ({good} configurations reach {target:.4g})")
     print(f"noise: {args.noise:g}")
-    print(f"sampler: TPE {search.SAMPLER_OPTIONS}, startup_trials {startup}")
+    print(f"sampler: TPE {search_space.SAMPLER_OPTIONS}, startup_trials {startup}")
     print(f"trials_per_seed: {counts}")
     print(f"median_trials: {median:g}")
     print(f"fraction_of_grid: {median / len(configs):.3f}")

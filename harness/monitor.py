@@ -7,8 +7,9 @@ as the constant moved to another line. This one reads both versions with `ast`:
                                         "summary", "error"}
     format_report(vs_baseline, vs_champion) -> the "CHANGES FROM BASELINE" box for people
 
-Knobs are module-level UPPER_CASE assignments. Their values are compared as values, so
-moving or reformatting a constant is not a change, and 1 vs 1.0 is not a change either.
+Knobs are module-level UPPER_CASE assignments, read and compared by harness.knobs: values
+are compared as values, so moving or reformatting a constant is not a change, and 1 vs 1.0
+is not a change either (True vs 1 is).
 Functions and classes are compared by their syntax tree without line numbers, so
 comment and blank-line edits are not changes. Tradeoff warnings come from RULES, a table
 evaluated on the new source against the old: a rule warns about what is present in the
@@ -16,11 +17,11 @@ new source and differs from the old one.
 """
 
 import ast
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-KNOB_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+from harness.knobs import Expr, assignments, is_knob_statement, is_number, same, show, values
+
 ARGMAX_TEMP = 1e-6          # a temperature at or below this samples like argmax
 LOW_PRECISION = ("float16", "bfloat16")
 SUMMARY_MAX_CHARS = 300     # the summary lives in one results.tsv cell
@@ -29,14 +30,10 @@ SUMMARY_MAX_CHARS = 300     # the summary lives in one results.tsv cell
 # ---------------------------------------------------------------------------
 # Reading one source
 # ---------------------------------------------------------------------------
-class _Expr(str):
-    """A knob value that is not a literal: its source text (compared as text)."""
-
-
 @dataclass
 class Facts:
     """What the rules need to know about one version of inference.py."""
-    knobs: dict = field(default_factory=dict)           # name -> value (or _Expr text)
+    knobs: dict = field(default_factory=dict)           # name -> value (or knobs.Expr text)
     defs: dict = field(default_factory=dict)            # top-level def/class name -> ast.dump
     statements: Counter = field(default_factory=Counter)  # other top-level statements, unparsed
     names: Counter = field(default_factory=Counter)     # identifiers and attributes used anywhere
@@ -62,28 +59,6 @@ def code_lines(source):
     return sum(1 for line in source.splitlines() if line.strip() and not line.strip().startswith("#"))
 
 
-def _knob_assignments(tree):
-    """(name, value node) for every module-level UPPER_CASE assignment, in file order."""
-    for node in tree.body:
-        if isinstance(node, ast.Assign):
-            targets, value = node.targets, node.value
-        elif isinstance(node, ast.AnnAssign) and node.value is not None:
-            targets, value = [node.target], node.value
-        else:
-            continue
-        for target in targets:
-            if isinstance(target, ast.Name):
-                pairs = [(target, value)]
-            elif (isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple)
-                  and len(target.elts) == len(value.elts)):
-                pairs = zip(target.elts, value.elts)  # A, B = 1, 2
-            else:
-                continue
-            for name, val in pairs:
-                if isinstance(name, ast.Name) and KNOB_NAME.match(name.id):
-                    yield name.id, val
-
-
 def _docstring_node(tree):
     """The module docstring's statement (a docstring edit is not a code change), or None."""
     first = tree.body[0] if tree.body else None
@@ -91,27 +66,6 @@ def _docstring_node(tree):
             and isinstance(first.value.value, str)):
         return first
     return None
-
-
-def _is_knob_statement(node):
-    """True for a top-level assignment that only sets knobs (those are compared as knobs)."""
-    if isinstance(node, ast.Assign):
-        targets = node.targets
-    elif isinstance(node, ast.AnnAssign):
-        targets = [node.target]
-    else:
-        return False
-    names = [t for target in targets
-             for t in (target.elts if isinstance(target, ast.Tuple) else [target])]
-    return all(isinstance(t, ast.Name) and KNOB_NAME.match(t.id) for t in names)
-
-
-def _value(node):
-    """The literal value of `node`, or its source text as an _Expr."""
-    try:
-        return ast.literal_eval(node)
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-        return _Expr(ast.unparse(node))
 
 
 def _identifiers(node):
@@ -172,7 +126,7 @@ def _work_overrides(tree):
             found.add("max_tokens reassigned")
         elif isinstance(node, ast.AugAssign) and getattr(node.target, "id", None) == "max_tokens":
             found.add("max_tokens reassigned")
-    for name, _ in _knob_assignments(tree):
+    for name, _ in assignments(tree):
         if "TOKENS" in name and name != "NUM_DRAFT_TOKENS":
             found.add(f"knob {name}")
     return found
@@ -186,14 +140,13 @@ def facts(source):
     except SyntaxError as exc:
         out.error = f"line {exc.lineno}: {exc.msg}"
         return out
-    for name, node in _knob_assignments(tree):
-        out.knobs[name] = _value(node)  # a later assignment wins, as when Python runs it
+    out.knobs = values(source, tree)
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             out.defs[node.name] = ast.dump(node)  # no line numbers: moving code is no change
             if node.name == "generate":
                 out.generate_names = _identifiers(node)
-        elif not _is_knob_statement(node) and node is not _docstring_node(tree):
+        elif not is_knob_statement(node) and node is not _docstring_node(tree):
             out.statements[ast.unparse(node)] += 1  # imports, helpers' state, module code
     out.names = _identifiers(tree)
     out.state = _state_across_calls(tree)
@@ -201,46 +154,12 @@ def facts(source):
     return out
 
 
-def knob_values(source):
-    """The module-level UPPER_CASE knobs of `source` as {name: value}.
-
-    Values are Python literals where the right-hand side is one, else its source text.
-    Raises SyntaxError when `source` does not parse.
-    """
-    tree = ast.parse(source)
-    return {name: (str(v) if isinstance(v, _Expr) else v)
-            for name, v in ((n, _value(node)) for n, node in _knob_assignments(tree))}
-
-
 # ---------------------------------------------------------------------------
-# Comparing values
+# The rules
 # ---------------------------------------------------------------------------
-def _is_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def same_value(a, b):
-    """Equal as knob values: numbers as numbers (1 == 1.0), bools, None, text and expressions apart."""
-    if _is_number(a) and _is_number(b):
-        return float(a) == float(b)
-    if type(a) is not type(b):  # True is not 1, None is not 0, "4" is not 4
-        return False
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
-    return a == b
-
-
-def show(value):
-    """A knob value as people read it: literals as Python writes them, expressions as written."""
-    text = str(value) if isinstance(value, _Expr) else repr(value)
-    return " ".join(text.split())  # one line, no tabs
-
-
 def _argmax_like(f):
     temp = f.knob("TEMP")
-    return (_is_number(temp) and temp <= ARGMAX_TEMP) or f.uses("argmax") > 0
+    return (is_number(temp) and temp <= ARGMAX_TEMP) or f.uses("argmax") > 0
 
 
 SAMPLING_KNOBS = ("TEMP", "TOP_P", "TOP_K", "MIN_P", "REPETITION_PENALTY", "REPETITION_CONTEXT")
@@ -250,7 +169,7 @@ def _knob_set_and_changed(name, present):
     """A rule test: knob `name` satisfies `present` in the new source and differs from the old."""
     def test(old, new):
         value = new.knob(name)
-        return present(value) and not same_value(value, old.knob(name))
+        return present(value) and not same(value, old.knob(name))
     return test
 
 
@@ -265,9 +184,9 @@ def _either(*tests):
 
 def _lower_cache_limit(old, new):
     value, before = new.knob("CACHE_LIMIT_GB"), old.knob("CACHE_LIMIT_GB")
-    if not _is_number(value):
+    if not is_number(value):
         return False
-    return not _is_number(before) or value < before
+    return not is_number(before) or value < before
 
 
 @dataclass(frozen=True)
@@ -281,12 +200,12 @@ class Rule:
 # when the new one has the feature and the old one did not have it (or had it otherwise).
 RULES = [
     Rule("argmax",
-         _either(_knob_set_and_changed("TEMP", lambda v: _is_number(v) and v <= ARGMAX_TEMP),
+         _either(_knob_set_and_changed("TEMP", lambda v: is_number(v) and v <= ARGMAX_TEMP),
                  _more("argmax")),
          "argmax decoding: deterministic output, no sampling diversity"),
     Rule("sampling",
          lambda old, new: not _argmax_like(new) and any(
-             not same_value(old.knob(k), new.knob(k)) for k in SAMPLING_KNOBS),
+             not same(old.knob(k), new.knob(k)) for k in SAMPLING_KNOBS),
          "sampling settings changed: the answer distribution changes, watch the task gates"),
     Rule("quantized_kv",
          _either(_knob_set_and_changed("KV_BITS", lambda v: v is not None),
@@ -298,7 +217,7 @@ RULES = [
                  _more("RotatingKVCache")),
          "rotating KV window: the model loses the context beyond the window"),
     Rule("speculative",
-         _either(lambda old, new: (not same_value(old.knob("NUM_DRAFT_TOKENS"), new.knob("NUM_DRAFT_TOKENS"))
+         _either(lambda old, new: (not same(old.knob("NUM_DRAFT_TOKENS"), new.knob("NUM_DRAFT_TOKENS"))
                                    and new.uses("draft_model") > 0),
                  _more("speculative_generate_step")),
          "speculative decoding: needs a matching draft model (harness.yaml draft_model); "
@@ -343,7 +262,7 @@ def _knob_changes(old, new):
             change = "removed"
         elif name not in old.knobs:
             change = "added"
-        elif same_value(old.knobs[name], new.knobs[name]):
+        elif same(old.knobs[name], new.knobs[name]):
             continue
         else:
             change = "changed"
@@ -352,7 +271,7 @@ def _knob_changes(old, new):
         for side, f in (("old", old), ("new", new)):
             if name in f.knobs:
                 value = f.knobs[name]
-                entry[side] = str(value) if isinstance(value, _Expr) else value
+                entry[side] = str(value) if isinstance(value, Expr) else value
                 entry[f"{side}_text"] = show(value)
         changes.append(entry)
     return changes
@@ -375,7 +294,7 @@ def _knob_short(k):
     return f"{k['name']} {k['old_text']}->{k['new_text']}"
 
 
-def summarize(result):
+def summary_line(result):
     """One line for the results.tsv `changes` column, e.g. `TEMP 0.7->0; +0 lines; warnings: argmax`."""
     parts = []
     if result.get("error"):
@@ -429,7 +348,7 @@ def compare(old_source, new_source):
         }
         result["module"] = _statement_changes(old, new)
         result["warnings"] = warnings(old, new)
-    result["summary"] = summarize(result)
+    result["summary"] = summary_line(result)
     return result
 
 

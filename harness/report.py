@@ -16,7 +16,7 @@ BLOCK_KEYS = [
 ]
 
 
-def _fmt(value):
+def _block_text(value):
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -24,7 +24,7 @@ def _fmt(value):
     if isinstance(value, float):
         return f"{value:.6g}"
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+        return "[" + ", ".join(_block_text(v) for v in value) + "]"
     return str(value)
 
 
@@ -32,11 +32,11 @@ def block(result):
     """The `key: value` lines for `result` (keys that are absent print as '-')."""
     lines = ["---"]
     for key in BLOCK_KEYS:
-        lines.append(f"{key}: {_fmt(result.get(key))}")
+        lines.append(f"{key}: {_block_text(result.get(key))}")
     for gate in result.get("gates", []):
         status = "pass" if gate["passed"] else "FAIL"
-        lines.append(f"gate_{gate['name']}: {status} {_fmt(gate['value'])} "
-                     f"({gate['op']} {_fmt(gate['threshold'])})")
+        lines.append(f"gate_{gate['name']}: {status} {_block_text(gate['value'])} "
+                     f"({gate['op']} {_block_text(gate['threshold'])})")
     return "\n".join(lines)
 
 

@@ -213,7 +213,7 @@ def _distinct_ratio(words: list[str]) -> float:
     return len(set(words)) / len(words) if words else 0.0
 
 
-def _fmt(x: float) -> str:
+def _short_number(x: float) -> str:
     return f"{x:g}"
 
 
@@ -272,8 +272,8 @@ def _check_arithmetic(p: dict, answer: str) -> tuple[bool, str]:
     if value is None:
         return False, "no number found"
     if not math.isclose(value, expected, rel_tol=0.0, abs_tol=float(p["tolerance"])):
-        return False, f"final number {_fmt(value)} != {_fmt(expected)}"
-    return True, f"final number {_fmt(value)} == {_fmt(expected)}"
+        return False, f"final number {_short_number(value)} != {_short_number(expected)}"
+    return True, f"final number {_short_number(value)} == {_short_number(expected)}"
 
 
 # ---- code
@@ -393,7 +393,7 @@ def _run_tests(code: str, tests: list[str], timeout_s: float) -> tuple[bool, str
                 cwd=scratch,
             )
         except subprocess.TimeoutExpired:
-            return False, f"timed out after {_fmt(timeout_s)}s"
+            return False, f"timed out after {_short_number(timeout_s)}s"
     last = proc.stdout.strip().splitlines()[-1:] or [""]
     if proc.returncode == 0 and last[0] == f"PASS {nonce}":
         return True, f"passed {len(tests)} tests"

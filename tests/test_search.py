@@ -1,6 +1,7 @@
 """Search without an agent: the space, the memory estimate, the patch, and real searches
 on the tiny model with the SQLite default and with two processes sharing a PostgreSQL study."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -15,10 +16,11 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 
 from conftest import git, make_project
-from harness import ledger, search
-from harness.settings import SettingsError, load_settings
+from harness import geometry, knobs, ledger, search, search_objective, search_space, search_storage
+from harness.settings import PerPreset, SettingsError, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
 STATE = optuna.trial.TrialState
@@ -28,25 +30,30 @@ STATE = optuna.trial.TrialState
 # Pure parts
 # ---------------------------------------------------------------------------
 def _knobs():
-    return search.inference_knobs((REPO / "inference.py").read_text())
+    return knobs.settable((REPO / "inference.py").read_text())
 
 
-def test_inference_knobs_are_found_with_their_literals():
-    knobs = _knobs()
-    for name in ("TEMP", "TOP_P", "TOP_K", "MIN_P", "KV_BITS", "QUANTIZED_KV_START", "MAX_KV_SIZE",
-                 "PREFILL_STEP_SIZE", "COMPUTE_DTYPE", "CACHE_LIMIT_GB", "NUM_DRAFT_TOKENS"):
-        assert name in knobs, name
-    assert knobs["COMPUTE_DTYPE"]["value"] == "float32" and knobs["KV_BITS"]["value"] is None
+def _settings_with_search(tmp_path, search_section):
+    """Settings of the shipped harness.yaml with its `search:` section replaced."""
+    raw = yaml.safe_load((REPO / "harness.yaml").read_text())
+    raw["search"] = search_section
+    path = tmp_path / "harness.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return load_settings(path)
+
+
+def _space(tmp_path, knob_specs):
+    return search_space.load_space(_settings_with_search(tmp_path, {"knobs": knob_specs}).search, _knobs())
 
 
 def test_the_shipped_space_is_valid_and_conditional_knobs_come_last():
-    space = search.load_space(load_settings(REPO / "harness.yaml"), _knobs())
-    names = [k.name for k in space["knobs"]]
+    space = search_space.load_space(load_settings(REPO / "harness.yaml").search, _knobs())
+    names = [k.name for k in space.knobs]
     assert set(names[-3:]) == {"QUANTIZED_KV_START", "MAX_KV_SIZE", "NUM_DRAFT_TOKENS"}
-    assert "COMPUTE_DTYPE" in names and space["seed"] == 0
+    assert "COMPUTE_DTYPE" in names and space.seed == 0
 
 
-@pytest.mark.parametrize("knobs, words", [
+@pytest.mark.parametrize("knob_specs, words", [
     ({"NOT_A_KNOB": {"choices": [1]}}, "is not a knob of inference.py"),
     ({"TEMP": {"choices": []}}, "non-empty list"),
     ({"TEMP": {"low": 1.0}}, "needs either 'choices'"),
@@ -57,77 +64,123 @@ def test_the_shipped_space_is_valid_and_conditional_knobs_come_last():
     ({"TEMP": {"values": [1]}}, "unknown key"),
     ({}, "non-empty mapping"),
 ])
-def test_bad_search_space_is_one_clear_line(knobs, words):
-    settings = {"search": {"knobs": knobs}}
+def test_bad_search_space_is_one_clear_line(tmp_path, knob_specs, words):
+    # the schema is checked by load_settings, the knob names by load_space: one line either way
     with pytest.raises(SettingsError) as info:
-        search.load_space(settings, _knobs())
+        _space(tmp_path, knob_specs)
     message = str(info.value)
     assert words in message and "\n" not in message and message.startswith("harness.yaml: 'search")
 
 
-def test_suggest_skips_conditional_knobs():
-    space = search.load_space({"search": {"knobs": {
+def test_a_missing_search_section_is_one_clear_line(tmp_path):
+    with pytest.raises(SettingsError, match=r"^harness.yaml: missing key 'search'"):
+        search_space.load_space(_settings_with_search(tmp_path, None).search, _knobs())
+
+
+def test_suggest_skips_conditional_knobs(tmp_path):
+    space = _space(tmp_path, {
         "NUM_DRAFT_TOKENS": {"low": 1, "high": 8}, "QUANTIZED_KV_START": {"choices": [0, 256]},
         "KV_BITS": {"choices": [None, 4]}, "TEMP": {"low": 0.0, "high": 1.0},
-        "MAX_KV_SIZE": {"choices": [None, 512]}}}}, _knobs())
-    defaults = {k: v["value"] for k, v in _knobs().items()}
-    study = optuna.create_study(direction="maximize", sampler=search.make_sampler(0, 4))
-    seen = []
+        "MAX_KV_SIZE": {"choices": [None, 512]}})
+    defaults = _knobs()
+    study = optuna.create_study(direction="maximize", sampler=search_space.make_sampler(0, 4))
     for _ in range(12):
         trial = study.ask()
-        params = search.suggest(trial, space, {"draft_model": None}, defaults)
-        seen.append(params)
+        params = search_space.suggest(trial, space, defaults)
         study.tell(trial, 1.0)
         assert "NUM_DRAFT_TOKENS" not in params  # no draft model
         assert ("QUANTIZED_KV_START" in params) == (params["KV_BITS"] is not None)
         assert ("MAX_KV_SIZE" in params) == (params["KV_BITS"] is None)
         assert isinstance(params["TEMP"], float)
-    with_draft = search.suggest(study.ask(), space, {"draft_model": "x"}, defaults)
+    with_draft = search_space.suggest(study.ask(), space, defaults, draft_model="x")
     assert isinstance(with_draft["NUM_DRAFT_TOKENS"], int)
 
 
-def test_patch_changes_only_knob_literals_and_keeps_comments():
-    text = (REPO / "inference.py").read_text()
-    new = search.patched_source(text, {"COMPUTE_DTYPE": "bfloat16", "KV_BITS": 8, "TEMP": 0.0,
-                                       "MAX_KV_SIZE": None})
-    old_lines, new_lines = text.splitlines(), new.splitlines()
-    changed = [(a, b) for a, b in zip(old_lines, new_lines) if a != b]
-    assert len(old_lines) == len(new_lines) and len(changed) == 3  # MAX_KV_SIZE was None already
-    for old, line in changed:
-        assert line.split("#")[1] == old.split("#")[1]  # the comment is intact
-    assert 'COMPUTE_DTYPE = "bfloat16"  # dtype' in new and "KV_BITS = 8                #" in new
-    assert "TEMP = 0.0                 # sampling" in new  # same width: comment column kept
-    assert search.make_patch(text, {"TEMP": 0.7}) == ""  # no change, no patch
+def test_knob_spaces_become_optuna_distributions(tmp_path):
+    space = _space(tmp_path, {"TOP_K": {"low": 0, "high": 50, "step": 10}, "TEMP": {"low": 0.1, "high": 1.0,
+                                                                                    "log": True},
+                              "KV_BITS": {"choices": [None, 4, 8]}})
+    specs = {spec.name: spec for spec in space.knobs}
+    dist = optuna.distributions
+    assert search_space.distribution(specs["TOP_K"]) == dist.IntDistribution(0, 50, step=10)
+    assert search_space.distribution(specs["TEMP"]) == dist.FloatDistribution(0.1, 1.0, log=True)
+    assert search_space.distribution(specs["KV_BITS"]) == dist.CategoricalDistribution([None, 4, 8])
+    assert search_space.contains(specs["TOP_K"], 20) and not search_space.contains(specs["TOP_K"], 2.5)
+    assert not search_space.contains(specs["TOP_K"], True) and not search_space.contains(specs["TEMP"], 2.0)
+    assert search_space.contains(specs["KV_BITS"], 4.0) and not search_space.contains(specs["KV_BITS"], 0)
+
+
+# ---------------------------------------------------------------------------
+# Model geometry and memory
+# ---------------------------------------------------------------------------
+def test_geometry_is_read_once_per_config_version(tmp_path):
+    config = {"num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
+              "hidden_size": 256, "vocab_size": 1000}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    shape = geometry.model_geometry(tmp_path)
+    assert (shape.layers, shape.heads, shape.kv_heads, shape.head_dim, shape.hidden_size,
+            shape.intermediate_size, shape.vocab_size) == (4, 8, 2, 32, 256, 1024, 1000)
+    assert shape.kv_bytes_per_position(2) == 2 * 4 * 2 * 32 * 2
+    assert geometry.model_geometry(str(tmp_path)) is shape  # cached
+    # a multimodal config: the text model's keys win; a rewritten config is read again
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 5, "text_config": {**config, "head_dim": 64}}))
+    again = geometry.model_geometry(tmp_path)
+    assert again.head_dim == 64 and again.vocab_size == 1000
+    empty = geometry.model_geometry(tmp_path / "missing")
+    assert empty.layers == 0 and empty.kv_bytes_per_position(4) == 0
 
 
 def test_memory_estimate_and_prune_reason(tiny_llama):
     settings = load_settings(REPO / "harness.yaml")
-    f32 = search.estimate_memory(tiny_llama, {"COMPUTE_DTYPE": "float32"}, settings, quick=True)
-    f16 = search.estimate_memory(tiny_llama, {"COMPUTE_DTYPE": "float16"}, settings, quick=True)
-    kv4 = search.estimate_memory(tiny_llama, {"COMPUTE_DTYPE": "float32", "KV_BITS": 4}, settings, quick=True)
+    estimate = search_objective.estimate_memory
+    f32 = estimate(tiny_llama, {"COMPUTE_DTYPE": "float32"}, settings, quick=True)
+    f16 = estimate(tiny_llama, {"COMPUTE_DTYPE": "float16"}, settings, quick=True)
+    kv4 = estimate(tiny_llama, {"COMPUTE_DTYPE": "float32", "KV_BITS": 4}, settings, quick=True)
     on_disk = sum(p.stat().st_size for p in Path(tiny_llama).glob("*.safetensors"))
     assert abs(f32["weights"] - on_disk) < 0.01 * on_disk  # float32 weights: the file's size
+    assert geometry.weight_bytes(tiny_llama, "float32") == f32["weights"]
     assert f16["weights"] < 0.55 * f32["weights"] and kv4["kv_cache"] < 0.2 * f32["kv_cache"]
-    assert search.fits(f32, 64 * 2**30) == (True, "")
-    ok, reason = search.fits(f32, f32["total"])  # no room for the headroom
+    assert search_objective.fits(f32, 64 * 2**30) == (True, "")
+    ok, reason = search_objective.fits(f32, f32["total"])  # no room for the headroom
     assert not ok and reason.startswith("does not fit in memory: needs ~") and "budget" in reason
 
 
+def test_memory_estimate_counts_the_scored_corpus(tiny_llama):
+    # The scored corpus (quality.corpus_tokens) is held in one sequence like a prompt: when it
+    # is longer than every speed prompt, the KV cache must grow with it. (The estimate once
+    # read a key that no longer existed, quality.kl_tokens, and counted the corpus as 0 tokens.)
+    settings = load_settings(REPO / "harness.yaml")
+    quick = settings.preset(quick=True)
+    longest_prompt = max(p.document_tokens or 0 for p in quick.prompts) + search_objective.PROMPT_OVERHEAD
+
+    def with_corpus(tokens):
+        quality = dataclasses.replace(settings.quality, corpus_tokens=PerPreset(full=tokens, quick=tokens))
+        return dataclasses.replace(settings, quality=quality)
+
+    small, large = with_corpus(longest_prompt + 1_000), with_corpus(longest_prompt + 9_000)
+    assert search_objective.longest_sequence(large, True) == longest_prompt + 9_000 + quick.max_tokens
+    knob_values = {"COMPUTE_DTYPE": "float32"}
+    a = search_objective.estimate_memory(tiny_llama, knob_values, small, quick=True)
+    b = search_objective.estimate_memory(tiny_llama, knob_values, large, quick=True)
+    assert b["kv_cache"] > 5 * a["kv_cache"] and b["total"] > a["total"]
+
+
 def test_gates_and_objective_follow_the_quality_keys():
-    assert search.gate_failure({"decision": "MEASURED", "decode_tps": 10.0}) is None
-    assert search.objective_value({"decode_tps": 10.0}) == (10.0, "decode_tps")
-    assert search.objective_value({"decode_tps": 10.0, "quality_adjusted_tps": 9.5}) == \
+    gate_failure, objective_value = search_objective.gate_failure, search_objective.objective_value
+    assert gate_failure({"decision": "MEASURED", "decode_tps": 10.0}) is None
+    assert objective_value({"decode_tps": 10.0}) == (10.0, "decode_tps")
+    assert objective_value({"decode_tps": 10.0, "quality_adjusted_tps": 9.5}) == \
         (9.5, "quality_adjusted_tps")
-    crash = search.gate_failure({"decision": "CRASH", "reason": "boom"})
+    crash = gate_failure({"decision": "CRASH", "reason": "boom"})
     assert crash == "CRASH: boom"
-    failed = search.gate_failure({"decision": "MEASURED", "decode_tps": 10.0, "quality_pass": False,
-                                  "gates": [{"name": "kl_mean", "passed": False},
-                                            {"name": "perplexity", "passed": True}]})
+    failed = gate_failure({"decision": "MEASURED", "decode_tps": 10.0, "quality_pass": False,
+                           "gates": [{"name": "kl_mean", "passed": False},
+                                     {"name": "perplexity", "passed": True}]})
     assert failed == "quality gates failed: kl_mean"
 
 
 def test_warm_start_rows_become_trials():
-    space = search.load_space(load_settings(REPO / "harness.yaml"), _knobs())
+    space = search_space.load_space(load_settings(REPO / "harness.yaml").search, _knobs())
     base = {c: "" for c in ledger.COLUMNS}
     rows = [
         {**base, "line": 2, "source": "search", "protocol": "p", "commit": "abc", "decision": "MEASURED",
@@ -144,7 +197,7 @@ def test_warm_start_rows_become_trials():
         {**base, "line": 7, "source": "search", "protocol": "q", "commit": "abc", "decision": "MEASURED",
          "decode_tps": "120", "config": json.dumps({"TEMP": 0.0})},            # another protocol
     ]
-    trials, skipped = search.warm_start_trials(rows, space, protocol="p", commit="abc")
+    trials, skipped = search_space.warm_start_trials(rows, space, protocol="p", commit="abc")
     assert skipped == 1 and [t.user_attrs["ledger_line"] for t in trials] == [2, 3, 4]
     assert [t.state for t in trials] == [STATE.COMPLETE, STATE.PRUNED, STATE.COMPLETE]
     assert trials[0].value == 100.0 and trials[2].value == 80.0  # quality-adjusted when present
@@ -160,14 +213,14 @@ def test_a_trial_past_the_total_is_turned_away_before_it_evaluates():
     study.add_trial(warm)  # warm-started trials do not count toward --trials
     study.tell(study.ask(), 2.0)
     running = study.ask()  # another process's trial, still running: it counts
-    objective = search.make_objective(None, None, {}, None, n_trials=2)
+    objective = search_objective.make_objective(None, None, {}, None, n_trials=2)
     surplus = study.ask()
-    with pytest.raises(search.SurplusTrial):
+    with pytest.raises(search_space.SurplusTrial):
         objective(surplus)  # nothing is touched before the check: no ctx needed
     assert surplus.user_attrs["fail_reason"].startswith("surplus")
     study.tell(surplus, state=STATE.FAIL)  # as study.optimize records it: not counted
     study.tell(running, state=STATE.FAIL)  # an interrupted trial does not count either: it is redone
-    assert len(search.counted_trials(study)) == 1
+    assert len(search_storage.counted_trials(study)) == 1
 
 
 def test_search_efficiency_bench_meets_its_acceptance():
@@ -219,12 +272,13 @@ def test_search_sqlite_resume_warm_start_and_patch(project):
     assert len(_search_rows(project)) == 3
 
     # A new study starts warm from the earlier rows of this protocol and commit.
-    fresh = project.run("search", "--trials", "1", "--quick", "--model", model, "--study", "fresh")
+    fresh = project.run("search", "--trials", "1", "--quick", "--model", model, "--study", "fresh", "--json")
     assert fresh.returncode == 0, fresh.stderr
     assert _block(fresh.stdout)["warm_started"] == "3" and _block(fresh.stdout)["trials"] == "1"
     warm = optuna.load_study(study_name="fresh", storage=storage).get_trials()
     assert sum(bool(t.user_attrs.get("warm_start")) for t in warm) == 3 and len(warm) == 4
     assert len(_search_rows(project)) == 4
+    _check_json(fresh.stdout, warm)
 
     # The patch applies, touches only knob lines, and the patched file runs normally.
     patch = (project.root / search.PATCH_NAME).read_text()
@@ -234,9 +288,36 @@ def test_search_sqlite_resume_warm_start_and_patch(project):
     assert changed and all(re.match(r"^[+-][A-Z_]+ = ", line) for line in changed), patch
     best = json.loads(_block(fresh.stdout)["best_config"])
     for name, value in best.items():
-        assert f"\n{name} = {search.literal(value)} " in project.inference.read_text()
+        assert f"\n{name} = {knobs.literal(value)} " in project.inference.read_text()
     proc, result = project.evaluate()
     assert proc.returncode == 0 and result["decision"] == "MEASURED" and result["decode_tps"] > 0
+
+
+def _last_json(stdout):
+    """The --json object: the last line of stdout, after the key: value block."""
+    lines = stdout.strip().splitlines()
+    assert lines[0] == "---" and lines[-1].startswith("{"), stdout
+    return json.loads(lines[-1])
+
+
+def _check_json(stdout, trials):
+    """The --json object agrees with the block and with the study's `trials`."""
+    out, block = _last_json(stdout), _block(stdout)
+    assert set(out) == {"study", "storage", "trials", "counts", "best", "patch"}
+    assert out["study"] == block["study"] and out["trials"] == int(block["trials"])
+    own = [t for t in trials if not t.user_attrs.get("warm_start")]
+    assert out["counts"] == {"complete": sum(t.state == STATE.COMPLETE for t in own),
+                             "pruned": sum(t.state == STATE.PRUNED for t in own),
+                             "failed": sum(t.state == STATE.FAIL for t in own),
+                             "warm_started": len(trials) - len(own)}
+    best = max((t for t in trials if t.state == STATE.COMPLETE), key=lambda t: t.value)
+    assert out["best"] == {"number": best.number, "value": best.value,
+                           "objective_metric": best.user_attrs["objective_metric"], "config": best.params,
+                           "decode_tps": best.user_attrs["decode_tps"],
+                           "quality_score": best.user_attrs.get("quality_score"),
+                           "run_file": best.user_attrs["run_file"]}
+    assert out["best"]["config"] == json.loads(block["best_config"]) and out["best"]["run_file"].startswith("runs/")
+    assert out["patch"] == (search.PATCH_NAME if block["patch"] != "-" else None)
 
 
 def test_crashing_configuration_is_pruned_with_its_reason(project):
@@ -244,10 +325,13 @@ def test_crashing_configuration_is_pruned_with_its_reason(project):
     settings["search"]["knobs"] = {"COMPUTE_DTYPE": {"choices": ["no_such_dtype"]}}
     project.write_settings(settings)
     project.commit("a space whose only point crashes")
-    proc = project.run("search", "--trials", "1", "--quick", "--model", str(project.model_dir))
+    proc = project.run("search", "--trials", "1", "--quick", "--model", str(project.model_dir), "--json")
     assert proc.returncode == 0, proc.stderr
     out = _block(proc.stdout)
     assert out["pruned"] == "1" and out["best_trial"] == "-" and out["patch"] == "-"
+    assert _last_json(proc.stdout) == {"study": out["study"], "storage": out["storage"], "trials": 1,
+                                       "counts": {"complete": 0, "pruned": 1, "failed": 0, "warm_started": 0},
+                                       "best": None, "patch": None}
     trial = optuna.load_study(study_name=out["study"],
                               storage=f"sqlite:///{project.root / 'search.db'}").get_trials()[0]
     assert trial.state == STATE.PRUNED and trial.user_attrs["prune_reason"].startswith("CRASH: ")
