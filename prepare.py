@@ -4,17 +4,32 @@
 
 Exit status: 0 when the harness gave a decision (whatever it is), 2 for a usage or
 settings error, 1 for a failure of the harness itself.
+
+`evaluate` and `search` run pipeline code, so they never run the harness from the
+working tree: prepare.py copies the locked files as committed (this branch's baseline
+commit, or HEAD before there is one) into a new temporary folder and runs that copy in
+Python's isolated mode, with no bytecode read from or written into the repository.
 """
 
-import argparse
 import os
 import sys
+
+# Nothing in the repository may shadow a library: drop the script's folder from the
+# front of the path (before any import that is not built in) and look for the harness
+# package last. The pristine copy runs with -I, which leaves the folder out anyway.
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE] + [HERE]
+
+import argparse  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 # Subcommands that live in their own harness module: each has add_parser(sub) and run(args).
 COMMAND_MODULES = ["harness.log", "harness.profile", "harness.search", "harness.analyze"]
+# The commands that run pipeline code and write verdicts: always from a pristine copy.
+PRISTINE_COMMANDS = ("evaluate", "search")
+REPO_ENV = "MLX_HILLCLIMB_REPO"  # set in the pristine copy: the repository it measures
 
 
 def parse_args(argv):
@@ -57,7 +72,11 @@ def cmd_evaluate(args):
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv and not argv[0].startswith("-") else "evaluate"
+    if command in PRISTINE_COMMANDS and REPO_ENV not in os.environ:
+        return run_pristine(argv)
+    args = parse_args(argv)
     from harness.ledger import LedgerError
     from harness.models import ModelError
     from harness.settings import SettingsError
@@ -70,6 +89,83 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted: no row was written for this run; results.tsv is intact", file=sys.stderr)
         return 130
+
+
+# ---------------------------------------------------------------------------
+# The pristine copy (standard library only: it runs before any harness code)
+# ---------------------------------------------------------------------------
+def run_pristine(argv):
+    """Run `prepare.py ARGV` from a fresh copy of the committed locked files; its exit status."""
+    import signal
+    import subprocess
+    import tempfile
+
+    commit = _source_commit(HERE)
+    with tempfile.TemporaryDirectory(prefix="mlx-hillclimb-harness-") as home:
+        if commit:
+            _extract(HERE, commit, home)
+        else:  # not a git repository, or no commit yet: nothing is committed to copy
+            print("warning: no git commit to copy the harness from: it runs from the working tree",
+                  file=sys.stderr)
+            home = HERE
+        command = [sys.executable, "-I", "-B", os.path.join(home, "prepare.py"), *argv]
+        child = subprocess.Popen(command, env={**os.environ, REPO_ENV: HERE})
+        # Ctrl-C reaches the copy directly (same process group); this process only waits.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            return child.wait()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _git(repo, *args):
+    import subprocess
+
+    proc = subprocess.run(["git", "-C", repo, *args], capture_output=True)
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def _source_commit(repo):
+    """This branch's BASELINE commit from results.tsv (an ancestor of HEAD), else HEAD;
+    None outside a git repository or before the first commit."""
+    head = _git(repo, "rev-parse", "--verify", "-q", "HEAD")
+    if head is None:
+        return None
+    branch = (_git(repo, "symbolic-ref", "-q", "--short", "HEAD") or b"").decode().strip()
+    for commit in reversed(_baseline_commits(os.path.join(repo, "results.tsv"), branch)):
+        if _git(repo, "merge-base", "--is-ancestor", commit, "HEAD") is not None:
+            return commit
+    return head.decode().strip()
+
+
+def _baseline_commits(path, branch):
+    """Commits of the BASELINE rows of `branch` in results.tsv, oldest first (the ledger's
+    own reader lives in harness/ledger.py; this runs before any harness code may)."""
+    import csv
+
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            # line by line: a stray quote in one row never swallows the next
+            rows = [next(csv.reader([line], delimiter="\t"), []) for line in f.read().splitlines()]
+    except OSError:
+        return []
+    if not rows or not {"commit", "branch", "decision"} <= set(rows[0]):
+        return []
+    at = {name: rows[0].index(name) for name in ("commit", "branch", "decision")}
+    return [r[at["commit"]] for r in rows[1:] if len(r) == len(rows[0])
+            and r[at["decision"]] == "BASELINE" and r[at["branch"]] == branch]
+
+
+def _extract(repo, commit, home):
+    """Write the files of `commit` into `home` (git archive), inference.py left out:
+    the run reads the repository's own."""
+    import io
+    import tarfile
+
+    blob = _git(repo, "archive", "--format=tar", commit)
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        members = [m for m in tar.getmembers() if m.name != "inference.py"]
+        tar.extractall(home, members=members, filter="data")
 
 
 if __name__ == "__main__":

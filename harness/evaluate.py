@@ -155,11 +155,10 @@ def evaluate(ctx, *, inference_path=None, overrides=None, source="agent", apply=
     result = new_result(ctx, standing, source, overrides)
     changes = change_monitor(ctx, standing, inference_path.read_text(errors="replace"))
     result["changes"] = changes["vs_baseline"]["summary"]
-    locked = gitops.changed_locked_files(ctx.root, standing.baseline["commit"]) if standing.baseline else []
+    locked = locked_files_changed(ctx, standing)
     out = {"samples": [], "workers": {}, "quality": None, "logs": {}}
     if locked:
-        result.update(decision=Decision.REJECT, reason=f"locked files changed since the baseline "
-                      f"{standing.baseline['commit']}: {', '.join(locked)} (only inference.py may change)")
+        result.update(decision=Decision.REJECT, reason=locked)
     else:
         out = measure_run(ctx, standing, inference_path, overrides, compare=_compares(standing, overrides))
         if out["failure"]:
@@ -194,6 +193,26 @@ def where_we_stand(ctx):
     return Standing(git=git_state, rows=rows, ancestry=ancestry,
                     baseline=ledger.branch_baseline(rows, ancestry, branch),
                     champion=ledger.champion_row(rows, ancestry, protocol=ctx.protocol, branch=branch))
+
+
+def locked_files_changed(ctx, standing):
+    """'' when every file but inference.py is as the harness runs it, else the REJECT reason.
+
+    The harness runs from a copy of the baseline commit's files (HEAD's before there is
+    a baseline), so a locked file that differs from that commit, committed or not, would
+    not even be what runs.
+    """
+    if standing.baseline:
+        changed = gitops.changed_locked_files(ctx.root, standing.baseline["commit"])
+        where = f"since the baseline {standing.baseline['commit']}"
+    elif standing.git["commit"] != "none":
+        changed = gitops.changed_locked_files(ctx.root, "HEAD")
+        where = "and not committed (the harness runs as committed: commit them before the baseline)"
+    else:
+        return ""
+    if not changed:
+        return ""
+    return f"locked files changed {where}: {', '.join(changed)} (only inference.py may change)"
 
 
 def new_result(ctx, standing, source, overrides):
@@ -234,12 +253,17 @@ def measure_run(ctx, standing, inference_path, overrides, *, compare):
     tasks = quality.selected_tasks(ctx.settings, ctx.quick)
     with tempfile.TemporaryDirectory(prefix="harness-") as tmp:
         reference = quality.load_reference(ctx, tasks, tmp)
-        paths = {"challenger": inference_path}
+        # Each worker loads its own copy, in its own folder: nothing it does to the file
+        # or the folder reaches the repository or the other worker.
+        sources = {"challenger": inference_path.read_bytes()}
         if compare:
-            champion_file = Path(tmp) / "champion" / "inference.py"
-            champion_file.parent.mkdir()
-            champion_file.write_text(gitops.file_at(ctx.root, standing.champion["commit"], "inference.py"))
-            paths = {"champion": champion_file, "challenger": inference_path}
+            sources = {"champion": gitops.file_at(ctx.root, standing.champion["commit"], "inference.py").encode(),
+                       **sources}
+        paths = {}
+        for name, source in sources.items():
+            paths[name] = Path(tmp) / name / "inference.py"
+            paths[name].parent.mkdir()
+            paths[name].write_bytes(source)
         out = measure(ctx, paths, reference=reference, tasks=tasks, overrides=overrides, log_dir=tmp)
         out["logs"] = {p.stem: p.read_text(errors="replace")[-20000:] for p in Path(tmp).glob("*.log")}
     out["reference"] = reference

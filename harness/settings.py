@@ -10,14 +10,21 @@ No other module validates harness.yaml. `protocol_hash` hashes what shapes a mea
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-SETTINGS_PATH = ROOT / "harness.yaml"
+# The harness's own code and locked files: during a run, a fresh copy of them as committed
+# (prepare.py makes it), so nothing in the working tree can change the referee.
+HARNESS_HOME = Path(__file__).resolve().parent.parent
+# The repository being climbed: git, inference.py, results.tsv, runs/. prepare.py's pristine
+# copy is told where it is; otherwise it is the folder the harness lives in.
+REPO_ENV = "MLX_HILLCLIMB_REPO"
+ROOT = Path(os.environ.get(REPO_ENV) or HARNESS_HOME).resolve()
+SETTINGS_PATH = HARNESS_HOME / "harness.yaml"
 PROMPT_KINDS = ("decode", "prefill")
 PRESET_NAMES = ("full", "quick")
 PRIMARY_METRICS = ("decode_tps", "prefill_tps")

@@ -22,7 +22,11 @@ import numpy as np
 # WorkerCrash and WorkerInvalid are defined with the framing that raises them;
 # callers may keep importing them from here.
 from harness.pipe import Channel, WorkerCrash, WorkerInvalid, decode_block, decode_reply
-from harness.settings import ROOT
+from harness.settings import HARNESS_HOME
+
+# The child runs in isolated mode (no script folder, user site or PYTHON* variables on
+# its path) and imports the harness from its home, never from the repository.
+LAUNCHER = "import sys; sys.path.append(sys.argv.pop(1)); from harness.worker import main; main()"
 
 
 # ---------------------------------------------------------------------------
@@ -44,8 +48,9 @@ class Worker:
         resp_r, resp_w = os.pipe()
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "harness.worker", str(req_r), str(resp_w), str(self.inference_path)],
-            cwd=str(ROOT), stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            [sys.executable, "-I", "-B", "-c", LAUNCHER, str(HARNESS_HOME), str(req_r), str(resp_w),
+             str(self.inference_path)],
+            cwd=str(self.inference_path.parent), stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             pass_fds=(req_r, resp_w), env={**os.environ, "PYTHONUNBUFFERED": "1"},
             start_new_session=True)  # its own process group: Ctrl-C reaches the parent only
         os.close(req_r)

@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+from conftest import git
+
 from harness import ledger
 
 
@@ -151,6 +153,10 @@ def test_bad_settings_are_usage_errors(project, breakage, words):
     else:
         settings["workload"]["presets"]["quick"]["prompts"].append("nope")
         project.write_settings(settings)
+    # The harness runs its settings as committed (the baseline's on a branch that has one):
+    # commit the broken file on a new branch, where it is what runs.
+    git(project.root, "checkout", "-qb", "new-settings")
+    project.commit("broken settings")
     proc = project.run("--quick", "--model", str(project.model_dir))
     assert proc.returncode == 2, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
