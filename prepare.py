@@ -76,6 +76,7 @@ def main(argv=None):
     command = argv[0] if argv and not argv[0].startswith("-") else "evaluate"
     if command in PRISTINE_COMMANDS and REPO_ENV not in os.environ:
         return run_pristine(argv)
+    guard_interrupts()
     args = parse_args(argv)
     from harness.ledger import LedgerError
     from harness.models import ModelError
@@ -89,6 +90,44 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted: no row was written for this run; results.tsv is intact", file=sys.stderr)
         return 130
+
+
+SI_KERNEL = 0x80  # si_code of a signal the kernel sent, e.g. the terminal's Ctrl-C
+
+
+def guard_interrupts():
+    """Only a Ctrl-C from the user's terminal interrupts the harness.
+
+    A SIGINT that another process sent (kill) is reported and ignored: pipeline code must
+    not be able to stop a run after tampering with its files. SIGINT is blocked in every
+    thread and read with sigwaitinfo by a watcher, which tells a real one to the main
+    thread through SIGUSR2 and a flag no other process can set. Linux only (macOS has no
+    sigwaitinfo; its sandbox denies signals to other processes).
+    """
+    import signal
+    import threading
+
+    if not hasattr(signal, "sigwaitinfo") or threading.current_thread() is not threading.main_thread():
+        return
+    requested = threading.Event()
+
+    def on_usr2(signum, frame):
+        if requested.is_set():
+            raise KeyboardInterrupt
+
+    def watch():
+        while True:
+            info = signal.sigwaitinfo({signal.SIGINT})
+            if info.si_code == SI_KERNEL:
+                requested.set()
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR2)
+            else:
+                print(f"warning: ignored a SIGINT sent by process {info.si_pid}: only Ctrl-C in the "
+                      f"terminal interrupts a run", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGUSR2, on_usr2)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    threading.Thread(target=watch, name="interrupts", daemon=True).start()
 
 
 # ---------------------------------------------------------------------------
@@ -142,13 +181,21 @@ def _baseline_commits(path, branch):
     """Commits of the BASELINE rows of `branch` in results.tsv, oldest first (the ledger's
     own reader lives in harness/ledger.py; this runs before any harness code may)."""
     import csv
+    import hashlib
 
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
-            # line by line: a stray quote in one row never swallows the next
-            rows = [next(csv.reader([line], delimiter="\t"), []) for line in f.read().splitlines()]
+            lines = f.read().split("\n")
     except OSError:
         return []
+    try:  # rows the harness did not write (not in its index) never count
+        with open(path + ".sha256") as f:
+            trusted = set(f.read().split())
+        lines = lines[:1] + [t for t in lines[1:] if hashlib.sha256(t.encode()).hexdigest() in trusted]
+    except FileNotFoundError:
+        pass
+    # line by line: a stray quote in one row never swallows the next
+    rows = [next(csv.reader([line], delimiter="\t"), []) for line in lines]
     if not rows or not {"commit", "branch", "decision"} <= set(rows[0]):
         return []
     at = {name: rows[0].index(name) for name in ("commit", "branch", "decision")}

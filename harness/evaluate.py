@@ -13,7 +13,7 @@ from harness import bench, geometry, gitops, ledger, monitor, quality, verdict
 from harness import settings as settings_mod
 from harness.corpus import load_corpus
 from harness.environment import environment
-from harness.models import resolve_model
+from harness.models import model_digest, resolve_model
 from harness.report import Progress, note
 from harness.ledger import Decision
 from harness.tasks import load_tasks
@@ -33,6 +33,7 @@ class Context:
     tokenizer: object
     corpus_text: str
     corpus_sha256: str
+    model_digest: str          # content hash of the model folder (part of the protocol)
     protocol: str
     vocab_size: int | None = None
     root: Path = ROOT
@@ -63,12 +64,14 @@ def make_context(settings, *, quick, model=None, root=ROOT):
     draft_dir = resolve_model(draft) if draft else None
     corpus_text, corpus_sha = load_corpus()
     tasks_sha = settings_mod.digest([(t.id, t.prompt, t.params) for t in load_tasks()])
-    protocol = settings_mod.protocol_hash(settings, quick, name,
-                                          {"corpus": corpus_sha, "tasks": tasks_sha, "draft": draft})
+    digests = {"model": model_digest(model_dir), "draft": model_digest(draft_dir) if draft_dir else None}
+    protocol = settings_mod.protocol_hash(settings, quick, name, {"corpus": corpus_sha, "tasks": tasks_sha,
+                                                                  "draft": draft, "digests": digests})
     vocab_size = geometry.model_geometry(model_dir).vocab_size or None
     return Context(settings=settings, quick=quick, model=name, model_dir=model_dir,
                    draft_dir=draft_dir, tokenizer=load_tokenizer(model_dir),
-                   corpus_text=corpus_text, corpus_sha256=corpus_sha, protocol=protocol,
+                   corpus_text=corpus_text, corpus_sha256=corpus_sha, model_digest=digests["model"],
+                   protocol=protocol,
                    vocab_size=vocab_size, root=root)
 
 
@@ -141,6 +144,7 @@ class Standing:
     ancestry: list
     baseline: dict | None      # this branch's BASELINE row: the reference for locked files
     champion: dict | None      # the row a new commit must beat
+    ledger_fingerprint: tuple  # results.tsv's (size, sha256) before the run: checked before appending
 
 
 def evaluate(ctx, *, inference_path=None, overrides=None, source="agent", apply=False):
@@ -173,6 +177,7 @@ def evaluate(ctx, *, inference_path=None, overrides=None, source="agent", apply=
                 search=bool(overrides), min_effect=ctx.settings.verdict.min_effect,
                 **{k: result.get(k) for k in ("speedup", "speedup_ci", "end_to_end_ratio",
                                               "ttft_share_ratio", "lines_vs_champion")})
+    guard_ledger(ctx, result, standing)
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
     result["run_file"] = write_run_file(ctx, result, stamp, out, changes)
     ledger.append(ctx.ledger_path, ledger_row(result, stamp))
@@ -185,6 +190,7 @@ def where_we_stand(ctx):
     """Read git and the ledger. Everything is per branch: a new branch starts with its own
     BASELINE, whose commit then locks every file but inference.py for the rest of the branch."""
     git_state = gitops.state(ctx.root)
+    fingerprint = ledger.fingerprint(ctx.ledger_path)
     rows, problems = ledger.read(ctx.ledger_path)
     for problem in problems:
         note(f"warning: {problem}")
@@ -192,7 +198,8 @@ def where_we_stand(ctx):
     branch = git_state["branch"]
     return Standing(git=git_state, rows=rows, ancestry=ancestry,
                     baseline=ledger.branch_baseline(rows, ancestry, branch),
-                    champion=ledger.champion_row(rows, ancestry, protocol=ctx.protocol, branch=branch))
+                    champion=ledger.champion_row(rows, ancestry, protocol=ctx.protocol, branch=branch),
+                    ledger_fingerprint=fingerprint)
 
 
 def locked_files_changed(ctx, standing):
@@ -268,6 +275,14 @@ def measure_run(ctx, standing, inference_path, overrides, *, compare):
         out["logs"] = {p.stem: p.read_text(errors="replace")[-20000:] for p in Path(tmp).glob("*.log")}
     out["reference"] = reference
     return out
+
+
+def guard_ledger(ctx, result, standing):
+    """A ledger that changed during the run makes the run INVALID: only the harness writes it."""
+    foreign = ledger.changed_since(ctx.ledger_path, standing.ledger_fingerprint)
+    if foreign:
+        result.update(decision=Decision.INVALID, reason=f"results.tsv changed during the run: {foreign} "
+                      f"(those rows are never taken as champion; was: {result['decision']})")
 
 
 def record_failure(result, failure):

@@ -9,10 +9,19 @@ holding a tab or a double quote is quoted (quotes doubled), so any text round-tr
 through `csv.DictReader(f, delimiter="\\t")` and `pandas.read_csv(sep="\\t")`. A cell
 never spans lines: carriage returns and newlines become spaces. Files written before
 quoting (cells were split on tabs, never quoted) still read exactly: see `parse_line`.
+
+New columns are only ever added at the end: a file started by an older harness (its header
+is a prefix of COLUMNS) still reads, and gets rows with its own columns only.
+
+The harness keeps the sha256 of every line it writes in `results.tsv.sha256` beside the
+ledger (written before the line). A row whose digest is not there was not written by the
+harness: it is marked untrusted and never taken as baseline or champion. A ledger with no
+index yet (from before it existed) is trusted as it is on the next write.
 """
 
 import csv
 import enum
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -39,8 +48,11 @@ COLUMNS = [
     "changes",             # the change monitor's one-line summary
     "config",              # knob overrides (search trials), JSON
     "run_file",            # the run's JSON file with every raw sample
+    # Added later (a file started before has only the columns above):
+    "sandbox",             # the OS sandbox the pipeline ran in: bwrap | sandbox-exec | none
 ]
 HEADER = "\t".join(COLUMNS) + "\n"  # no column name needs quoting, so this is also the csv header
+FIRST_COLUMNS = 32  # the columns of the first harness: every readable header has at least these
 
 
 class Decision(enum.StrEnum):
@@ -86,35 +98,62 @@ def _cell(value):
     return str(value).replace("\r", " ").replace("\n", " ")
 
 
-def format_row(row):
+def format_row(row, columns=COLUMNS):
     """One results.tsv line, newline included, for `row` (a dict keyed by COLUMNS;
-    missing keys are empty). Raises ValueError for a key that is not a column."""
+    missing keys are empty), with `columns` (an older file's own). Raises ValueError
+    for a key that is not a column."""
     unknown = set(row) - set(COLUMNS)
     if unknown:
         raise ValueError(f"unknown results.tsv columns: {sorted(unknown)}")
-    return _csv_line([_cell(row.get(c)) for c in COLUMNS])
+    return _csv_line([_cell(row.get(c)) for c in columns])
 
 
-def append(path, row):
-    """Append one row in a single write, writing the header first if the file is new.
-
-    Raises LedgerError if an existing file has another header.
-    """
+def index_path(path):
+    """Where the digests of the lines the harness wrote to `path` are kept."""
     path = Path(path)
-    line = format_row(row)
+    return path.with_name(path.name + ".sha256")
+
+
+def line_digest(line):
+    """The digest of one ledger line (without its newline) as the index keeps it."""
+    return hashlib.sha256(line.rstrip("\n").encode()).hexdigest()
+
+
+def _append_bytes(path, data, *, create_with=None):
+    """Append `data` in one write (`create_with` first if the file is new); True if created."""
     try:
         # O_EXCL: of two runs creating the file at once, only one writes the header
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        line = HEADER + line
+        data = (create_with or b"") + data
+        created = True
     except FileExistsError:
-        check_header(path)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        created = False
         if path.stat().st_size and not _ends_with_newline(path):
-            line = "\n" + line  # a hand edit lost the last newline: never glue two rows
+            data = b"\n" + data  # a hand edit lost the last newline: never glue two rows
     try:
-        os.write(fd, line.encode())  # one write: concurrent appends never interleave
+        os.write(fd, data)  # one write: concurrent appends never interleave
     finally:
         os.close(fd)
+    return created
+
+
+def append(path, row):
+    """Append one row in a single write, writing the header first if the file is new,
+    and record its digest in the index first.
+
+    Raises LedgerError if an existing file has a header this harness cannot extend.
+    """
+    path = Path(path)
+    columns = file_columns(path) if path.exists() else COLUMNS
+    line = format_row(row, columns)
+    index = index_path(path)
+    if path.exists() and not index.exists():
+        # A ledger from before the index: trust what it holds now, once.
+        lines = path.read_text(encoding="utf-8", errors="replace").split("\n")[1:]
+        _append_bytes(index, "".join(line_digest(t) + "\n" for t in lines if t.strip()).encode())
+    _append_bytes(index, (line_digest(line) + "\n").encode())
+    _append_bytes(path, line.encode(), create_with=HEADER.encode())
 
 
 def _ends_with_newline(path):
@@ -123,13 +162,57 @@ def _ends_with_newline(path):
         return f.read(1) == b"\n"
 
 
-def check_header(path):
-    """Raise LedgerError if an existing results.tsv was written with other columns."""
+def file_columns(path):
+    """The columns of an existing results.tsv: COLUMNS, or an older harness's prefix of them.
+
+    Raises LedgerError for any other header.
+    """
     with open(path, encoding="utf-8", errors="replace") as f:
         first = f.readline()
-    if first and first != HEADER:
+    if not first:
+        return COLUMNS
+    names = first.rstrip("\n").split("\t")
+    if len(names) < FIRST_COLUMNS or names != COLUMNS[:len(names)]:
         raise LedgerError(f"{path} has a different header than this harness writes: "
                           f"move it aside (e.g. to results.old.tsv) and run again")
+    return names
+
+
+def check_header(path):
+    """Raise LedgerError if an existing results.tsv was written with other columns."""
+    file_columns(path)
+
+
+def fingerprint(path):
+    """(size, sha256) of the ledger as it is now; (0, None) when it does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return 0, None
+    blob = path.read_bytes()
+    return len(blob), hashlib.sha256(blob).hexdigest()
+
+
+def changed_since(path, before):
+    """'' when the ledger is as `before` (a fingerprint) left it, else one line saying what
+    changed: the lines something else appended, or that earlier content was rewritten."""
+    size, digest = before
+    path = Path(path)
+    blob = path.read_bytes() if path.exists() else b""
+    if len(blob) == size and (digest is None or hashlib.sha256(blob).hexdigest() == digest):
+        return ""
+    if len(blob) > size and (digest is None or hashlib.sha256(blob[:size]).hexdigest() == digest):
+        # Rows another harness run appended meanwhile (e.g. a parallel search) are in the index.
+        first = blob[:size].count(b"\n") + 1
+        trusted = _trusted_digests(path) or set()
+        appended = blob[size:].decode("utf-8", errors="replace").split("\n")
+        if size == 0 and appended:
+            appended[0] = ""  # the header of a ledger created meanwhile
+        foreign = [str(first + i) for i, text in enumerate(appended)
+                   if text.strip() and line_digest(text) not in trusted]
+        if not foreign:
+            return ""
+        return f"{path.name} line(s) {', '.join(foreign)} were not written by the harness"
+    return f"{path.name} was rewritten or truncated during the run (earlier rows changed)"
 
 
 def parse_line(text):
@@ -162,20 +245,32 @@ def read(path):
     # Line by line: a hand-damaged line (say, an unclosed quote) never swallows the next rows.
     with open(path, encoding="utf-8", errors="replace") as f:
         lines = [text.rstrip("\n") for text in f]
-    if lines and lines[0] + "\n" != HEADER:
+    try:
+        columns = file_columns(path)
+    except LedgerError:
         return [], [f"{path.name} line 1 is not this harness's header: move the file aside"]
+    trusted = _trusted_digests(path)
     for number, text in enumerate(lines[1:], start=2):
         if not text.strip():
             continue
         fields = parse_line(text)
-        if len(fields) != len(COLUMNS):
+        if len(fields) != len(columns):
             problems.append(f"{path.name} line {number} has {len(fields)} fields, expected "
-                            f"{len(COLUMNS)}: fix or delete that line (it is ignored)")
+                            f"{len(columns)}: fix or delete that line (it is ignored)")
             continue
-        row = dict(zip(COLUMNS, fields))
+        row = dict.fromkeys(COLUMNS, "") | dict(zip(columns, fields))
         row["line"] = number
+        row["trusted"] = trusted is None or line_digest(text) in trusted
         rows.append(row)
     return rows, problems
+
+
+def _trusted_digests(path):
+    """The set of digests in the index, or None when there is no index yet (all trusted)."""
+    try:
+        return set(index_path(path).read_text().split())
+    except FileNotFoundError:
+        return None
 
 
 def champion_row(rows, ancestry, protocol=None, branch=None):
@@ -188,6 +283,7 @@ def champion_row(rows, ancestry, protocol=None, branch=None):
     history = set(ancestry)
     for row in reversed(rows):
         if (row.get("decision") in CHAMPION_DECISIONS and row.get("dirty") != "true"
+                and row.get("trusted", True)
                 and row.get("commit") in history
                 and (protocol is None or row.get("protocol") == protocol)
                 and (branch is None or row.get("branch") == branch)):
@@ -210,6 +306,6 @@ def branch_baseline(rows, ancestry, branch):
     history = set(ancestry)
     for row in reversed(rows):
         if (row.get("decision") == Decision.BASELINE and row.get("commit") in history
-                and row.get("branch") == branch):
+                and row.get("branch") == branch and row.get("trusted", True)):
             return row
     return None

@@ -64,6 +64,21 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "mlx-hillclimb"
 
 
+def model_digest(model_dir: Path | str) -> str:
+    """sha256 over every file of a model folder (relative names and contents).
+
+    It is part of the protocol and of the reference cache's key, so a model whose weights,
+    config or tokenizer changed is never measured as the same protocol.
+    """
+    root = Path(model_dir)
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        with open(path, "rb") as f:
+            h.update(hashlib.file_digest(f, "sha256").digest())
+    return h.hexdigest()[:16]
+
+
 def _accepted_forms() -> str:
     names = ", ".join(sorted(OFFLINE_MODELS))
     return (

@@ -17,6 +17,7 @@ return (nothing the pipeline says about itself is used):
 """
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -50,16 +51,6 @@ def selected_tasks(settings, quick):
 # ---------------------------------------------------------------------------
 # The reference, computed once per (model, corpus, tasks, settings) and cached
 # ---------------------------------------------------------------------------
-def model_identity(model_dir):
-    """A hash of the model directory's config and weight files (names, sizes, times)."""
-    model_dir = Path(model_dir)
-    h = hashlib.sha256((model_dir / "config.json").read_bytes())
-    for f in sorted(model_dir.glob("*.safetensors")):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
-
-
 def corpus_tokens(tokenizer, corpus_text, n):
     """The first `n` corpus tokens (BOS first when the tokenizer has one)."""
     ids = tokenizer.encode(corpus_text, add_special_tokens=False)
@@ -71,23 +62,64 @@ def reference_key(ctx, tasks):
     """The cache key of the reference: only what its figures depend on, not the gates."""
     q = ctx.settings.quality
     return settings_mod.digest({
-        "model": model_identity(ctx.model_dir), "corpus": ctx.corpus_sha256,
+        "model": ctx.model_digest, "corpus": ctx.corpus_sha256,
         "tasks": [(t.id, t.prompt, t.kind) for t in tasks],
         "corpus_tokens": max(q.corpus_tokens.full, q.corpus_tokens.quick), "max_tokens": dict(q.max_tokens),
         "reference": hashlib.sha256(REFERENCE_PIPELINE.read_bytes()).hexdigest()[:12],
     })
 
 
+REFERENCE_ARRAYS = ("nll.npy", "kl_logprobs.npy")
+
+
 def load_reference(ctx, tasks, log_dir):
-    """The reference's corpus log-probs and task results, from the cache or computed now."""
+    """The reference's corpus log-probs and task results, from the cache or computed now.
+
+    The cache is read whole (never a writable memory map) and checked against the hashes
+    written when it was built; a missing, damaged or altered cache is rebuilt, and the
+    run says so.
+    """
     folder = cache_dir() / "reference" / reference_key(ctx, tasks)
-    if not (folder / "meta.json").exists():
+    if (folder / "meta.json").exists():
+        reference, problem = _read_reference(folder)
+        if reference is not None:
+            return reference
+        note(f"warning: the cached reference in {folder} is damaged ({problem}): rebuilding it")
+    else:
         note("computing the float32 reference for this model, corpus and task set (once; cached) ...")
-        _build_reference(ctx, tasks, folder, log_dir)
-    meta = json.loads((folder / "meta.json").read_text())
-    meta["nll"] = np.load(folder / "nll.npy")
-    meta["kl_logprobs"] = np.load(folder / "kl_logprobs.npy", mmap_mode="r")
-    return meta
+    _build_reference(ctx, tasks, folder, log_dir)
+    reference, problem = _read_reference(folder)
+    if reference is None:
+        raise RuntimeError(f"the reference just built in {folder} does not read back: {problem}")
+    return reference
+
+
+def _sha256(blob):
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _meta_digest(meta):
+    """Hash of the meta fields (everything but the digest itself)."""
+    body = {k: v for k, v in meta.items() if k != "digest"}
+    return _sha256(json.dumps(body, sort_keys=True).encode())
+
+
+def _read_reference(folder):
+    """(reference dict, None) when the cache reads and every hash matches, else (None, why)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_bytes())
+        if not isinstance(meta, dict) or meta.get("digest") != _meta_digest(meta):
+            return None, "meta.json does not match its hash"
+        arrays = {}
+        for name in REFERENCE_ARRAYS:
+            blob = (folder / name).read_bytes()
+            if _sha256(blob) != meta["files"].get(name):
+                return None, f"{name} does not match its hash"
+            arrays[name] = np.load(io.BytesIO(blob), allow_pickle=False)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # JSON and .npy errors are ValueErrors
+        return None, f"{type(exc).__name__}: {str(exc)[:120]}"
+    meta["nll"], meta["kl_logprobs"] = arrays["nll.npy"], arrays["kl_logprobs.npy"]
+    return meta, None
 
 
 def _build_reference(ctx, tasks, folder, log_dir):
@@ -112,7 +144,9 @@ def _build_reference(ctx, tasks, folder, log_dir):
         worker.close()
     meta = {"tokens": len(tokens), "tasks": results,
             "sanity": sum(r["passed"] for r in results) / len(results),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "files": {name: _sha256((tmp / name).read_bytes()) for name in REFERENCE_ARRAYS}}
+    meta["digest"] = _meta_digest(meta)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)  # a whole reference or none: an interrupted build leaves nothing

@@ -119,22 +119,53 @@ def test_paired_ratios_pair_by_repeat_and_prompt():
     assert all(r > 1 for r in e2e)
 
 
-def _worker_pids(project):
-    """PIDs of this project's worker processes (their command line names its inference.py)."""
-    out = subprocess.run(["pgrep", "-f", f"harness.worker .* {project.root}/inference.py"],
-                         capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+def _descendants(pid):
+    """PIDs of every live descendant of `pid` (from /proc), with their command lines."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+                cmdline = open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append((int(entry), cmdline))
+    found, todo = [], [pid]
+    while todo:
+        for child, cmdline in children.get(todo.pop(), []):
+            found.append((child, cmdline))
+            todo.append(child)
+    return found
 
 
-def _start_hanging_run(project):
+def _worker_pids(proc):
+    """PIDs of the worker processes a prepare.py run started (sandboxed or not)."""
+    return [pid for pid, cmdline in _descendants(proc.pid) if "harness.worker" in cmdline]
+
+
+def _start_hanging_run(project, **popen):
     proc = subprocess.Popen([sys.executable, "prepare.py", "--quick", "--model", str(project.model_dir)],
-                            cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen)
     deadline = time.time() + 120
-    while time.time() < deadline and not _worker_pids(project):
+    while time.time() < deadline and not _worker_pids(proc):
         time.sleep(0.2)
-    assert _worker_pids(project), "the worker never started"
+    assert _worker_pids(proc), "the worker never started"
     time.sleep(4)  # past loading: the worker is now asleep inside generate()
     return proc
+
+
+def _in_a_terminal():
+    """Popen arguments that give the run a pseudo-terminal as its controlling terminal,
+    and the terminal's master end (writing Ctrl-C there is a real terminal interrupt)."""
+    import fcntl
+    import pty
+    import termios
+
+    master, slave = pty.openpty()
+    return master, {"stdin": slave, "start_new_session": True,
+                    "preexec_fn": lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0)}
 
 
 def test_ledger_survives_sigkilled_worker_and_ctrl_c(project):
@@ -146,22 +177,33 @@ def test_ledger_survives_sigkilled_worker_and_ctrl_c(project):
     # The worker is killed from outside mid-run: a CRASH row, the harness carries on.
     before = project.ledger_lines()
     proc = _start_hanging_run(project)
-    for pid in _worker_pids(project):
+    for pid in _worker_pids(proc):
         os.kill(pid, signal.SIGKILL)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "decision: CRASH" in out and "SIGKILL" in out
     assert project.ledger_lines()[:len(before)] == before and len(project.ledger_lines()) == len(before) + 1
 
-    # The harness is interrupted (Ctrl-C): no row, the ledger as it was, no worker left behind.
+    # A SIGINT sent by another process is not an interrupt; Ctrl-C in the terminal is:
+    # no row, the ledger as it was, no worker left behind.
     before = project.ledger_lines()
-    proc = _start_hanging_run(project)
-    proc.send_signal(signal.SIGINT)
+    master, popen = _in_a_terminal()
+    proc = _start_hanging_run(project, **popen)
+    os.close(popen["stdin"])
+    workers = _worker_pids(proc)
+    for pid, cmdline in _descendants(proc.pid):
+        if "prepare.py" in cmdline:
+            os.kill(pid, signal.SIGINT)
+    time.sleep(2)
+    assert proc.poll() is None, "a SIGINT from another process stopped the run"
+    os.write(master, b"\x03")
     out, err = proc.communicate(timeout=60)
+    os.close(master)
     assert proc.returncode == 130, err
+    assert "ignored a SIGINT sent by process" in err
     assert "results.tsv is intact" in err
     assert project.ledger_lines() == before
-    assert _worker_pids(project) == []
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)
 
 
 def test_malformed_ledger_line_is_reported_and_kept(project):
