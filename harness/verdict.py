@@ -82,9 +82,15 @@ def decide(*, gate_reason, has_champion, dirty, search, min_effect, speedup=None
                                  f"({pct(end_to_end_ratio)}): tokens seem to be held back")
     if low > need:
         return Decision.KEEP, f"faster: {speed} beats the noise (needs > {pct(need)})"
-    if (lines_vs_champion or 0) < 0 and high > 1 and speedup >= 1 - min_effect:
-        # Simplicity wins: fewer lines at a speed the noise can't tell from the champion's.
-        return Decision.KEEP, f"simpler: {lines_vs_champion} lines at equal speed ({speed})"
+    simpler = ""
+    if (lines_vs_champion or 0) < 0:
+        # Simplicity wins: fewer lines at a speed the noise can't tell from the champion's
+        # (the interval reaches above 1) and a median no worse than 1 - min_effect.
+        if high > 1 and speedup >= 1 - min_effect:
+            return Decision.KEEP, f"simpler: {lines_vs_champion} lines at equal speed ({speed})"
+        simpler = (f"; not simpler: {lines_vs_champion} lines, but "
+                   + ("the interval is wholly below 1" if high <= 1
+                      else f"the median {pct(speedup)} is below {pct(1 - min_effect)}"))
     if speedup < 1 and high < 1:
-        return Decision.REVERT, f"slower: {speed}"
-    return Decision.REVERT, f"within noise: {speed} (needs > {pct(need)})"
+        return Decision.REVERT, f"slower: {speed}{simpler}"
+    return Decision.REVERT, f"within noise: {speed} (needs > {pct(need)}){simpler}"
