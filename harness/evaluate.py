@@ -171,12 +171,7 @@ def evaluate(ctx, *, inference_path=None, overrides=None, source="agent", apply=
             figures(ctx, result, out)
             vs_champion = changes["vs_champion"]
             result["lines_vs_champion"] = vs_champion["lines"]["delta"] if vs_champion else None
-            result["decision"], result["reason"] = verdict.decide(
-                gate_reason=quality.failed_gate_reason(result["gates"]),
-                has_champion=standing.champion is not None, dirty=standing.git["dirty"],
-                search=bool(overrides), min_effect=ctx.settings.verdict.min_effect,
-                **{k: result.get(k) for k in ("speedup", "speedup_ci", "end_to_end_ratio",
-                                              "ttft_share_ratio", "lines_vs_champion")})
+            judge(ctx, result, standing, search=bool(overrides))
     guard_ledger(ctx, result, standing)
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
     result["run_file"] = write_run_file(ctx, result, stamp, out, changes)
@@ -275,6 +270,16 @@ def measure_run(ctx, standing, inference_path, overrides, *, compare):
         out["logs"] = {p.stem: p.read_text(errors="replace")[-20000:] for p in Path(tmp).glob("*.log")}
     out["reference"] = reference
     return out
+
+
+def judge(ctx, result, standing, *, search):
+    """Set the decision and its reason from the figures (verdict.decide, a pure function)."""
+    result["decision"], result["reason"] = verdict.decide(
+        gate_reason=quality.failed_gate_reason(result["gates"]),
+        has_champion=standing.champion is not None, dirty=standing.git["dirty"], search=search,
+        min_effect=ctx.settings.verdict.min_effect,
+        **{k: result.get(k) for k in ("speedup", "speedup_ci", "end_to_end_ratio", "ttft_share_ratio",
+                                      "lines_vs_champion")})
 
 
 def guard_ledger(ctx, result, standing):
