@@ -203,6 +203,9 @@ def test_ledger_survives_sigkilled_worker_and_ctrl_c(project):
     assert "ignored a SIGINT sent by process" in err
     assert "results.tsv is intact" in err
     assert project.ledger_lines() == before
+    deadline = time.time() + 5  # a sandbox's processes die with it, within moments
+    while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.time() < deadline:
+        time.sleep(0.1)
     assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)
 
 
