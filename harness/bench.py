@@ -63,6 +63,10 @@ def time_call(worker, name, prompt, *, max_tokens, timeout_s, repeat=-1):
 def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress=None):
     """Warm up, then measure every prompt `repeats` times on each worker, interleaved.
 
+    While one worker is timed, every other one is stopped (Worker.pause), so an idle
+    worker cannot compete for the CPU or the memory bus; all are running again on return,
+    whether it returns or raises.
+
     Args:
         workers: {name: Worker}; with two, calls alternate A B, B A, ... so drift
             and order effects fall on both alike.
@@ -80,6 +84,10 @@ def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress
     def call(name, spec, repeat):
         nonlocal done
         prompt = build_prompt(tokenizer, spec, corpus_text)
+        for other in names:
+            if other != name:
+                workers[other].pause()
+        workers[name].resume()
         sample = time_call(workers[name], name, prompt, max_tokens=preset.max_tokens,
                            timeout_s=timeout_s, repeat=repeat)
         done += 1
@@ -87,16 +95,20 @@ def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress
             progress(done, total, f"{name} {spec.name}")
         return sample
 
-    for _ in range(preset.warmup):
-        for spec in specs:
-            for name in names:
-                call(name, spec, -1)
     samples = []
-    for repeat in range(preset.repeats):
-        for i, spec in enumerate(specs):
-            order = names if (repeat + i) % 2 == 0 else names[::-1]
-            for name in order:
-                samples.append(call(name, spec, repeat))
+    try:
+        for _ in range(preset.warmup):
+            for spec in specs:
+                for name in names:
+                    call(name, spec, -1)
+        for repeat in range(preset.repeats):
+            for i, spec in enumerate(specs):
+                order = names if (repeat + i) % 2 == 0 else names[::-1]
+                for name in order:
+                    samples.append(call(name, spec, repeat))
+    finally:
+        for worker in workers.values():
+            worker.resume()  # a dead one was killed already; resume() is then a no-op
     return samples
 
 

@@ -7,9 +7,9 @@ repeated, the prompt echoed back) must fail every task, while a working small
 instruction-tuned model should pass some of them.
 
 Model-written code is never executed in this process: it runs in a separate
-``python -I`` subprocess, in an empty temporary directory, with a timeout.
-That protects the harness from crashes, hangs and stray globals; it is not a
-security sandbox against hostile code.
+``python -I`` subprocess, in an empty temporary directory, with a timeout, under the
+workers' OS sandbox (harness.sandbox: read-only files but that folder, its own PID
+namespace, no network), and nothing it starts outlives the check.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from harness import sandbox
+from harness.models import cache_dir
 
 TASKS_PATH = Path(__file__).resolve().parent / "data" / "tasks.yaml"
 
@@ -377,25 +380,18 @@ out.flush()
 
 
 def _run_tests(code: str, tests: list[str], timeout_s: float) -> tuple[bool, str]:
-    """Run ``code`` then ``tests`` in a fresh ``python -I`` process; pass iff it reports success."""
+    """Run ``code`` then ``tests`` in a fresh sandboxed ``python -I`` process; pass iff it reports success."""
     nonce = secrets.token_hex(8)
     job = json.dumps({"code": code, "tests": "\n".join(tests), "nonce": nonce})
-    # An empty scratch directory as cwd: relative-path file operations in the
-    # answer land there, not in the repository.
+    # An empty scratch directory, the sandbox's one writable folder, as cwd: relative-path
+    # file operations in the answer land there, not in the repository.
     with tempfile.TemporaryDirectory(prefix="task-code-") as scratch:
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-I", "-c", _RUNNER],
-                input=job,
-                capture_output=True,
-                text=True,
-                timeout=timeout_s,
-                cwd=scratch,
-            )
-        except subprocess.TimeoutExpired:
-            return False, f"timed out after {_short_number(timeout_s)}s"
-    last = proc.stdout.strip().splitlines()[-1:] or [""]
-    if proc.returncode == 0 and last[0] == f"PASS {nonce}":
+        box = sandbox.wrap([sys.executable, "-I", "-c", _RUNNER], scratch, hide=[cache_dir() / "reference"])
+        returncode, stdout = _run_confined(box, job, scratch, timeout_s)
+    if returncode is None:
+        return False, f"timed out after {_short_number(timeout_s)}s"
+    last = stdout.strip().splitlines()[-1:] or [""]
+    if returncode == 0 and last[0] == f"PASS {nonce}":
         return True, f"passed {len(tests)} tests"
     if last[0].startswith(f"FAIL {nonce} "):
         reason = last[0][len(f"FAIL {nonce} "):]
@@ -403,7 +399,30 @@ def _run_tests(code: str, tests: list[str], timeout_s: float) -> tuple[bool, str
         if m and 1 <= int(m.group(1)) <= len(tests):
             return False, f"test failed: {tests[int(m.group(1)) - 1]}"
         return False, reason
-    return False, f"exited with status {proc.returncode} before the tests finished"
+    return False, f"exited with status {returncode} before the tests finished"
+
+
+def _run_confined(box: sandbox.Sandbox, job: str, folder: str, timeout_s: float) -> tuple[int | None, str]:
+    """Run the sandboxed runner on ``job``; (exit status or None on timeout, its stdout).
+
+    Every process it started is killed before this returns: bwrap's PID namespace dies
+    with its first process; unsandboxed, its process group and descendants are killed
+    (a daemon that left them is a stray of the harness, killed with the next worker).
+    """
+    with subprocess.Popen(box.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True, cwd=folder, env=box.env,
+                          start_new_session=True) as proc:
+        stdout = None
+        try:
+            stdout, _ = proc.communicate(job, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            # Until it is reaped its pid is its own; its group id stays its own while the group lives.
+            root = proc.pid if proc.returncode is None else None
+            sandbox.kill_all(lambda table: sandbox.members(table, root=root, pgid=proc.pid), waited=[proc.pid])
+            proc.kill()  # a no-op once it has exited; leaving the block waits for it
+    return (None if stdout is None else proc.returncode), stdout or ""
 
 
 def _check_code(p: dict, answer: str) -> tuple[bool, str]:

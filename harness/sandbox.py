@@ -1,0 +1,408 @@
+"""Run pipeline code in an OS sandbox, and find, stop and kill every process it starts.
+
+Pipeline code (inference.py, and the code a model writes for a task) may try to reach
+the referee: write the ledger or the caches, signal the other worker, leave a daemon
+behind. `wrap` turns a command into one that runs sandboxed:
+
+* Linux: bubblewrap. A read-only view of the whole file system, one private writable
+  folder, a fresh /dev and /proc, its own PID namespace (it sees and can signal only its
+  own processes), no network, no System V IPC, no capabilities, no user namespaces (bwrap
+  0.8 and later), and it dies with the harness. The harness's reference cache is hidden.
+* macOS: sandbox-exec with a generated profile (writes only in the private folder, no
+  network, no signals to other processes, no fork, the reference cache unreadable).
+* Anywhere else, where the sandbox cannot start, or with MLX_HILLCLIMB_SANDBOX=none: the
+  plain command, kind "none" and the reason; the caller must say so.
+
+The second half finds a sandboxed (or plain) worker's processes in the process table,
+so the harness can stop them while the other worker is timed and kill them all at the
+end of a run. Standard library only: nothing of the harness is imported here.
+"""
+
+import ctypes
+import functools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ENV_VAR = "MLX_HILLCLIMB_SANDBOX"  # "none": run unsandboxed (the run reports `sandbox: none`)
+
+# Every bwrap run: the whole file system read-only, a fresh /dev (the host's /dev/shm is not
+# shared) and a /proc for the new PID namespace.
+#   --cap-drop ALL: as root, bwrap keeps every capability by default, and a root pipeline
+#       could then `mount -o remount,rw /` and write anywhere (measured: it can).
+#   --new-session: no TIOCSTI into a terminal. It only moves the sandboxed processes into a
+#       new session; the harness stops and kills them by PID namespace and parentage, never
+#       by process group, so it costs nothing there.
+#   --die-with-parent: the sandbox is SIGKILLed when the harness (the thread that started
+#       it; the harness is single-threaded) dies, and killing the outer bwrap kills it too.
+_BWRAP_BASE = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+               "--unshare-pid", "--unshare-net", "--unshare-ipc", "--die-with-parent",
+               "--new-session", "--cap-drop", "ALL"]
+# No nested user (hence PID) namespaces, where bwrap supports it (0.8.0 and later).
+_BWRAP_NO_USERNS = ["--unshare-user", "--disable-userns"]
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """A command ready for subprocess.Popen, and how it is confined.
+
+    kind: "bwrap", "sandbox-exec" or "none"; command: the argv to run; env: the
+    environment to run it with; why: for "none", the reason no sandbox runs.
+    """
+    kind: str
+    command: list
+    env: dict = field(default_factory=dict)
+    why: str = ""
+
+
+def setting():
+    """MLX_HILLCLIMB_SANDBOX: "auto" (unset) or "none"; anything else raises ValueError (one line)."""
+    value = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
+    if value not in ("auto", "none"):
+        raise ValueError(f"{ENV_VAR}={os.environ[ENV_VAR]!r} is not understood: unset it, or set it to 'none' "
+                         f"to run pipeline code without a sandbox")
+    return value
+
+
+def wrap(command, folder, *, hide=(), env=None):
+    """The sandboxed form of `command`, with `folder` as its one writable folder.
+
+    Args:
+        command: the argv to confine (run it with cwd=folder).
+        folder: the private folder; TMPDIR and XDG_CACHE_HOME point into it.
+        hide: folders the sandboxed code must not read (those that do not exist are skipped).
+        env: the base environment (default os.environ).
+    Raises ValueError for a bad MLX_HILLCLIMB_SANDBOX (see setting()).
+    """
+    folder = str(Path(folder).resolve())
+    env = private_env(folder, os.environ if env is None else env)
+    hide = [str(Path(p).resolve()) for p in hide if Path(p).is_dir()]
+    if setting() == "none":
+        return Sandbox("none", list(command), env, f"{ENV_VAR}=none is set")
+    if sys.platform.startswith("linux"):
+        prefix, why = _bwrap_prefix()
+        if prefix is None:
+            return Sandbox("none", list(command), env, why)
+        return Sandbox("bwrap", bwrap_command(command, folder, hide, prefix), env)
+    if sys.platform == "darwin":
+        program, why = _sandbox_exec()
+        if program is None:
+            return Sandbox("none", list(command), env, why)
+        return Sandbox("sandbox-exec", [program, "-p", sbpl_profile(folder, hide), *command], env)
+    return Sandbox("none", list(command), env, f"no sandbox is known for {sys.platform}")
+
+
+def private_env(folder, env):
+    """`env` with temporary files and caches sent into the private folder (the rest is read-only;
+    MLX's CPU backend writes its compiled kernels under TMPDIR)."""
+    return {**env, "TMPDIR": folder, "TMP": folder, "TEMP": folder,
+            "XDG_CACHE_HOME": os.path.join(folder, ".cache")}
+
+
+def bwrap_command(command, folder, hide=(), prefix=None):
+    """The bubblewrap argv: `prefix` (bwrap and its flags; default: the full set),
+    `folder` writable, each of `hide` under an empty tmpfs, then `command`."""
+    argv = list(prefix or ["bwrap", *_BWRAP_BASE, *_BWRAP_NO_USERNS])
+    argv += ["--bind", folder, folder]
+    for path in hide:
+        argv += ["--tmpfs", path]  # an empty, private folder in its place
+    return [*argv, "--chdir", folder, "--", *command]
+
+
+@functools.lru_cache(maxsize=None)
+def _bwrap_prefix():
+    """([bwrap, flags...], "") for the fullest flag set that starts here, else (None, why). Tried once."""
+    program = shutil.which("bwrap")
+    if program is None:
+        return None, "bubblewrap is not installed (Debian/Ubuntu: apt-get install bubblewrap)"
+    problem = ""
+    for flags in (_BWRAP_BASE + _BWRAP_NO_USERNS, _BWRAP_BASE):  # older bwrap: no --disable-userns
+        with tempfile.TemporaryDirectory(prefix="sandbox-check-") as folder:
+            argv = bwrap_command([sys.executable, "-I", "-S", "-c", ""], folder, (), [program, *flags])
+            try:
+                proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=folder)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                return None, f"bubblewrap cannot start here: {exc}"
+        if proc.returncode == 0:
+            return [program, *flags], ""
+        problem = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+    return None, f"bubblewrap cannot start here: {problem}"
+
+
+@functools.lru_cache(maxsize=None)
+def _sandbox_exec():
+    """(path of sandbox-exec, "") when it runs a trivial profile here, else (None, why). Tried once."""
+    program = shutil.which("sandbox-exec", path=os.environ.get("PATH", "") + os.pathsep + "/usr/bin")
+    if program is None:
+        return None, "sandbox-exec is not available"
+    try:
+        proc = subprocess.run([program, "-p", "(version 1)(allow default)", "/usr/bin/true"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"sandbox-exec cannot start: {exc}"
+    if proc.returncode != 0:
+        return None, f"sandbox-exec cannot start: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
+    return program, ""
+
+
+def _sbpl_string(path):
+    return '"' + str(path).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def sbpl_profile(folder, hide=()):
+    """The sandbox-exec (SBPL) profile: everything allowed but what could reach the referee.
+
+    Written as "allow default, then deny" because a deny-default profile must list every
+    Mach service and file Metal needs, and breaks with each macOS release. Not verified here
+    (it cannot run on Linux): that MLX on Metal loads and runs under it, that the
+    Metal shader cache (allowed below) is the only other place it writes, that writes to the
+    already open log file and pipes stay allowed, and that nothing in mlx-lm or the tokenizers forks (process-fork is denied, so no daemon can escape: macOS has
+    no PID namespace and no child subreaper).
+    """
+    writable = [f"(subpath {_sbpl_string(Path(folder).resolve())})",
+                '(literal "/dev/null")', '(literal "/dev/zero")', '(literal "/dev/dtracehelper")',
+                '(regex #"^/dev/fd/")', '(regex #"^/dev/tty")']
+    metal_cache = _darwin_user_cache_dir()
+    if metal_cache:
+        # SBPL matches resolved paths: /var/folders/.. is /private/var/folders/..
+        metal_cache = os.path.realpath(os.path.join(metal_cache, "com.apple.metal"))
+        writable.append(f"(subpath {_sbpl_string(metal_cache)})")
+    lines = ["(version 1)",
+             "(allow default)",
+             "(deny network*)",
+             "(deny file-write*)",
+             f"(allow file-write* {' '.join(writable)})",
+             "(deny signal (target others))",
+             "(deny process-fork)"]
+    lines += [f"(deny file-read* (subpath {_sbpl_string(path)}))" for path in hide]
+    return "\n".join(lines) + "\n"
+
+
+def _darwin_user_cache_dir():
+    """macOS's per-user cache folder (/var/folders/../C), where Metal keeps its shader cache."""
+    try:
+        return os.confstr("CS_DARWIN_USER_CACHE_DIR")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Process control: find, stop and kill every process a worker started
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Proc:
+    """One row of the process table. ns: its PID namespace ("pid:[inode]"), None if unknown."""
+    pid: int
+    ppid: int
+    pgid: int
+    state: str
+    ns: str = None
+
+
+def process_table():
+    """{pid: Proc} for every process this process can see (Linux: /proc; elsewhere: ps)."""
+    if not os.path.isdir("/proc/self"):
+        return _ps_table()
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        stat = _read_proc(f"/proc/{name}/stat")
+        if not stat or ")" not in stat:
+            continue  # gone meanwhile
+        # the command name (field 2) may hold spaces and parentheses: split after the last ')'
+        fields = stat[stat.rfind(")") + 2:].split()
+        state = _live_thread_state(name) if fields[0] == "Z" else fields[0]
+        table[int(name)] = Proc(int(name), int(fields[1]), int(fields[2]), state, pid_namespace(name))
+    return table
+
+
+def _read_proc(path):
+    """A small /proc file's text, None if it cannot be read. (os.read costs about half of
+    open().read(), which counts: the table is read three times between two timed calls.)"""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 4096).decode(errors="replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _live_thread_state(pid):
+    """A zombie's state, unless only its main thread has exited (pthread_exit) and others run
+    on: then the state of one of those, so that it is still stopped and killed."""
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            stat = _read_proc(f"/proc/{pid}/task/{tid}/stat") or ""
+            state = stat[stat.rfind(")") + 2:].split()[0] if ")" in stat else "X"
+            if state not in "ZX":
+                return state
+    except (OSError, IndexError):
+        pass
+    return "Z"
+
+
+def _ps_table():
+    proc = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,pgid=,state="], capture_output=True, text=True)
+    table = {}
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[0].isdigit():
+            table[int(parts[0])] = Proc(int(parts[0]), int(parts[1]), int(parts[2]), parts[3][0])
+    return table
+
+
+def pid_namespace(pid):
+    """The PID namespace of `pid` ("pid:[inode]"), None when it cannot be read."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+
+
+def inner_namespace(root, table):
+    """The PID namespace a child of `root` lives in when it differs from root's (bwrap's), else None."""
+    outer = table[root].ns if root in table else None
+    for p in table.values():
+        if p.ppid == root and p.ns and p.ns != outer:
+            return p.ns
+    return None
+
+
+def members(table, *, root=None, pgid=None, ns=None):
+    """The live processes in `table` that belong together: `root` and its descendants, the
+    process group `pgid`, and the PID namespace `ns` (each optional). Zombies are left out."""
+    children = {}
+    for p in table.values():
+        children.setdefault(p.ppid, []).append(p.pid)
+    found, todo = set(), [root] if root is not None else []
+    while todo:
+        pid = todo.pop()
+        if pid in table and pid not in found:
+            found.add(pid)
+            todo.extend(children.get(pid, ()))
+    found |= {p.pid for p in table.values()
+              if (pgid is not None and p.pgid == pgid) or (ns is not None and p.ns == ns)}
+    return {pid for pid in found if table[pid].state not in "ZX"}
+
+
+def strays(table, keep):
+    """Children of this process that are not in `keep`: orphans re-parented to it (it is a
+    child subreaper), i.e. daemons that left their worker's tree."""
+    me = os.getpid()
+    return {p.pid for p in table.values() if p.ppid == me and p.pid not in keep and p.state not in "ZX"}
+
+
+def send(pids, sig):
+    """Send `sig` to each pid; the ones already gone are skipped."""
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def stop_all(find, *, limit_s=2.0):
+    """SIGSTOP every process `find(table)` names until they are seen stopped, and seen not to
+    have run at all since the look before (so two processes that take turns, one resuming
+    the other and stopping itself, are caught). True when all stopped within `limit_s`."""
+    deadline = time.monotonic() + limit_s
+    settled = None  # {pid: CPU time} at the last look that found every process stopped
+    while True:
+        table = process_table()
+        pids = find(table)
+        running = {pid for pid in pids if table[pid].state not in "Tt"}
+        if running:
+            settled = None
+            send(running, signal.SIGSTOP)
+        else:
+            now = {pid: cpu_time_ns(pid) for pid in pids}
+            if now == settled:
+                return True
+            settled = now
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+
+
+def cpu_time_ns(pid):
+    """The CPU time all threads of `pid` have run (ns, /proc/PID/task/*/schedstat); None where
+    /proc cannot tell (then stop_all trusts the stopped state alone)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    total = 0
+    for tid in tids:
+        text = _read_proc(f"/proc/{pid}/task/{tid}/schedstat")
+        if not text:
+            return None
+        total += int(text.split()[0])
+    return total
+
+
+def kill_all(find, *, waited=(), limit_s=5.0):
+    """SIGKILL every process `find(table)` names until none is left; True when all are gone.
+    Those that became zombie children of this process are reaped here (nobody else waits
+    for them), but for the pids in `waited`, whose owners reap them."""
+    deadline = time.monotonic() + limit_s
+    killed = set()
+    while True:
+        table = process_table()
+        alive = find(table)
+        _reap_orphans(killed - set(waited), table)
+        if not alive:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        send(alive, signal.SIGKILL)
+        killed |= alive
+        time.sleep(0.005)
+
+
+def _reap_orphans(pids, table):
+    """waitpid the killed processes that are now zombie children of this process."""
+    for pid in pids:
+        p = table.get(pid)
+        if p is not None and p.ppid == os.getpid() and p.state == "Z":
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+def peak_rss(pids):
+    """The largest peak resident set (VmHWM, bytes) among `pids`; 0 where /proc cannot tell."""
+    peak = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]) * 1024)
+        except (OSError, ValueError, IndexError):
+            pass
+    return peak
+
+
+@functools.lru_cache(maxsize=None)
+def become_subreaper():
+    """Make this process a child subreaper (Linux), so that a worker's orphans (a double-forked
+    daemon) are re-parented to it, where strays() finds them. True when it took effect."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER = 36
+    except (OSError, AttributeError):
+        return False

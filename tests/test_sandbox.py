@@ -1,0 +1,386 @@
+"""The sandbox around pipeline code, and process control: a worker cannot write outside its
+folder, see or signal anything outside its own processes, or reach the network; the idle
+worker is stopped while the other is timed; nothing a worker starts outlives it.
+
+Most workers here run a stand-in pipeline (no model: it probes and reports), so each test
+takes a second or two; one runs the real inference.py on the tiny model.
+"""
+
+import json
+import os
+import shutil
+import socket
+import sys
+import textwrap
+import time
+import types
+import uuid
+from pathlib import Path
+
+import pytest
+
+from harness import bench, sandbox, tasks
+from harness.settings import HARNESS_HOME
+from harness.worker import Worker
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A stand-in inference.py: load() runs the probes named in CONFIG and writes what happened
+# into probe.json in its own folder (the cwd); generate() yields one (token, log-probs) pair
+# per `sleep` s.
+PROBE_PIPELINE = r'''
+import json, os, socket, sys, threading, time
+CONFIG = json.loads(__CONFIG__)
+
+def _outcome(action):
+    try:
+        action()
+        return "ok"
+    except OSError as exc:
+        return type(exc).__name__
+
+def _append(path):  # opens for writing, writes nothing: harmless if it succeeds
+    os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+
+def _create(folder):
+    path = os.path.join(folder, "sandbox-probe-" + CONFIG["marker"])
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT))
+    os.unlink(path)
+
+def _connect(port):
+    socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+def _daemon():
+    """Double fork + setsid: a grandchild in a session of its own, re-parented away from us."""
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(120)", CONFIG["marker"]])
+        os._exit(0)
+    os.wait()
+
+def _spin():
+    while True:
+        pass
+
+def load(model_path, draft_model_path=None):
+    report = {
+        "append": {p: _outcome(lambda p=p: _append(p)) for p in CONFIG.get("append", [])},
+        "create": {d: _outcome(lambda d=d: _create(d)) for d in CONFIG.get("create", [])},
+        "signal": {str(pid): _outcome(lambda pid=pid: os.kill(pid, 0)) for pid in CONFIG.get("pids", [])},
+        "read": {p: _outcome(lambda p=p: open(p).read()) for p in CONFIG.get("read", [])},
+        "visible": [_cmdline(n) for n in os.listdir("/proc") if n.isdigit()],
+        "env": {k: os.environ.get(k) for k in ("TMPDIR", "XDG_CACHE_HOME")},
+    }
+    if "port" in CONFIG:
+        report["connect"] = _outcome(lambda: _connect(CONFIG["port"]))
+    if CONFIG.get("daemon"):
+        _daemon()
+    if CONFIG.get("spin"):
+        threading.Thread(target=_spin, daemon=True).start()
+    with open("probe.json", "w") as f:
+        json.dump(report, f)
+    return None
+
+def generate(pipeline, prompt, *, max_tokens, stop_at_eos):
+    import mlx.core as mx
+    logprobs = mx.full((64,), -4.1589)  # uniform over a 64-token vocabulary
+    for i in range(max_tokens):
+        time.sleep(CONFIG.get("sleep", 0.0))
+        yield i, logprobs
+
+def score(pipeline, tokens):
+    return iter(())
+'''
+
+
+@pytest.fixture
+def sandboxed(monkeypatch):
+    """Workers run under bubblewrap here: required in CI, skipped where it cannot start."""
+    monkeypatch.delenv(sandbox.ENV_VAR, raising=False)
+    prefix, why = sandbox._bwrap_prefix()
+    if prefix is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs a working bubblewrap: {why}")
+        pytest.skip(why)
+
+
+def start(tmp_path, name, config):
+    """A Worker running the probe pipeline with `config`, loaded; returns (worker, its folder)."""
+    folder = tmp_path / name
+    folder.mkdir()
+    config = {"marker": f"marker-{uuid.uuid4().hex}", **config}
+    source = PROBE_PIPELINE.replace("__CONFIG__", repr(json.dumps(config)))
+    (folder / "inference.py").write_text(source)
+    worker = Worker(folder / "inference.py", tmp_path / f"{name}.log")
+    try:
+        worker.load(tmp_path / "no-model", timeout_s=60)
+    except Exception:
+        print(worker.log_tail())
+        worker.kill()
+        raise
+    # The worker runs a copy of the file in a private folder of its own (removed when it is killed).
+    return worker, worker.inference_path.parent, config["marker"]
+
+
+def report(folder):
+    return json.loads((folder / "probe.json").read_text())
+
+
+def host_pids_with(marker):
+    """Pids, as the harness sees them, of the live processes whose command line holds `marker`."""
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            cmdline = Path(f"/proc/{name}/cmdline").read_bytes()
+            state = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if marker.encode() in cmdline and state not in "ZX":
+            found.append(int(name))
+    return found
+
+
+def cpu_ticks(pids):
+    """utime + stime, in clock ticks, summed over `pids`."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total
+
+
+def worker_pids(worker):
+    return sandbox.members(sandbox.process_table(), root=worker.proc.pid, ns=worker._namespace)
+
+
+# ---------------------------------------------------------------------------
+# Linux: bubblewrap, for real
+# ---------------------------------------------------------------------------
+def test_worker_writes_only_its_own_folder(sandboxed, tmp_path, tiny_llama, monkeypatch):
+    secret = tmp_path / "cache" / "reference" / "key" / "kl_logprobs.npy"
+    secret.parent.mkdir(parents=True)
+    secret.write_text("the reference's log-probs")
+    monkeypatch.setenv("MLX_HILLCLIMB_CACHE", str(tmp_path / "cache"))
+    outside = tmp_path / "outside.txt"
+    outside.write_text("")
+    appends = [str(outside), str(REPO / "harness.yaml"), str(HARNESS_HOME / "harness" / "worker.py"),
+               str(tiny_llama / "config.json")]
+    creates = [str(tmp_path), str(REPO), str(tiny_llama), "/tmp"]
+    # tmp_path / "w" holds the file the caller handed over: not the worker's folder
+    worker, folder, _ = start(tmp_path, "w", {"append": appends, "create": creates + [str(tmp_path / "w"), "."],
+                                              "read": [str(secret)]})
+    try:
+        assert worker.sandbox == "bwrap" and worker.info["sandbox"] == "bwrap"
+        got = report(folder)
+    finally:
+        worker.close()
+    assert not folder.exists()  # the private folder goes with the worker
+    assert set(got["append"].values()) == {"OSError"}, got["append"]  # EROFS
+    assert got["create"].pop(".") == "ok"
+    assert set(got["create"].values()) == {"OSError"}, got["create"]
+    assert got["read"] == {str(secret): "FileNotFoundError"}  # the reference cache is hidden
+    assert got["env"]["TMPDIR"] == str(folder.resolve())
+    assert not list(REPO.glob("sandbox-probe-*")) and not list(tmp_path.glob("sandbox-probe-*"))
+
+
+def test_worker_cannot_see_or_signal_others_or_reach_the_network(sandboxed, tmp_path):
+    other, _, other_marker = start(tmp_path, "champion", {})
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    try:
+        targets = [os.getpid(), os.getppid(), other.proc.pid, *worker_pids(other)]
+        worker, folder, _ = start(tmp_path, "challenger", {"pids": targets, "port": listener.getsockname()[1]})
+        got = report(folder)
+        worker.close()
+    finally:
+        other.close()
+        listener.close()
+    assert set(got["signal"].values()) == {"ProcessLookupError"}, got["signal"]
+    assert got["connect"] != "ok"  # the harness's loopback is another network's
+    # only its own processes (bwrap's init and the worker itself), none of the harness's or the champion's
+    assert got["visible"] and all(str(folder) in cmdline for cmdline in got["visible"]), got["visible"]
+    assert other_marker not in " ".join(got["visible"])
+
+
+def test_double_forked_daemon_dies_with_its_worker(sandboxed, tmp_path):
+    worker, _, marker = start(tmp_path, "w", {"daemon": True})
+    try:
+        deadline = time.monotonic() + 5
+        while not host_pids_with(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert host_pids_with(marker), "the daemon never started: the test proves nothing"
+    finally:
+        worker.close()
+    assert host_pids_with(marker) == []
+
+
+def test_idle_worker_is_stopped_while_the_other_is_timed(sandboxed, tmp_path, monkeypatch):
+    idle, _, _ = start(tmp_path, "champion", {"spin": True})  # burns CPU whenever it may
+    timed, _, _ = start(tmp_path, "challenger", {"sleep": 0.03})
+    seen = []
+    real_generate = timed.generate
+
+    def generate(*args, **kwargs):
+        pids = worker_pids(idle)
+        table = sandbox.process_table()
+        before = cpu_ticks(pids)
+        out = real_generate(*args, **kwargs)
+        seen.append((cpu_ticks(pids) - before, {table[p].state for p in pids}))
+        return out
+
+    monkeypatch.setattr(timed, "generate", generate)
+    monkeypatch.setattr(bench, "build_prompt", lambda tokenizer, spec, corpus: types.SimpleNamespace(
+        tokens=[1, 2, 3], name=spec.name, kind="decode", nonce="n"))
+    preset = types.SimpleNamespace(prompts=[types.SimpleNamespace(name="p")], warmup=0, repeats=2, max_tokens=8)
+    try:
+        bench.run_workload({"champion": idle, "challenger": timed}, preset, None, "", timeout_s=30)
+        spinning = cpu_ticks(worker_pids(idle))
+        time.sleep(0.3)
+        resumed = cpu_ticks(worker_pids(idle)) - spinning
+    finally:
+        idle.close()
+        timed.close()
+    assert len(seen) == 2
+    for ticks, states in seen:
+        assert states == {"T"}, states
+        assert ticks <= 1, f"the idle worker ran {ticks} ticks during the other's call"
+    assert resumed >= 5, "the idle worker was not running again after the workload"
+
+
+def test_code_task_answers_run_sandboxed(sandboxed, tmp_path):
+    target = tmp_path / "planted.txt"
+    code = textwrap.dedent(f"""
+        import os
+        def probe():
+            try:
+                open({str(target)!r}, "w").write("x")
+                return "wrote"
+            except OSError:
+                return "denied"
+        """)
+    tests_ = ["assert probe() == 'denied'", "open('scratch.txt', 'w').write('ok')",
+              "assert len([p for p in os.listdir('/proc') if p.isdigit()]) <= 3"]
+    assert tasks._run_tests(code, tests_, 5.0) == (True, "passed 3 tests")
+    assert not target.exists()
+
+
+# ---------------------------------------------------------------------------
+# Without a sandbox: still measured, and still nothing outlives the run
+# ---------------------------------------------------------------------------
+def test_no_sandbox_runs_the_real_pipeline_and_says_so(tmp_path, tiny_llama, monkeypatch):
+    monkeypatch.setenv(sandbox.ENV_VAR, "none")
+    folder = tmp_path / "w"
+    folder.mkdir()
+    shutil.copy(REPO / "inference.py", folder / "inference.py")
+    worker = Worker(folder / "inference.py", tmp_path / "w.log")
+    try:
+        info = worker.load(tiny_llama, timeout_s=120)
+        out = worker.generate([1, 2, 3], max_tokens=4, stop_at_eos=False, timeout_s=60)
+    finally:
+        worker.close()
+    assert worker.sandbox == "none" and info["sandbox"] == "none"
+    assert "MLX_HILLCLIMB_SANDBOX=none" in worker.sandbox_why
+    assert len(out["tokens"]) == 4
+    assert worker.max_rss_bytes > 0
+
+
+def test_no_sandbox_daemon_dies_and_idle_worker_stops(tmp_path, monkeypatch):
+    monkeypatch.setenv(sandbox.ENV_VAR, "none")
+    worker, _, marker = start(tmp_path, "w", {"daemon": True})
+    try:
+        deadline = time.monotonic() + 5
+        while not host_pids_with(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        daemons = host_pids_with(marker)
+        assert daemons, "the daemon never started: the test proves nothing"
+        worker.pause()
+        table = sandbox.process_table()
+        assert {table[p].state for p in [worker.proc.pid, *daemons]} == {"T"}
+        worker.resume()
+        assert sandbox.process_table()[worker.proc.pid].state != "T"
+    finally:
+        worker.close()
+    assert host_pids_with(marker) == []
+
+
+def test_a_paused_worker_is_resumed_when_a_call_raises(monkeypatch):
+    class Fake:
+        def __init__(self, fail):
+            self.fail, self.paused = fail, False
+
+        def pause(self):
+            self.paused = True
+
+        def resume(self):
+            self.paused = False
+
+        def generate(self, prompt, **kwargs):
+            assert not self.paused
+            if self.fail:
+                raise bench.WorkerInvalid("boom")
+            return {"tokens": list(range(4)), "times": [0.1, 0.2, 0.3, 0.4], "peak_memory_bytes": 0}
+
+    monkeypatch.setattr(bench, "build_prompt", lambda tokenizer, spec, corpus: types.SimpleNamespace(
+        tokens=[1], name=spec.name, kind="decode", nonce="n"))
+    preset = types.SimpleNamespace(prompts=[types.SimpleNamespace(name="p")], warmup=0, repeats=1, max_tokens=4)
+    workers = {"champion": Fake(False), "challenger": Fake(True)}
+    with pytest.raises(bench.WorkerInvalid):
+        bench.run_workload(workers, preset, None, "", timeout_s=1)
+    assert not any(w.paused for w in workers.values())
+
+
+# ---------------------------------------------------------------------------
+# The command and the macOS profile (generated here; it can only run on macOS)
+# ---------------------------------------------------------------------------
+def test_bwrap_command_confines_to_one_folder(tmp_path):
+    hidden = tmp_path / "reference"
+    argv = sandbox.bwrap_command(["python", "-c", "pass"], str(tmp_path), [str(hidden)])
+    line = " ".join(argv)
+    for flag in ("--ro-bind / /", f"--bind {tmp_path} {tmp_path}", "--unshare-pid", "--unshare-net",
+                 "--die-with-parent", "--cap-drop ALL", f"--tmpfs {hidden}", f"--chdir {tmp_path}"):
+        assert flag in line
+    assert argv.count("--tmpfs") == 1  # /tmp stays visible: the run's folder and the harness copy live there
+    assert argv[-4:] == ["--", "python", "-c", "pass"]
+
+
+def test_macos_profile_denies_what_reaches_the_referee(tmp_path, monkeypatch):
+    folder = tmp_path / 'my "run"'
+    profile = sandbox.sbpl_profile(folder, ["/cache/reference"])
+    lines = profile.splitlines()
+    assert lines[:2] == ["(version 1)", "(allow default)"]
+    for rule in ("(deny network*)", "(deny file-write*)", "(deny signal (target others))", "(deny process-fork)",
+                 '(deny file-read* (subpath "/cache/reference"))'):
+        assert rule in lines
+    allow = next(line for line in lines if line.startswith("(allow file-write*"))
+    assert f'(subpath "{tmp_path}/my \\"run\\"")' in allow and '(literal "/dev/null")' in allow
+
+    monkeypatch.delenv(sandbox.ENV_VAR, raising=False)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(sandbox, "_sandbox_exec", lambda: ("/usr/bin/sandbox-exec", ""))
+    box = sandbox.wrap(["python3", "x.py"], folder)
+    assert box.kind == "sandbox-exec" and box.command[:2] == ["/usr/bin/sandbox-exec", "-p"]
+    assert box.command[-2:] == ["python3", "x.py"] and "(deny process-fork)" in box.command[2]
+
+
+def test_sandbox_setting(monkeypatch, tmp_path):
+    monkeypatch.setenv(sandbox.ENV_VAR, "none")
+    box = sandbox.wrap(["true"], tmp_path)
+    assert (box.kind, box.command, box.env["TMPDIR"]) == ("none", ["true"], str(tmp_path.resolve()))
+    monkeypatch.setenv(sandbox.ENV_VAR, "off")
+    with pytest.raises(ValueError, match="MLX_HILLCLIMB_SANDBOX='off' is not understood"):
+        sandbox.wrap(["true"], tmp_path)
+    monkeypatch.delenv(sandbox.ENV_VAR)
+    monkeypatch.setattr(sys, "platform", "sunos5")
+    assert sandbox.wrap(["true"], tmp_path).kind == "none"
