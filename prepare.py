@@ -26,7 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 # Subcommands that live in their own harness module: each has add_parser(sub) and run(args).
-COMMAND_MODULES = ["harness.log", "harness.profile", "harness.search", "harness.analyze"]
+COMMAND_MODULES = ["harness.log", "harness.profile", "harness.search", "harness.analyze", "harness.morning"]
 # The commands that run pipeline code and write verdicts: always from a pristine copy.
 PRISTINE_COMMANDS = ("evaluate", "search")
 REPO_ENV = "MLX_HILLCLIMB_REPO"  # set in the pristine copy: the repository it measures

@@ -6,7 +6,7 @@ On a tiny random-weight model, in a real git copy of the project:
   * real: a champion that sleeps a little per token, M runs, against a challenger
     without the sleep.
 The champion sleeps a fraction of the time its last token took, so the sleep follows the
-machine's speed. mlx-lm computes the next token while the loop sleeps, so how much slower
+machine's speed. The decode loop computes the next token while the loop sleeps, so how much slower
 that makes the champion is measured, not assumed: the bench prints the median ratio over
 all pairs of all real trials, the challenger's true speedup, which must be at least
 1.111 (10 % less time per token) for the real trials to count. Measured here: a sleep of
@@ -33,13 +33,13 @@ from harness.bench import Sample  # noqa: E402
 from harness.verdict import paired_ratios  # noqa: E402
 from tiny_models import build_tiny_model  # noqa: E402
 
-TOKEN_LOOP = "    for token, _logprobs in steps:\n        yield token\n"
-SLEEPY_LOOP = """    import time
-    last = time.perf_counter()
-    for token, _logprobs in steps:
-        time.sleep((time.perf_counter() - last) * SLEEP_FRACTION)
+TOKEN_LOOP = "        for token, logprobs in steps:\n            yield token, logprobs\n"
+SLEEPY_LOOP = """        import time
         last = time.perf_counter()
-        yield token
+        for token, logprobs in steps:
+            time.sleep((time.perf_counter() - last) * SLEEP_FRACTION)
+            last = time.perf_counter()
+            yield token, logprobs
 """
 TARGET_SPEEDUP = 1.111  # the real challenger must be at least this much faster (10 % less time)
 

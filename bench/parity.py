@@ -1,7 +1,9 @@
 """Parity: does the harness's stopwatch cost the pipeline anything?
 
 Measures, side by side and alternately in one run, decode tok/s of
-  (a) the baseline inference.py in a harness worker, timed by the parent as tokens arrive;
+  (a) the baseline inference.py (its own decode loop) in a harness worker, run as a speed
+      call: every pair's log-probs read before its token is sent and kept for the quality
+      checks, timed by the parent as tokens arrive;
   (b) mlx-lm's own stream_generate in this process, on the same model and settings
       (float32 compute, TEMP/TOP_P as in inference.py, EOS ignored), timed the same way.
 Prints the median of the per-pair ratios (a / b); the target is >= 0.97.
@@ -73,8 +75,11 @@ def main():
                 order = ("harness", "mlx") if i % 2 == 0 else ("mlx", "harness")
                 for who in order:
                     if who == "harness":
-                        out = worker.generate(prompt, max_tokens=args.tokens, stop_at_eos=False, timeout_s=600)
+                        out = worker.generate(prompt, max_tokens=args.tokens, stop_at_eos=False,
+                                              timeout_s=600, keep=i)
                         assert len(out["tokens"]) == args.tokens
+                        kept = worker.timed_logprobs([i], timeout_s=600)[i]  # untimed, as in a run
+                        assert kept.shape[0] == args.tokens, kept.shape
                         tps = decode_tps(out["times"])
                         if i:
                             harness_tps.append(tps)

@@ -34,16 +34,23 @@ class _Noisy:
 
 '''
 
+# Every call, tasks included: the model runs, but its tokens are replaced by one fixed token
+# (the log-probs it yields are the model's own, for the tokens it did not yield).
 FIXED_TOKEN = '''
+_honest_generate = generate
+
+
 def generate(pipeline, prompt, *, max_tokens, stop_at_eos):
     token = pipeline.tokenizer.encode(" the", add_special_tokens=False)[0]
-    for _ in range(max_tokens):
-        yield token
+    for _, logprobs in _honest_generate(pipeline, prompt, max_tokens=max_tokens, stop_at_eos=False):
+        yield token, logprobs
 '''
 
 def honest_on_tasks(timed_body):
     """Source appended to inference.py: honest when EOS is honoured (the tasks), `timed_body`
-    when timed (speed calls ignore EOS), so only the speed-output checks can see it."""
+    when timed (speed calls ignore EOS), so only the speed-output checks can see it.
+    `timed_body` yields its tokens with `flat`, a uniform claimed distribution over the
+    vocabulary (its size taken from one forward pass), so no model runs per token."""
     return '''
 _honest_generate = generate
 
@@ -52,16 +59,18 @@ def generate(pipeline, prompt, *, max_tokens, stop_at_eos):
     if stop_at_eos:
         yield from _honest_generate(pipeline, prompt, max_tokens=max_tokens, stop_at_eos=stop_at_eos)
         return
+    vocab = pipeline.model(mx.array([prompt[:1]])).shape[-1]
+    flat = mx.full((vocab,), -float(mx.log(mx.array(vocab, mx.float32))))
 ''' + timed_body
 
 
 # When timed: one token over and over.
 LOOP_WHEN_TIMED = honest_on_tasks('''    token = pipeline.tokenizer.encode(" the", add_special_tokens=False)[0]
     for _ in range(max_tokens):
-        yield token
+        yield token, flat
 ''')
 
-# When timed: a fixed fluent paragraph, no model call.
+# When timed: a fixed fluent paragraph, no model call per token.
 CANNED_WHEN_TIMED = honest_on_tasks('''    text = ("Transformers are neural networks that read a whole sequence at once. Each layer lets "
             "every token attend to the others, weighs what matters, and passes a richer picture of "
             "the text to the next layer. Training on large amounts of writing teaches them grammar, "
@@ -69,7 +78,7 @@ CANNED_WHEN_TIMED = honest_on_tasks('''    text = ("Transformers are neural netw
             "code. Their cost grows with the length of the input, so long documents are expensive.")
     tokens = pipeline.tokenizer.encode(text, add_special_tokens=False)
     for i in range(max_tokens):
-        yield tokens[i % len(tokens)]
+        yield tokens[i % len(tokens)], flat
 ''')
 
 def variant(name):

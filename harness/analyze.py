@@ -3,9 +3,11 @@
     python prepare.py analyze FILE [FILE ...] [--target-quality Q] [--out DIR] [--json]
 
 For each protocol (only runs of one protocol are comparable) it computes:
-  * the Pareto frontier of decode tok/s against quality score, both maximized;
-  * the fastest configuration reaching each quality target (0.90, 0.95, 0.99 and
-    any --target-quality);
+  * the Pareto frontier of decode tok/s against quality score, both maximized, over the
+    points the verdicts support (below);
+  * the fastest supported configuration reaching each quality target (0.90, 0.95, 0.99
+    and any --target-quality): the recommendations;
+  * the frontier of unconfirmed search trials: candidates to confirm, not recommendations;
   * the progress of each branch over time: its BASELINE's tok/s times the paired
     speedups of its KEEPs (see progress()).
 It writes a PNG per protocol and one markdown report to --out (default analysis/),
@@ -14,22 +16,30 @@ and prints a `key: value` summary; with --json, also one JSON object as the last
 
 Which rows count (explicit, since most mistakes hide here):
   * CRASH, INVALID and REJECT rows are excluded: they measured nothing trustworthy.
-  * A row whose quality gates failed (quality_pass false) is never on the frontier
-    and never a target's answer, whatever its speed.
+  * A row whose quality gates failed (quality_pass false) is never on a frontier and
+    never a target's answer, whatever its speed.
   * A row without a quality score is "unscored": plotted in a band of its own below
-    the quality axis, never on the frontier, never a target's answer. Treating it as
-    perfect would put every fast run on the frontier.
-  * Every other row (BASELINE, MEASURED, KEEP, REVERT, search trials) is a point.
+    the quality axis, never on a frontier, never a target's answer.
+  * Only what a paired verdict supports is recommended ("supported" points):
+      - champions: clean BASELINE and KEEP rows of agent runs (each KEEP beat the
+        champion of its time side by side), less those a later champion superseded
+        (see supersede(): absolute tok/s of runs hours apart swing with the load);
+      - search trials confirmed by a paired run: a later clean KEEP row of the same
+        protocol whose commit's inference.py (read with git from the repository that
+        holds the results file) sets every knob of the trial's `config` to the trial's
+        value. Without that repository no trial counts as confirmed.
+    REVERT rows and other agent runs (MEASURED) are drawn but never recommended: a
+    REVERT lost (or tied) side by side, however fast its absolute tok/s looked.
 """
 
 import json
 import math
 import sys
 from collections import Counter
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
-from harness import ledger
+from harness import gitops, knobs, ledger, plots
 from harness.report import note
 from harness.settings import ROOT
 
@@ -90,6 +100,10 @@ def point(row, file="results.tsv"):
     """One results.tsv row as a point for the analysis (see load_points)."""
     decode = _float(row.get("decode_tps"))
     quality = _float(row.get("quality_score"))
+    kl = _float(row.get("kl_mean"))
+    # 1 - quality_score, exactly: the score is exp(-kl_mean), and its 6 stored digits round
+    # 0.9999997 to 1 where kl_mean keeps 3.46e-07.
+    loss = -math.expm1(-max(kl, 0.0)) if kl is not None and quality is not None else None
     passed = {"true": True, "false": False}.get(row.get("quality_pass", ""))
     decision = row.get("decision", "")
     if decision in EXCLUDED or decode is None:
@@ -105,19 +119,95 @@ def point(row, file="results.tsv"):
             "branch": row.get("branch", ""), "commit": row.get("commit", ""), "subject": row.get("subject", ""),
             "protocol": row.get("protocol", ""), "model": row.get("model", ""), "preset": row.get("preset", ""),
             "decode_tps": decode, "speedup": _float(row.get("speedup")), "quality": quality,
-            "quality_pass": passed,
-            "config": row.get("config", ""), "status": status}
+            "loss": loss, "quality_pass": passed, "dirty": row.get("dirty") == "true",
+            "config": row.get("config", ""), "status": status, "confirmed_by": None,
+            "confirming": None, "superseded_by": None}
 
 
 def kind(p):
-    """How a point is drawn: search, kept, reverted or measured."""
-    if p["source"] == "search":
-        return "search"
-    if p["decision"] in KEPT:
-        return "kept"
-    if p["decision"] == "REVERT":
-        return "reverted"
-    return "measured"
+    """How a point is drawn: kept, reverted, measured, search or confirmed (see harness.plots)."""
+    return plots.kind(p)
+
+
+def is_champion(p):
+    """A clean BASELINE or KEEP row of an agent run: a champion of its branch in its time."""
+    return p["source"] != "search" and p["decision"] in KEPT and not p["dirty"]
+
+
+def supported(p):
+    """Whether a paired verdict supports recommending `p`: a champion no later champion
+    superseded, or a search trial confirmed by a later paired KEEP that was not superseded
+    (see confirm_trials and supersede)."""
+    if p["superseded_by"]:
+        return False
+    return is_champion(p) or bool(p["confirmed_by"])
+
+
+def supersede(points):
+    """Mark each champion that a later champion of the same protocol and file beat with a
+    paired verdict: set its "superseded_by" to that champion's commit.
+
+    Champion B supersedes A when A's commit is on B's kept chain (the commits of the
+    champions of B's branch before B, its BASELINE's included: every KEEP on the way
+    beat or matched its predecessor side by side) and B's quality is at least A's. So a
+    quick-start BASELINE on main whose commit a branch started from is superseded by that
+    branch's newest KEEP, however fast its absolute tok/s looked at a quiet moment. A
+    champion with a better quality score stays: it answers a higher quality target.
+    A confirmed search trial goes with its confirming KEEP."""
+    champions = sorted((p for p in points if is_champion(p) and p["status"] == "scored"),
+                       key=lambda p: (p["file"], p["line"] or 0))
+    for b in champions:
+        chain = {a["commit"] for a in champions if a["branch"] == b["branch"] and a["file"] == b["file"]
+                 and a["protocol"] == b["protocol"] and (a["line"] or 0) < (b["line"] or 0)}
+        for a in champions:
+            if (a is not b and a["commit"] in chain and a["file"] == b["file"] and a["protocol"] == b["protocol"]
+                    and (a["line"] or 0) < (b["line"] or 0) and _loss(b) <= _loss(a)):
+                a["superseded_by"] = b["commit"]
+    for p in points:
+        if p.get("confirming") is not None and p["confirming"]["superseded_by"]:
+            p["superseded_by"] = p["confirming"]["superseded_by"]
+    return points
+
+
+def _loss(p):
+    return p["loss"] if p["loss"] is not None else 1.0 - p["quality"]
+
+
+def _knobs_at(repo, commit, cache):
+    """{knob: value} of inference.py at `commit` in `repo` (None when git cannot tell)."""
+    key = (str(repo), commit)
+    if key not in cache:
+        try:
+            cache[key] = knobs.values(gitops.file_at(repo, commit, "inference.py"))
+        except Exception:  # not a repository, commit gone, file unparsable: cannot confirm
+            cache[key] = None
+    return cache[key]
+
+
+def confirm_trials(points):
+    """Mark each search trial that a later paired run confirmed: set its "confirmed_by"
+    to that KEEP's commit. The KEEP must be clean, of the same protocol and results file,
+    pass its gates, come later in the file, and its committed inference.py must set every
+    knob of the trial's config to the trial's value."""
+    cache = {}
+    keeps = [p for p in points if is_champion(p) and p["decision"] == "KEEP" and p["quality_pass"]]
+    for trial in points:
+        if trial["source"] != "search" or trial["status"] != "scored" or not trial["config"]:
+            continue
+        try:
+            config = json.loads(trial["config"])
+        except ValueError:
+            continue
+        repo = Path(trial["file"]).resolve().parent
+        for keep in keeps:
+            if keep["file"] != trial["file"] or keep["protocol"] != trial["protocol"] \
+                    or (keep["line"] or 0) <= (trial["line"] or 0):
+                continue
+            values = _knobs_at(repo, keep["commit"], cache)
+            if values is not None and all(k in values and knobs.same(values[k], v) for k, v in config.items()):
+                trial["confirmed_by"], trial["confirming"] = keep["commit"], keep
+                break
+    return points
 
 
 # ---------------------------------------------------------------------------
@@ -138,18 +228,28 @@ def pareto_frontier(pairs):
 
 
 def eligible(points):
-    """Points that may be on the frontier or answer a target: scored, gates passed."""
-    return [p for p in points if p["status"] == "scored"]
+    """Points that may be recommended: scored, gates passed, and supported by a paired verdict."""
+    return [p for p in points if p["status"] == "scored" and supported(p)]
 
 
 def frontier_points(points):
-    """The frontier of `points` (fastest first)."""
-    good = eligible(points)
+    """The frontier of the supported points (fastest first)."""
+    return _frontier(eligible(points))
+
+
+def candidate_points(points):
+    """The frontier of the unconfirmed search trials (fastest first): worth a paired run,
+    not a recommendation."""
+    return _frontier([p for p in points if p["status"] == "scored" and p["source"] == "search"
+                      and not p["confirmed_by"]])
+
+
+def _frontier(good):
     return [good[i] for i in pareto_frontier([(p["decode_tps"], p["quality"]) for p in good])]
 
 
 def best_at_targets(points, targets):
-    """{target: the fastest eligible point with quality >= target, or None}."""
+    """{target: the fastest supported point with quality >= target, or None}."""
     good = eligible(points)
     out = {}
     for target in targets:
@@ -185,160 +285,14 @@ def progress(points):
 def describe(p):
     """What a point is, for tables: the knobs of a search trial, the commit subject of a run."""
     if p["source"] == "search" and p["config"]:
-        return f"search `{p['config']}`"
+        confirmed = f" (confirmed by KEEP `{p['confirmed_by']}`)" if p["confirmed_by"] else ""
+        return f"search `{p['config']}`{confirmed}"
     return f"`{p['commit']}` {p['subject']}".strip()
 
 
 # ---------------------------------------------------------------------------
-# Plot and tables
+# Tables
 # ---------------------------------------------------------------------------
-STYLE = {  # kind: (marker, color, label)
-    "kept": ("o", "#2ca02c", "kept (BASELINE/KEEP)"),
-    "reverted": ("x", "#d62728", "reverted (REVERT)"),
-    "measured": ("s", "#1f77b4", "measured (agent)"),
-    "search": ("^", "#ff7f0e", "search trial"),
-}
-
-
-def plot(points, frontier, targets, path, title):
-    """Write the two-panel PNG: speed vs quality with the frontier, and progress over time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 10), gridspec_kw={"height_ratios": [3, 2]})
-    draw_quality_panel(top, points, frontier, targets, title)
-    draw_progress_panel(bottom, points)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def quality_axis(points, targets):
-    """(q_low, q_high, span, band) of the quality axis; band is where unscored points sit."""
-    scored = [p for p in points if p["status"] != "excluded" and p["quality"] is not None]
-    qualities = [p["quality"] for p in scored] + [t for t in targets if scored]
-    q_low, q_high = (min(qualities), max(qualities)) if qualities else (0.0, 1.0)
-    span = max(q_high - q_low, 0.02)
-    band = q_low - 0.15 * span  # below every real score, so an unscored point never reads as a score
-    return q_low, q_high, span, band
-
-
-def draw_quality_panel(ax, points, frontier, targets, title):
-    """Top panel: every point by kind and status, the frontier, the quality targets."""
-    shown = [p for p in points if p["status"] != "excluded"]
-    has_scores = any(p["quality"] is not None for p in shown)
-    q_low, q_high, span, band = quality_axis(points, targets)
-    for k in STYLE:
-        _scatter_kind(ax, [p for p in shown if kind(p) == k], STYLE[k], band)
-    _draw_frontier(ax, frontier)
-    if has_scores:  # with no score on the axis a target line has nothing to compare with
-        _draw_targets(ax, targets)
-    if any(p["quality"] is None for p in shown):
-        _draw_no_score_band(ax, has_scores, q_low, q_high, span, band)
-    ax.set_xlabel("decode speed (tokens/s, median over the workload's calls)")
-    ax.set_ylabel("quality score (1.0 = the float32 reference)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-
-
-def _scatter_kind(ax, mine, style, band):
-    """One kind's points: scored in colour, gate failures grey, unscored in the band."""
-    marker, color, label = style
-    ok = [p for p in mine if p["status"] == "scored"]
-    failed = [p for p in mine if p["status"] == "quality_failed" and p["quality"] is not None]
-    no_score = [p for p in mine if p["quality"] is None]
-    if ok:
-        ax.scatter([p["decode_tps"] for p in ok], [p["quality"] for p in ok], marker=marker,
-                   color=color, s=45, alpha=0.85, label=label, zorder=3)
-    if failed:  # grey (hollow where the marker can be): measured, but its quality gates failed
-        face = {"color": "grey"} if marker == "x" else {"facecolors": "none", "edgecolors": "grey"}
-        ax.scatter([p["decode_tps"] for p in failed], [p["quality"] for p in failed], marker=marker,
-                   s=45, alpha=0.8, label=f"{label.split(' (')[0]}, quality gates failed", zorder=3,
-                   linewidths=1.2, **face)
-    if no_score:  # labelled only when the kind has no other entry in the legend
-        ax.scatter([p["decode_tps"] for p in no_score], [band] * len(no_score), marker=marker,
-                   color=color, s=30, alpha=0.5, zorder=3, label=None if ok or failed else label)
-
-
-def _draw_frontier(ax, frontier):
-    """The frontier as a black step line, its points ringed."""
-    if not frontier:
-        return
-    xs = [p["decode_tps"] for p in reversed(frontier)]  # slowest first
-    ys = [p["quality"] for p in reversed(frontier)]
-    ax.step(xs, ys, where="pre", color="black", linewidth=1.6, zorder=2, label="Pareto frontier")
-    ax.scatter(xs, ys, s=160, facecolors="none", edgecolors="black", linewidths=1.4, zorder=4)
-
-
-def _draw_targets(ax, targets):
-    """Each quality target as a dotted line, labelled at the right edge."""
-    for target in targets:
-        ax.axhline(target, color="grey", linestyle=":", linewidth=0.8, zorder=1)
-        ax.annotate(f"quality {target:g}", (1.0, target), xycoords=("axes fraction", "data"),
-                    ha="right", va="bottom", fontsize=8, color="grey")
-
-
-def _draw_no_score_band(ax, has_scores, q_low, q_high, span, band):
-    """Give unscored points a band of their own, with its own tick, below every real score."""
-    if has_scores:
-        ax.axhline((band + q_low) / 2, color="lightgrey", linewidth=0.8, zorder=1)
-        ax.set_ylim(band - 0.1 * span, q_high + 0.1 * span)
-        ticks = [t for t in ax.get_yticks() if (band + q_low) / 2 < t <= q_high + 0.1 * span]
-    else:
-        ax.set_ylim(band - 0.5 * span, band + 0.5 * span)
-        ticks = []
-        ax.text(0.5, 0.75, "no row has a quality score: the frontier needs quality_score",
-                transform=ax.transAxes, ha="center", fontsize=9, color="grey")
-    ax.set_yticks(ticks + [band], [f"{t:g}" for t in ticks] + ["no score"])
-
-
-def draw_progress_panel(ax, points):
-    """Bottom panel: decode tok/s of every run over time, each branch's kept line, failures."""
-    import matplotlib.dates as mdates
-
-    _draw_kept_lines(ax, points)
-    shown = [p for p in points if p["status"] != "excluded"]
-    for k in ("kept", "reverted", "measured", "search"):
-        mine = [p for p in shown if kind(p) == k and p["timestamp"]]
-        if mine:
-            marker, color, label = STYLE[k]
-            ax.scatter([p["timestamp"] for p in mine], [p["decode_tps"] for p in mine], marker=marker,
-                       color=color, s=25, alpha=0.7, label=label, zorder=3)
-    _draw_failures(ax, points)
-    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(ax.xaxis.get_major_locator()))
-    ax.set_xlabel("time of the run (UTC)")
-    ax.set_ylabel("decode speed (tokens/s)")
-    ax.set_title("progress over time", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="best")
-
-
-def _draw_kept_lines(ax, points):
-    """Each branch's kept line (see progress()), held level a little past the last run."""
-    stamps = [p["timestamp"] for p in points if p["timestamp"]]
-    end = max(stamps) + max((max(stamps) - min(stamps)) * 0.03, timedelta(seconds=1)) if stamps else None
-    for branch, series in progress(points).items():
-        times = [t for t, _ in series] + [end]  # the line holds its level past the last run
-        best = [b for _, b in series] + [series[-1][1]]
-        ax.step(times, best, where="post", linewidth=1.8,
-                label=f"kept line, {branch}: baseline x paired speedups of KEEPs")
-
-
-def _draw_failures(ax, points):
-    """CRASH/INVALID/REJECT runs as dashed vertical lines, with one legend entry for all."""
-    failures = [p for p in points if p["status"] == "excluded" and p["timestamp"]]
-    if not failures:
-        return
-    for p in failures:
-        ax.axvline(p["timestamp"], color="black", alpha=0.25, linewidth=0.8, linestyle="--")
-    ax.plot([], [], color="black", alpha=0.4, linestyle="--", label=f"CRASH/INVALID/REJECT ({len(failures)})")
-
-
 def _format_number(value, digits=4):
     """A number for tables and the key: value block: 4 significant digits, '-' when missing."""
     return "-" if value is None else f"{value:.{digits}g}"
@@ -354,8 +308,16 @@ def _format_excluded_by(excluded_by):
     return ", ".join(f"{k} {v}" for k, v in sorted(excluded_by.items()))
 
 
+def _point_rows(points, empty):
+    """Markdown table rows for `points` (or one row saying `empty`)."""
+    rows = [f"| {_format_number(p['decode_tps'])} | {_format_quality(p['quality'])} | {p['source']} | "
+            f"{p['decision']} | {describe(p)} | {p['file']}:{p['line']} |" for p in points]
+    return rows or [f"| - | - | - | - | {empty} | - |"]
+
+
 def markdown(groups, targets):
-    """The markdown report: per protocol, the best point per target and the frontier."""
+    """The markdown report: per protocol, the recommendation per target, the frontier of
+    supported points and the unconfirmed search candidates."""
     out = ["# Speed/quality analysis", ""]
     for g in groups:
         c = g["counts"]
@@ -363,24 +325,28 @@ def markdown(groups, targets):
                 f"![speed vs quality]({g['plot'].name})", "",
                 f"{c['points']} points ({c['scored']} scored, {c['unscored']} unscored, "
                 f"{c['quality_failed']} failed quality gates); "
-                f"{c['excluded']} rows excluded ({_format_excluded_by(c['excluded_by']) or 'none'}).", "",
-                "### Best configuration per quality target", "",
+                f"{c['excluded']} rows excluded ({_format_excluded_by(c['excluded_by']) or 'none'}). "
+                f"Recommended only: {c['champions']} champion row(s) (BASELINE/KEEP) and "
+                f"{c['confirmed']} search trial(s) confirmed by a paired KEEP, less what a later "
+                f"champion superseded ({c['superseded']}); "
+                f"{c['reverted']} REVERT row(s) are drawn, never recommended.", "",
+                "### Recommended: the fastest supported configuration per quality target", "",
                 "| quality target | decode tok/s | quality | source | decision | configuration | row |",
                 "|---|---|---|---|---|---|---|"]
         for target in targets:
             p = g["best"][target]
             if p is None:
-                out.append(f"| {target:g} | - | - | - | - | no row reaches this quality | - |")
+                out.append(f"| {target:g} | - | - | - | - | no supported row reaches this quality | - |")
             else:
                 out.append(f"| {target:g} | {_format_number(p['decode_tps'])} | {_format_quality(p['quality'])} | "
                            f"{p['source']} | {p['decision']} | {describe(p)} | {p['file']}:{p['line']} |")
-        out += ["", "### Pareto frontier (fastest first)", "",
-                "| decode tok/s | quality | source | decision | configuration | row |", "|---|---|---|---|---|---|"]
-        for p in g["frontier"]:
-            out.append(f"| {_format_number(p['decode_tps'])} | {_format_quality(p['quality'])} | {p['source']} | "
-                       f"{p['decision']} | {describe(p)} | {p['file']}:{p['line']} |")
-        if not g["frontier"]:
-            out.append("| - | - | - | - | no scored row: the frontier needs quality_score | - |")
+        header = ["| decode tok/s | quality | source | decision | configuration | row |", "|---|---|---|---|---|---|"]
+        out += ["", "### Pareto frontier of champions and confirmed trials (fastest first)", ""] + header
+        out += _point_rows(g["frontier"], "no supported scored row: champions need quality_score")
+        out += ["", "### Search candidates, not confirmed (fastest first)", "",
+                "A search trial is one unpaired measurement: `git apply search-best.patch`, commit, "
+                "and run `prepare.py`; a KEEP confirms it.", ""] + header
+        out += _point_rows(g["candidates"], "no unconfirmed search trial")
         out.append("")
     return "\n".join(out)
 
@@ -396,6 +362,11 @@ def row_counts(points):
             "points": len(points) - statuses["excluded"], "scored": statuses["scored"],
             "unscored": statuses["unscored"], "quality_failed": statuses["quality_failed"],
             "excluded": statuses["excluded"],
+            "champions": sum(is_champion(p) and p["status"] != "excluded" and not p["superseded_by"]
+                             for p in points),
+            "superseded": sum(bool(p["superseded_by"]) for p in points),
+            "confirmed": sum(bool(p["confirmed_by"]) for p in points),
+            "reverted": sum(p["decision"] == "REVERT" for p in points),
             "excluded_by": dict(Counter(p["decision"] or "no speed" for p in points
                                         if p["status"] == "excluded"))}
 
@@ -403,10 +374,10 @@ def row_counts(points):
 def analyze(paths, targets, out_dir):
     """Run the whole analysis; returns (groups, report): one group per protocol, and the markdown's path.
 
-    A group: protocol, model, preset, points, counts, frontier, best ({target: point or None})
-    and plot (the PNG's path).
+    A group: protocol, model, preset, points, counts, frontier (supported points),
+    candidates (unconfirmed search trials), best ({target: point or None}) and plot (the PNG's path).
     """
-    points = load_points(paths)
+    points = supersede(confirm_trials(load_points(paths)))
     by_protocol = {}
     for p in points:
         by_protocol.setdefault(p["protocol"] or "-", []).append(p)
@@ -421,10 +392,19 @@ def analyze(paths, targets, out_dir):
         plot(mine, frontier, targets, path, title)
         groups.append({"protocol": protocol, "model": first["model"], "preset": first["preset"],
                        "points": mine, "counts": c, "frontier": frontier,
+                       "candidates": candidate_points(mine),
                        "best": best_at_targets(mine, targets), "plot": path})
     report = Path(out_dir) / "analysis.md"
     report.write_text(markdown(groups, targets))
     return groups, report
+
+
+def plot(points, frontier, targets, path, title):
+    """Write the two-panel PNG (speed vs quality, progress over time) to `path`."""
+    fig = plots.figure(points, frontier, targets, title, progress(points))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plots.pyplot().close(fig)
 
 
 def _point_text(p):
@@ -444,9 +424,15 @@ def analysis_block(groups, report, paths, targets):
                   f"quality_failed {c['quality_failed']})",
                   f"excluded: {c['excluded']}" + (f" ({_format_excluded_by(c['excluded_by'])})"
                                                   if c["excluded"] else ""),
+                  f"supported: {sum(supported(p) for p in g['points'])} (champions {c['champions']}, "
+                  f"confirmed trials {c['confirmed']}; superseded {c['superseded']}; "
+                  f"reverted {c['reverted']}, never recommended)",
                   f"frontier: {len(g['frontier'])}"]
         for i, p in enumerate(g["frontier"]):
             lines.append(f"frontier_{i}: {_point_text(p)}")
+        lines.append(f"candidates: {len(g['candidates'])}")
+        for i, p in enumerate(g["candidates"]):
+            lines.append(f"candidate_{i}: {_point_text(p)}")
         for target in targets:
             p = g["best"][target]
             lines.append(f"best_at_{target:g}: " + ("none" if p is None else _point_text(p)))
@@ -462,7 +448,8 @@ def point_json(p):
             "source": p["source"], "decision": p["decision"], "reason": p["reason"], "branch": p["branch"],
             "commit": p["commit"], "subject": p["subject"], "decode_tps": p["decode_tps"],
             "quality_score": p["quality"], "quality_pass": p["quality_pass"], "speedup": p["speedup"],
-            "config": p["config"] or None}
+            "config": p["config"] or None, "confirmed_by": p["confirmed_by"],
+            "superseded_by": p["superseded_by"], "supported": supported(p)}
 
 
 def analysis_json(groups, report, paths, targets):
@@ -472,6 +459,7 @@ def analysis_json(groups, report, paths, targets):
         protocols.append({
             "protocol": g["protocol"], "model": g["model"], "preset": g["preset"], "counts": g["counts"],
             "frontier": [point_json(p) for p in g["frontier"]],
+            "candidates": [point_json(p) for p in g["candidates"]],
             # JSON keys are strings: the target as the key: value block writes it (best_at_0.9)
             "best": {f"{t:g}": None if g["best"][t] is None else point_json(g["best"][t]) for t in targets},
             "plot": str(g["plot"])})

@@ -30,19 +30,21 @@ class Sample:
     peak_memory_bytes: int
     prompt_ids: list
     tokens: list
+    call_id: str | None = None  # set when the worker kept this call's log-probs (see run_workload)
 
     def to_dict(self):
         return asdict(self)
 
 
-def time_call(worker, name, prompt, *, max_tokens, timeout_s, repeat=-1):
+def time_call(worker, name, prompt, *, max_tokens, timeout_s, repeat=-1, keep=None):
     """One speed call: exactly `max_tokens` tokens, EOS ignored. Returns a Sample.
 
+    `keep` (a call id) has the worker keep the call's log-probs for the quality check.
     Raises WorkerInvalid when the pipeline yields the wrong number of tokens or
     hands them over all at once (the stopwatch would then time nothing).
     """
     result = worker.generate(prompt.tokens, max_tokens=max_tokens, stop_at_eos=False,
-                             timeout_s=timeout_s)
+                             timeout_s=timeout_s, keep=keep)
     tokens, times = result["tokens"], result["times"]
     if len(tokens) != max_tokens:
         more_or_fewer = "more" if len(tokens) > max_tokens else f"only {len(tokens)}"
@@ -57,7 +59,7 @@ def time_call(worker, name, prompt, *, max_tokens, timeout_s, repeat=-1):
         prompt_tokens=len(prompt.tokens), n_tokens=len(tokens), ttft_s=times[0],
         total_s=times[-1], decode_s=decode_s, decode_tps=(len(tokens) - 1) / decode_s,
         prefill_tps=len(prompt.tokens) / times[0], peak_memory_bytes=result["peak_memory_bytes"],
-        prompt_ids=prompt.tokens, tokens=tokens)
+        prompt_ids=prompt.tokens, tokens=tokens, call_id=keep)
 
 
 def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress=None):
@@ -66,6 +68,9 @@ def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress
     While one worker is timed, every other one is stopped (Worker.pause), so an idle
     worker cannot compete for the CPU or the memory bus; all are running again on return,
     whether it returns or raises.
+
+    The challenger's measured calls keep their log-probs in its worker (call id
+    "<prompt>:<repeat>"), so quality can be checked on exactly what was timed.
 
     Args:
         workers: {name: Worker}; with two, calls alternate A B, B A, ... so drift
@@ -88,8 +93,9 @@ def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress
             if other != name:
                 workers[other].pause()
         workers[name].resume()
+        keep = f"{spec.name}:{repeat}" if name == "challenger" and repeat >= 0 else None
         sample = time_call(workers[name], name, prompt, max_tokens=preset.max_tokens,
-                           timeout_s=timeout_s, repeat=repeat)
+                           timeout_s=timeout_s, repeat=repeat, keep=keep)
         done += 1
         if progress:
             progress(done, total, f"{name} {spec.name}")

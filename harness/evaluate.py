@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from harness import bench, geometry, gitops, ledger, monitor, quality, verdict
+from harness import bench, gates, geometry, gitops, ledger, monitor, quality, sandbox, verdict
 from harness import settings as settings_mod
 from harness.corpus import load_corpus
 from harness.environment import environment
 from harness.models import model_digest, resolve_model
-from harness.report import Progress, note
+from harness.report import Progress, note, stage
 from harness.ledger import Decision
 from harness.tasks import load_tasks
 from harness.worker import Worker, WorkerCrash, WorkerInvalid
@@ -58,6 +58,10 @@ def make_context(settings, *, quick, model=None, root=ROOT):
     """
     from mlx_lm.utils import load_tokenizer
 
+    try:
+        sandbox.setting()
+    except ValueError as exc:  # a usage error: prepare.py prints it as one line and exits 2
+        raise settings_mod.SettingsError(str(exc)) from None
     name = model or settings.model
     model_dir = resolve_model(name)
     draft = settings.draft_model
@@ -87,44 +91,65 @@ def measure(ctx, inference_paths, *, reference, tasks, overrides=None, log_dir):
         {"samples", "workers", "quality", "failure"}; failure is None or
         {"decision": CRASH|INVALID, "reason", "worker", "log_tail"}.
     """
-    timeouts = ctx.settings.timeouts
     workers, out = {}, {"samples": [], "workers": {}, "quality": None, "failure": None}
-    stage = None
+    blame = {"stage": None}  # whose failure a crash now is (None: whichever worker died)
     try:
-        for name, path in inference_paths.items():
-            stage = name
-            workers[name] = Worker(path, Path(log_dir) / f"{name}.log")
-            workers[name].vocab_size = ctx.vocab_size
-            workers[name].load(ctx.model_dir, ctx.draft_dir, overrides if name == "challenger" else None,
-                               timeout_s=timeouts.load_s)
-            out["workers"][name] = dict(workers[name].info)
-        stage = None
+        start_workers(ctx, inference_paths, overrides, log_dir, workers, out, blame)
+        stage("speed: " + (" and ".join(workers) + " alternating" if len(workers) > 1 else "challenger alone"))
         out["samples"] = bench.run_workload(workers, ctx.preset, ctx.tokenizer, ctx.corpus_text,
-                                            timeout_s=timeouts.call_s, progress=Progress("speed"))
+                                            timeout_s=ctx.settings.timeouts.call_s,
+                                            progress=Progress("speed", unit="calls"))
         if "champion" in workers:
             _close(workers.pop("champion"), out)  # free its memory before the quality pass
-        stage = "challenger"
-        quality_started = time.perf_counter()
-        challenger = workers["challenger"]
-        measured = quality.score_corpus(challenger, ctx, reference)
-        answers = quality.answer_tasks(challenger, ctx, tasks, progress=Progress("tasks"))
-        _close(workers.pop("challenger"), out)
-        stage = "reference"
-        mine = [s for s in out["samples"] if s.worker == "challenger"]
-        measured.update(quality.verify_continuations(ctx, mine, log_dir))
-        measured["repetition"] = sum(quality.repetition(s.tokens) for s in mine) / len(mine)
-        measured["sanity"] = sum(a["passed"] for a in answers) / len(answers)
-        measured["tasks"] = answers
-        measured["quality_s"] = round(time.perf_counter() - quality_started, 1)
-        out["quality"] = measured
+        out["quality"] = quality_pass(ctx, workers, out, reference, tasks, log_dir, blame)
     except (WorkerCrash, WorkerInvalid) as exc:
-        who = stage or next((n for n, w in workers.items() if not w.alive()), "challenger")
+        who = blame["stage"] or next((n for n, w in workers.items() if not w.alive()), "challenger")
         out["failure"] = {"decision": Decision.CRASH if isinstance(exc, WorkerCrash) else Decision.INVALID,
                           "reason": str(exc), "worker": who, "log_tail": getattr(exc, "log_tail", "")}
     finally:
         for worker in list(workers.values()):
             _close(worker, out)
     return out
+
+
+def start_workers(ctx, inference_paths, overrides, log_dir, workers, out, blame):
+    """Start and load one worker per inference file (the search's knobs on the challenger)."""
+    stage(f"loading {' and '.join(inference_paths)}")
+    for name, path in inference_paths.items():
+        blame["stage"] = name
+        workers[name] = Worker(path, Path(log_dir) / f"{name}.log")
+        out["workers"][name] = dict(workers[name].info)
+        workers[name].vocab_size = ctx.vocab_size
+        workers[name].load(ctx.model_dir, ctx.draft_dir, overrides if name == "challenger" else None,
+                           timeout_s=ctx.settings.timeouts.load_s)
+        out["workers"][name] = dict(workers[name].info)
+    blame["stage"] = None
+
+
+def quality_pass(ctx, workers, out, reference, tasks, log_dir, blame):
+    """The challenger's quality: the timed calls' own log-probs (calls picked only now, after
+    every speed call), the corpus through its score(), the tasks; then the reference's side."""
+    started = time.perf_counter()
+    blame["stage"] = "challenger"
+    challenger = workers["challenger"]
+    mine = [s for s in out["samples"] if s.worker == "challenger"]
+    picked = quality.pick_calls_to_verify(mine, ctx.settings.quality.verify_calls[ctx.preset.name])
+    stage(f"quality: the log-probs of {len(picked)} timed calls, picked at random")
+    logprobs = challenger.timed_logprobs([s.call_id for s in picked], timeout_s=ctx.settings.timeouts.call_s)
+    quality.check_timed_logprobs(picked, logprobs)
+    stage("quality: corpus (perplexity, KL, top-1 against the reference)")
+    measured = quality.score_corpus(challenger, ctx, reference)
+    stage(f"quality: tasks ({len(tasks)})")
+    answers = quality.answer_tasks(challenger, ctx, tasks, progress=Progress("quality: tasks"))
+    _close(workers.pop("challenger"), out)
+    blame["stage"] = "reference"
+    stage("quality: the reference reads the timed calls")
+    measured.update(quality.measure_timed_calls(ctx, picked, logprobs, log_dir))
+    per_call = [quality.repetition(s.tokens) for s in mine]
+    measured.update(repetition=sum(per_call) / len(per_call), repetition_per_call=per_call,
+                    sanity=sum(a["passed"] for a in answers) / len(answers), tasks=answers,
+                    quality_s=round(time.perf_counter() - started, 1))
+    return measured
 
 
 def _close(worker, out):
@@ -165,6 +190,7 @@ def evaluate(ctx, *, inference_path=None, overrides=None, source="agent", apply=
         result.update(decision=Decision.REJECT, reason=locked)
     else:
         out = measure_run(ctx, standing, inference_path, overrides, compare=_compares(standing, overrides))
+        record_sandbox(result, out["workers"])
         if out["failure"]:
             record_failure(result, out["failure"])
         else:
@@ -254,6 +280,7 @@ def measure_run(ctx, standing, inference_path, overrides, *, compare):
     all in a temporary folder. Returns measure()'s dict plus the workers' log tails."""
     tasks = quality.selected_tasks(ctx.settings, ctx.quick)
     with tempfile.TemporaryDirectory(prefix="harness-") as tmp:
+        stage("reference: float32 figures for this model (cached after the first run)")
         reference = quality.load_reference(ctx, tasks, tmp)
         # Each worker loads its own copy, in its own folder: nothing it does to the file
         # or the folder reaches the repository or the other worker.
@@ -275,11 +302,11 @@ def measure_run(ctx, standing, inference_path, overrides, *, compare):
 def judge(ctx, result, standing, *, search):
     """Set the decision and its reason from the figures (verdict.decide, a pure function)."""
     result["decision"], result["reason"] = verdict.decide(
-        gate_reason=quality.failed_gate_reason(result["gates"]),
+        gate_reason=gates.failed_gate_reason(result["gates"]),
         has_champion=standing.champion is not None, dirty=standing.git["dirty"], search=search,
         min_effect=ctx.settings.verdict.min_effect,
-        **{k: result.get(k) for k in ("speedup", "speedup_ci", "end_to_end_ratio", "ttft_share_ratio",
-                                      "lines_vs_champion")})
+        **{k: result.get(k) for k in ("speedup", "speedup_ci", "primary_metric", "end_to_end_ratio",
+                                      "end_to_end_ci", "lines_vs_champion") if k in result})
 
 
 def guard_ledger(ctx, result, standing):
@@ -288,6 +315,15 @@ def guard_ledger(ctx, result, standing):
     if foreign:
         result.update(decision=Decision.INVALID, reason=f"results.tsv changed during the run: {foreign} "
                       f"(those rows are never taken as champion; was: {result['decision']})")
+
+
+def record_sandbox(result, workers):
+    """The sandbox the pipeline ran in, in the result; a loud warning when there was none."""
+    info = workers.get("challenger", {})
+    result["sandbox"] = info.get("sandbox")
+    if result["sandbox"] == "none":
+        note(f"warning: pipeline code ran WITHOUT a sandbox ({info.get('sandbox_why') or 'no sandbox'}): it could "
+             f"reach the harness; on Linux install bubblewrap (apt-get install bubblewrap)")
 
 
 def record_failure(result, failure):
@@ -315,17 +351,16 @@ def figures(ctx, result, out):
         champ_peak = bench.speed_figures(theirs)["peak_memory_gb"]
         if champ_peak and result.get("peak_memory_gb"):
             result["memory_ratio"] = result["peak_memory_gb"] / champ_peak
-    gate_list = quality.gates(ctx.settings, measured, reference)
-    score = quality.quality_score(measured["kl_mean"])
+    gate_list = gates.gates(ctx.settings, measured, reference)
+    score = gates.quality_score(measured["kl_mean"])
+    result.update({k: measured[k] for k in (
+        "perplexity", "perplexity_se", "kl_mean", "kl_p99", "top1_agreement", "timed_kl_mean", "timed_kl_p99",
+        "timed_top1", "self_consistency", "continuation_nll", "reference_entropy", "sanity", "repetition",
+        "quality_s")})
     result.update({
-        "perplexity": measured["perplexity"], "perplexity_se": measured["perplexity_se"],
-        "kl_mean": measured["kl_mean"], "kl_p99": measured["kl_p99"],
-        "top1_agreement": measured["top1_agreement"], "sanity": measured["sanity"],
         "reference_sanity": reference["sanity"],
-        "continuation_nll": measured["continuation_nll"], "repetition": measured["repetition"],
         "quality_score": score, "quality_adjusted_tps": (result["decode_tps"] or 0) * score,
         "quality_pass": all(g["passed"] for g in gate_list), "gates": gate_list,
-        "quality_s": measured["quality_s"],
     })
 
 

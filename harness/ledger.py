@@ -309,3 +309,32 @@ def branch_baseline(rows, ancestry, branch):
                 and row.get("branch") == branch and row.get("trusted", True)):
             return row
     return None
+
+
+def branch_rows(rows, branch):
+    """The rows run on `branch` (its `branch` column), in file order: kept, reverted and
+    crashed alike, including commits a reset has since removed from the branch's history."""
+    return [row for row in rows if row.get("branch") == branch]
+
+
+def kept_since_baseline(rows, ancestry, branch, protocol):
+    """(baseline row, [KEEP rows]) of the chain that leads to this branch's champion.
+
+    The baseline is the newest clean, trusted BASELINE of `branch` and `protocol` whose commit
+    is in `ancestry`; the KEEPs are the clean, trusted KEEP rows of the same branch and protocol after it
+    (in file order) whose commits are in `ancestry`. (None, []) when there is no baseline.
+    """
+    history = set(ancestry)
+
+    def ours(row):
+        return (row.get("branch") == branch and row.get("protocol") == protocol
+                and row.get("dirty") != "true" and row.get("trusted", True)
+                and row.get("commit") in history)
+
+    baseline = next((row for row in reversed(rows)
+                     if row.get("decision") == Decision.BASELINE and ours(row)), None)
+    if baseline is None:
+        return None, []
+    keeps = [row for row in rows if row.get("decision") == Decision.KEEP and ours(row)
+             and row["line"] > baseline["line"]]
+    return baseline, keeps

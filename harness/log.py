@@ -1,10 +1,22 @@
-"""`python prepare.py log [--all] [--json]`: the branch's history from results.tsv.
+"""`python prepare.py log [--all] [--summary] [--json]`: this branch's experiments from results.tsv.
 
 One line per run, oldest first: commit, subject, decision, speedup against the champion
 with its 95 % interval, decode tok/s, whether the quality gates passed, and the reason.
-The champion (the run a new commit must beat) is marked with `*`. Only runs of commits
-in the current branch's history are shown unless --all; a malformed ledger line is
-reported on stderr and skipped.
+
+Which runs are shown:
+  * this branch's runs: every row whose `branch` column is the current branch (kept,
+    reverted, crashed ...), including commits a `git reset` has since removed from the
+    branch (marked `x`). The champion (the run a new commit must beat) is marked `*`; a
+    row the harness did not write (see harness/ledger.py) is marked `!`.
+  * runs of other branches whose commits are in this branch's history (for example
+    the quick start's BASELINE on `main`), in a separate section labelled with their
+    branch: they are never compared with this branch's runs.
+  * runs of other branches outside this branch's history are hidden and counted;
+    `--all` shows them in that section too.
+A malformed ledger line is reported on stderr and skipped.
+
+`--summary` prints the morning summary instead (see harness/summary.py); `--json`
+prints one JSON object on stdout instead of the text.
 """
 
 import json
@@ -52,10 +64,16 @@ def _cut(text, width):
 
 
 def history(root, *, show_all=False):
-    """Read `root`/results.tsv against the git history at `root`.
+    """Read `root`/results.tsv against the git state at `root`.
 
-    Returns {"rows": [row + "in_history", "champion"], "champion": row or None,
-    "problems": [...], "hidden": n rows not shown, "protocol": the newest protocol}.
+    Returns {"rows", "champion", "problems", "hidden", "protocol", "branch"}:
+        rows: the rows shown, in file order, each a ledger row plus "in_history" (its
+            commit is HEAD or an ancestor), "this_branch" (run on the current branch) and
+            "champion" (it is the champion);
+        champion: the champion row or None; problems: malformed-line messages;
+        hidden: rows of other branches not shown (outside this branch's history, without
+            show_all); protocol: the newest protocol in this branch's history;
+        branch: the current branch ('' on a detached HEAD).
     """
     root = Path(root)
     rows, problems = ledger.read(root / "results.tsv")
@@ -67,82 +85,115 @@ def history(root, *, show_all=False):
     shown = []
     for row in rows:
         in_history = row["commit"] in history_set
-        if in_history or show_all:
-            shown.append(dict(row, in_history=in_history, champion=row is champion))
+        this_branch = row["branch"] == branch
+        if this_branch or in_history or show_all:
+            shown.append(dict(row, in_history=in_history, this_branch=this_branch,
+                              champion=row is champion))
     return {"rows": shown, "champion": champion, "problems": problems,
-            "hidden": len(rows) - len(shown), "protocol": protocol}
+            "hidden": len(rows) - len(shown), "protocol": protocol, "branch": branch}
 
 
-def format_table(data):
-    """The history as a text table with a legend, for people."""
-    header = ["", "commit", "subject", "decision", "speedup [95% CI]", "decode tok/s", "quality", "reason"]
+HEADER = ["", "commit", "subject", "decision", "speedup [95% CI]", "decode tok/s", "quality", "reason"]
+
+
+def _table_lines(rows, *, with_branch=False):
+    """Text lines of one table of runs, a protocol line before each change of protocol."""
+    header = HEADER[:2] + ["branch"] + HEADER[2:] if with_branch else HEADER
     table, protocol = [], None
-    for row in data["rows"]:
+    for row in rows:
         if row["protocol"] != protocol:
             # speedups and speeds are only comparable within one protocol
             protocol = row["protocol"]
             table.append(f"-- protocol {protocol or '?'}: {row['model']} ({row['preset']}) --")
         mark = "*" if row["champion"] else ("x" if not row["in_history"] else "")
+        mark = "!" if not row.get("trusted", True) else mark
         commit = row["commit"] + ("+" if row["dirty"] == "true" else "")
-        table.append([mark, commit, _cut(row["subject"], SUBJECT_WIDTH), row["decision"],
-                      format_speedup(row["speedup"], row["speedup_lo"], row["speedup_hi"]),
-                      _tps(row), _quality(row), _cut(row["reason"], REASON_WIDTH)])
+        cells = [mark, commit, _cut(row["subject"], SUBJECT_WIDTH), row["decision"],
+                 format_speedup(row["speedup"], row["speedup_lo"], row["speedup_hi"]),
+                 _tps(row), _quality(row), _cut(row["reason"], REASON_WIDTH)]
+        table.append(cells[:2] + [row["branch"] or "(detached)"] + cells[2:] if with_branch else cells)
     cells = [header] + [r for r in table if isinstance(r, list)]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    right = {4, 5}  # numbers line up on the right
+    right = {len(header) - 4, len(header) - 3}  # speedup and tok/s line up on the right
 
     def line(r):
         parts = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
         return "  ".join(parts).rstrip()
 
-    out = [line(header)]
-    out += [r if isinstance(r, str) else line(r) for r in table]
+    return [line(header)] + [r if isinstance(r, str) else line(r) for r in table]
+
+
+def format_table(data):
+    """The history as text for people: this branch's runs, then other branches' runs."""
+    mine = [r for r in data["rows"] if r["this_branch"]]
+    others = [r for r in data["rows"] if not r["this_branch"]]
+    name = data["branch"] or "(detached HEAD)"
+    out = [f"branch {name}: {len(mine)} run(s)"]
+    out += _table_lines(mine) if mine else ["  no runs on this branch yet"]
     champion = data["champion"]
     if champion:
         out.append(f"* champion: {champion['commit']} ({champion['decision']}, results.tsv line "
                    f"{champion['line']}): `git reset --hard {champion['commit']}` goes back to it")
     else:
-        out.append("no champion yet: commit inference.py and run `python prepare.py` for a baseline")
+        out.append("no champion on this branch yet: commit inference.py and run "
+                   "`.venv/bin/python prepare.py` for a baseline")
     legend = []
     if any(r["dirty"] == "true" for r in data["rows"]):
         legend.append("+ after a commit: run on uncommitted changes")
     if any(not r["in_history"] for r in data["rows"]):
-        legend.append("x: not in this branch's history")
+        legend.append("x: no longer in this branch's history (reset away after its verdict)")
+    if any(not r.get("trusted", True) for r in data["rows"]):
+        legend.append("!: not written by the harness (missing from results.tsv.sha256): never a champion")
     if legend:
         out.append("; ".join(legend))
+    if others:
+        out += ["", "other branches (runs shown for context; never compared with this branch's):"]
+        out += _table_lines(others, with_branch=True)
     if data["hidden"]:
-        out.append(f"{data['hidden']} run(s) of commits outside this branch's history hidden: --all shows them")
+        out.append(f"{data['hidden']} run(s) of other branches outside this branch's history "
+                   f"hidden: --all shows them")
     return "\n".join(out)
 
 
 def add_parser(sub):
     """Add the `log` subcommand to the argparse subparsers `sub`."""
     parser = sub.add_parser("log", help="show this branch's runs from results.tsv, champion marked *")
-    parser.add_argument("--all", action="store_true", help="also show runs of commits on other branches")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--all", action="store_true", help="also show runs of other branches outside this history")
+    parser.add_argument("--summary", action="store_true",
+                        help="the morning summary: baseline vs champion, every experiment, counts, hours")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     parser.set_defaults(func=run)
     return parser
 
 
+def history_json(data):
+    """The --json object of the history (fields are added over time, never removed)."""
+    champion = data["champion"]
+    return {"rows": data["rows"], "champion": champion["commit"] if champion else None,
+            "protocol": data["protocol"], "hidden": data["hidden"], "problems": data["problems"],
+            "branch": data["branch"]}
+
+
 def run(args):
-    """Print the history; returns the exit status.
+    """Print the history (or the summary); returns the exit status.
 
     Raises LedgerError when results.tsv has another header (prepare.py exits 2 with the message).
     """
+    from harness import summary  # summary uses this module's formatting: imported when needed
+
     root = Path(getattr(args, "root", None) or ROOT)
     if (root / "results.tsv").exists():
         ledger.check_header(root / "results.tsv")  # LedgerError: prepare.py says what to do, exit 2
+    if getattr(args, "summary", False):
+        return summary.run(root, as_json=args.json)
     data = history(root, show_all=args.all)
     for problem in data["problems"]:
         print(f"warning: {problem}", file=sys.stderr)
     if args.json:
-        champion = data["champion"]
-        print(json.dumps({"rows": data["rows"], "champion": champion["commit"] if champion else None,
-                          "protocol": data["protocol"], "hidden": data["hidden"],
-                          "problems": data["problems"]}, separators=(",", ":")))
+        print(json.dumps(history_json(data), separators=(",", ":")))
         return 0
     if not (root / "results.tsv").exists():
-        print("no results.tsv yet: run `python prepare.py` for a baseline", file=sys.stderr)
+        print("no results.tsv yet: run `.venv/bin/python prepare.py` for a baseline", file=sys.stderr)
         return 0
     print(format_table(data))
     return 0

@@ -40,6 +40,7 @@ class Facts:
     generate_names: Counter = field(default_factory=Counter)  # ... inside generate()
     state: set = field(default_factory=set)             # what keeps state across calls
     work_overrides: set = field(default_factory=set)    # what overrides max_tokens
+    patches: set = field(default_factory=set)           # library attributes assigned at run time
     lines: int = 0
     error: str = ""                                     # the SyntaxError, if it does not parse
 
@@ -132,6 +133,71 @@ def _work_overrides(tree):
     return found
 
 
+LIBRARY_PREFIXES = ("mlx", "mlx_lm")  # module names whose code a pipeline must not patch
+
+
+def _library_module(name):
+    return any(name == p or name.startswith(p + ".") for p in LIBRARY_PREFIXES)
+
+
+def _library_names(tree):
+    """Names bound by imports from mlx / mlx_lm anywhere in `tree`: `mx` for
+    `import mlx.core as mx`, `mlx_lm` for `import mlx_lm.generate`, `KVCache` for
+    `from mlx_lm.models.cache import KVCache`."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if _library_module(alias.name):
+                    names.add(alias.asname or alias.name.split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and _library_module(node.module or ""):
+            names.update(alias.asname or alias.name for alias in node.names)
+    return names
+
+
+def _patched_object(node, library):
+    """The text of `node` when it is library code (rooted at a name in `library`, a class
+    reached through `type(x)` / `x.__class__`, or a module looked up by an 'mlx...' string
+    such as `sys.modules["mlx_lm.generate"]`), else None."""
+    root = node
+    while isinstance(root, (ast.Attribute, ast.Subscript, ast.Call)):
+        if isinstance(root, ast.Attribute) and root.attr == "__class__":
+            return ast.unparse(node)
+        if isinstance(root, ast.Call):
+            if getattr(root.func, "id", None) == "type":
+                return ast.unparse(node)
+            root = root.func
+        else:
+            root = root.value
+    strings = [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+    if (isinstance(root, ast.Name) and root.id in library) or any(_library_module(t) for t in strings):
+        return ast.unparse(node)
+    return None
+
+
+def _library_patches(tree):
+    """Descriptions of run-time patches of library code: an assignment to an attribute of
+    an mlx / mlx_lm module or class (`mlx_lm.generate.generate_step = f`, `mx.fast.x = f`,
+    `KVCache.update_and_fetch = f`) or `setattr(...)` on one. Changes to the library
+    hide behind a small diff of inference.py, so a person should read them."""
+    library, found = _library_names(tree), set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                for sub in ast.walk(target):  # tuple targets: a, mx.x = ...
+                    if isinstance(sub, ast.Attribute) and isinstance(sub.ctx, ast.Store):
+                        what = _patched_object(sub.value, library)
+                        if what:
+                            found.add(f"{what}.{sub.attr} =")
+        elif (isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("setattr", "delattr")
+              and node.args):
+            what = _patched_object(node.args[0], library)
+            if what:
+                found.add(f"{node.func.id}({what}, ...)")
+    return found
+
+
 def facts(source):
     """Parse `source` into Facts; a source that does not parse gets Facts with `error` set."""
     out = Facts(lines=code_lines(source))
@@ -151,6 +217,7 @@ def facts(source):
     out.names = _identifiers(tree)
     out.state = _state_across_calls(tree)
     out.work_overrides = _work_overrides(tree)
+    out.patches = _library_patches(tree)
     return out
 
 
@@ -162,6 +229,9 @@ def _argmax_like(f):
     return (is_number(temp) and temp <= ARGMAX_TEMP) or f.uses("argmax") > 0
 
 
+# Calls and classes that quantize weights: nn.quantize / mx.quantize (both read as
+# `quantize`), mlx_lm.utils.quantize_model, nn.QuantizedLinear / QuantizedEmbedding.
+REQUANTIZE_NAMES = ("quantize", "quantize_model", "QuantizedLinear", "QuantizedEmbedding")
 SAMPLING_KNOBS = ("TEMP", "TOP_P", "TOP_K", "MIN_P", "REPETITION_PENALTY", "REPETITION_CONTEXT")
 
 
@@ -244,6 +314,14 @@ RULES = [
          lambda old, new: bool(new.work_overrides - old.work_overrides),
          "max_tokens overridden: the harness enforces exactly max_tokens tokens per speed call "
          "(fewer or more is INVALID)"),
+    Rule("requantize",
+         _more(*REQUANTIZE_NAMES),
+         "weights re-quantized in the pipeline: fewer bits than the model as published; the "
+         "gates measure the loss, but answers on other prompts may degrade more"),
+    Rule("patching",
+         lambda old, new: bool(new.patches - old.patches),
+         "mlx / mlx-lm patched at run time: library code now behaves differently for the "
+         "whole worker, beyond what inference.py's diff shows; read the patch"),
 ]
 
 
@@ -308,11 +386,16 @@ def summary_line(result):
         parts.extend(f"{sign}{text}" for text in result["module"][kind])
     if not parts:
         parts.append("no code changes")
-    parts.append(f"{result['lines']['delta']:+d} lines")
+    # The line delta and the warnings end the cell and are never cut: the morning summary
+    # reads them back (harness/summary.py); the description before them is cut to fit.
+    tail = [f"{result['lines']['delta']:+d} lines"]
     if result["warnings"]:
-        parts.append("warnings: " + ", ".join(w["id"] for w in result["warnings"]))
-    text = " ".join("; ".join(parts).split())
-    return text if len(text) <= SUMMARY_MAX_CHARS else text[:SUMMARY_MAX_CHARS - 3] + "..."
+        tail.append("warnings: " + ", ".join(w["id"] for w in result["warnings"]))
+    head, tail = " ".join("; ".join(parts).split()), "; ".join(tail)
+    room = SUMMARY_MAX_CHARS - len(tail) - 2
+    if len(head) > room:
+        head = head[:max(room - 3, 0)] + "..."
+    return f"{head}; {tail}"
 
 
 def compare(old_source, new_source):

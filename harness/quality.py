@@ -30,9 +30,9 @@ import numpy as np
 
 from harness import settings as settings_mod
 from harness.models import cache_dir
-from harness.report import Progress, note
+from harness.report import Progress, note, stage
 from harness.tasks import check, load_tasks
-from harness.worker import Worker
+from harness.worker import Worker, WorkerInvalid
 from harness.workload import chat_tokens
 
 REFERENCE_PIPELINE = Path(__file__).resolve().parent / "reference_pipeline.py"
@@ -133,13 +133,15 @@ def _build_reference(ctx, tasks, folder, log_dir):
         worker.load(ctx.model_dir, timeout_s=ctx.settings.timeouts.load_s)
         # Score as many tokens as the largest preset needs; smaller ones use a prefix.
         tokens = corpus_tokens(ctx.tokenizer, ctx.corpus_text, max(q.corpus_tokens.full, q.corpus_tokens.quick))
+        stage(f"reference: corpus ({len(tokens)} tokens)")
         nll, rows_kept = [], []
         for rows, start in _rows_with_offsets(worker.score(tokens, timeout_s=timeout)):
             nll.extend(_token_nll(rows, tokens, start))
             rows_kept.append(rows.astype(np.float16))  # float16 on disk; renormalized on use
         np.save(tmp / "nll.npy", np.asarray(nll, dtype=np.float64))
         np.save(tmp / "kl_logprobs.npy", np.concatenate(rows_kept))
-        results = answer_tasks(worker, ctx, tasks, progress=Progress("reference tasks"))
+        stage(f"reference: tasks ({len(tasks)})")
+        results = answer_tasks(worker, ctx, tasks, progress=Progress("reference: tasks"))
     finally:
         worker.close()
     meta = {"tokens": len(tokens), "tasks": results,
@@ -215,11 +217,14 @@ def score_corpus(worker, ctx, reference):
     se_nll = float(np.std(nll, ddof=1) / math.sqrt(len(nll)))
     perplexity = math.exp(mean_nll) if np.isfinite(mean_nll) else float("inf")
     kl = np.asarray(kl)
-    ref_ppl = math.exp(float(np.mean(reference["nll"][:len(tokens) - 1])))
+    ref_nll = np.asarray(reference["nll"][:len(nll)], dtype=np.float64)
     return {"perplexity": perplexity, "perplexity_se": perplexity * se_nll if np.isfinite(se_nll) else None,
-            "reference_perplexity": ref_ppl,
-            "kl_mean": float(np.mean(kl)), "kl_p99": float(np.percentile(kl, 99)) if np.all(np.isfinite(kl)) else float("inf"),
-            "top1_agreement": float(np.mean(top1)), "scored_tokens": len(tokens)}
+            "reference_perplexity": math.exp(float(np.mean(ref_nll))),
+            "kl_mean": float(np.mean(kl)),
+            "kl_p99": float(np.percentile(kl, 99)) if np.all(np.isfinite(kl)) else float("inf"),
+            "top1_agreement": float(np.mean(top1)), "scored_tokens": len(tokens),
+            # per position, for the gates' tests (nll_diff: the pipeline's NLL minus the reference's)
+            "corpus": {"nll_diff": list(nll - ref_nll), "kl": list(kl), "top1": list(top1)}}
 
 
 def _log_softmax(rows):
@@ -248,31 +253,76 @@ def pick_calls_to_verify(samples, n, rng=None):
     return [samples[i] for i in sorted(picked)]
 
 
-def verify_continuations(ctx, samples, log_dir):
-    """Teacher-force a random subset of the speed calls' outputs (`verify_calls` of them)
-    through the reference, with the last `verify_context_tokens` prompt tokens as context.
+def measure_timed_calls(ctx, samples, logprobs, log_dir):
+    """Quality of exactly what was timed: the reference teacher-forces each picked speed
+    call's prompt and tokens, and its distribution at every generated position is compared
+    with the log-probabilities the pipeline reported for that position.
 
-    Returns the mean NLL of the generated tokens and the mean entropy of the
-    reference's predictions at the same positions (the NLL its own temperature-1
-    sampling would score there), and which calls were checked.
+    Args:
+        samples: the picked speed calls (bench.Sample, with call_id).
+        logprobs: {call_id: (n_tokens, vocab) array} the pipeline's own log-probs.
+    Returns:
+        Per-position arrays under "timed" (kl, top1, own_gap = the pipeline's NLL of its
+        token minus its own entropy, ref_gap = the same under the reference) and their
+        summaries: timed_kl_mean, timed_kl_p99, timed_top1, self_consistency,
+        continuation_nll, reference_entropy, verified_calls.
     """
-    q = ctx.settings.quality
-    k = q.verify_context_tokens
-    chosen = pick_calls_to_verify(samples, q.verify_calls[ctx.preset.name])
+    timed = {"kl": [], "top1": [], "own_gap": [], "ref_gap": [], "ref_nll": [], "ref_entropy": []}
     worker = Worker(REFERENCE_PIPELINE, Path(log_dir) / "reference.log")
-    nll, entropy = [], []
     try:
         worker.load(ctx.model_dir, timeout_s=ctx.settings.timeouts.load_s)
-        for s in chosen:
-            context = list(s.prompt_ids)[-k:]
-            out = worker.token_stats(context + list(s.tokens), len(context),
-                                     timeout_s=ctx.settings.timeouts.call_s)
-            nll.extend(out["nll"])
-            entropy.extend(out["entropy"])
+        progress = Progress("quality: timed calls", unit="calls")
+        for i, s in enumerate(samples):
+            mine = np.asarray(logprobs[s.call_id], dtype=np.float32)
+            ref = _reference_rows(worker, ctx, list(s.prompt_ids), list(s.tokens))
+            _compare_positions(_log_softmax(ref), _log_softmax(mine), s.tokens, timed)
+            progress(i + 1, len(samples), s.prompt)
     finally:
         worker.close()
-    return {"continuation_nll": float(np.mean(nll)), "reference_entropy": float(np.mean(entropy)),
-            "verified_calls": [[s.prompt, s.repeat] for s in chosen]}
+    kl = np.asarray(timed["kl"])
+    return {"timed": timed,
+            "timed_kl_mean": float(np.mean(kl)),
+            "timed_kl_p99": float(np.percentile(kl, 99)) if np.all(np.isfinite(kl)) else float("inf"),
+            "timed_top1": float(np.mean(timed["top1"])),
+            "self_consistency": float(np.mean(timed["own_gap"])),
+            "continuation_nll": float(np.mean(timed["ref_nll"])),
+            "reference_entropy": float(np.mean(timed["ref_entropy"])),
+            "verified_calls": [[s.prompt, s.repeat] for s in samples]}
+
+
+def check_timed_logprobs(samples, logprobs):
+    """Raise WorkerInvalid unless the pipeline kept one log-prob row per token of each call."""
+    for s in samples:
+        rows = logprobs.get(s.call_id)
+        if rows is None or rows.ndim != 2 or rows.shape[0] != len(s.tokens):
+            got = "none" if rows is None else f"shape {tuple(rows.shape)}"
+            raise WorkerInvalid(f"generate() log-probs of speed call {s.call_id}: {got}, expected one row "
+                                f"per token ({len(s.tokens)})")
+
+
+def _reference_rows(worker, ctx, prompt, tokens):
+    """The reference's log-prob rows that predict each of `tokens` after `prompt`."""
+    first, rows = len(prompt) - 1, []
+    for chunk, start in _rows_with_offsets(worker.score(prompt + tokens, timeout_s=ctx.settings.timeouts.call_s)):
+        lo, hi = max(first, start), min(first + len(tokens), start + chunk.shape[0])
+        if lo < hi:
+            rows.append(chunk[lo - start:hi - start])
+    return np.concatenate(rows)
+
+
+def _compare_positions(ref, mine, tokens, out):
+    """Append per-position KL(ref || mine), top-1 agreement and likelihood gaps to `out`."""
+    idx = np.arange(len(tokens)), np.asarray(tokens)
+    p_ref, p_mine = np.exp(ref), np.exp(mine)
+    with np.errstate(invalid="ignore", over="ignore"):
+        ref_entropy = -np.sum(p_ref * ref, axis=-1)
+        own_entropy = -np.nansum(np.where(p_mine > 0, p_mine * mine, 0.0), axis=-1)
+        out["kl"].extend(np.sum(p_ref * (ref - mine), axis=-1).astype(np.float64))
+    out["top1"].extend(np.argmax(ref, axis=-1) == np.argmax(mine, axis=-1))
+    out["ref_nll"].extend(-ref[idx].astype(np.float64))
+    out["ref_entropy"].extend(ref_entropy.astype(np.float64))
+    out["ref_gap"].extend((-ref[idx] - ref_entropy).astype(np.float64))
+    out["own_gap"].extend((-mine[idx] - own_entropy).astype(np.float64))
 
 
 def repetition(tokens, n=4):
@@ -280,49 +330,3 @@ def repetition(tokens, n=4):
     (0 for ordinary text; near 1 for one token or a short cycle over and over)."""
     grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
     return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
-
-
-# ---------------------------------------------------------------------------
-# Gates
-# ---------------------------------------------------------------------------
-def _gate(name, value, op, threshold):
-    ok = value is not None and np.isfinite(value) and (value <= threshold if op == "<=" else value >= threshold)
-    return {"name": name, "value": value, "op": op, "threshold": threshold, "passed": bool(ok)}
-
-
-def gates(settings, measured, reference):
-    """Every gate with its figure, threshold and verdict, from harness.yaml's thresholds."""
-    g = settings.quality.gates
-    return [
-        _gate("perplexity", measured["perplexity"], "<=",
-              measured["reference_perplexity"] * (1 + g.perplexity_increase_pct / 100)),
-        _gate("kl_mean", measured["kl_mean"], "<=", g.kl_mean_max),
-        _gate("kl_p99", measured["kl_p99"], "<=", g.kl_p99_max),
-        _gate("top1_agreement", measured["top1_agreement"], ">=", g.top1_agreement_min),
-        _gate("sanity", measured["sanity"], ">=",
-              max(reference["sanity"] - g.sanity_tolerance, g.sanity_floor)),
-        _gate("continuation_nll", measured["continuation_nll"], "<=",
-              measured["reference_entropy"] + g.continuation_nll_margin),
-        _gate("repetition", measured["repetition"], "<=", g.repetition_max),
-    ]
-
-
-def failed_gate_reason(gate_list):
-    """One line naming the failed gates and by how much, or '' when all pass."""
-    parts = []
-    for g in gate_list:
-        if not g["passed"]:
-            value = g["value"]
-            by = f" (by {abs(value - g['threshold']):.3g})" if value is not None and np.isfinite(value) else ""
-            shown = "nan" if value is None else f"{value:.4g}"
-            worse = ">" if g["op"] == "<=" else "<"
-            parts.append(f"{g['name']} {shown} {worse} {g['threshold']:.4g}{by}")
-    return ("quality gate failed: " + "; ".join(parts)) if parts else ""
-
-
-def quality_score(kl_mean):
-    """exp(-mean KL): 1.0 means the pipeline predicts exactly like the float32 reference;
-    0.95 means it keeps ~95 % of the reference's per-token likelihood."""
-    if kl_mean is None or not np.isfinite(kl_mean):
-        return 0.0
-    return float(math.exp(-max(kl_mean, 0.0)))

@@ -30,11 +30,12 @@ def load(model_path, draft_model_path=None):
 
 
 def generate(ref, prompt, *, max_tokens, stop_at_eos):
-    """Greedy decoding (the reference's answers to the tasks)."""
+    """Greedy decoding (the reference's answers to the tasks): (token, logprobs) pairs,
+    the contract of inference.py's generate()."""
     eos = set(ref.tokenizer.eos_token_ids)
-    for token, _ in generate_step(mx.array(prompt), ref.model, max_tokens=max_tokens,
-                                  prompt_cache=make_prompt_cache(ref.model)):
-        yield token
+    for token, logprobs in generate_step(mx.array(prompt), ref.model, max_tokens=max_tokens,
+                                         prompt_cache=make_prompt_cache(ref.model)):
+        yield token, logprobs
         if stop_at_eos and token in eos:
             return
 

@@ -1,5 +1,5 @@
 """What a run prints: the grep-able `key: value` block and the --json line on stdout;
-progress and notes for people on stderr."""
+progress, stage lines and notes for people on stderr."""
 
 import json
 import sys
@@ -13,6 +13,7 @@ BLOCK_KEYS = [
     "perplexity", "perplexity_se", "kl_mean", "kl_p99", "top1_agreement", "sanity",
     "continuation_nll", "repetition", "quality_score", "quality_adjusted_tps", "quality_pass",
     "bytes_per_token", "roofline_fraction", "quality_s", "elapsed_s", "run_file",
+    "sandbox", "timed_kl_mean", "timed_kl_p99", "timed_top1", "self_consistency", "end_to_end_ci",
 ]
 
 
@@ -51,18 +52,57 @@ def note(message):
     print(message, file=sys.stderr, flush=True)
 
 
-class Progress:
-    """A one-line progress bar on stderr when it is a terminal; silent otherwise."""
+def _clock():
+    """The wall-clock time for progress lines, e.g. '03:14:07' (local time, as `tail` readers expect)."""
+    return time.strftime("%H:%M:%S")
 
-    def __init__(self, label, stream=sys.stderr):
+
+def stage(name, stream=None):
+    """Say that a stage of the run begins: '[03:14:07] stage: speed (36 calls)' on stderr.
+
+    Always printed, terminal or not, so `tail run.log` tells where a run is.
+    """
+    stream = stream or sys.stderr
+    stream.write(f"[{_clock()}] stage: {name}\n")
+    stream.flush()
+
+
+class Progress:
+    """Progress of a long stage on stderr.
+
+    On a terminal: a one-line bar redrawn in place. Otherwise (output redirected to
+    run.log, as program.md does): plain timestamped lines such as
+    '[03:14:07] speed 12/36 calls (champion explain_transformers)', one at the first
+    step, then at most one every `every_s` seconds, and one at the last step, so the
+    log tells where the run is without filling up.
+    """
+
+    def __init__(self, label, stream=None, *, unit="", every_s=15.0):
         self.label = label
-        self.stream = stream
-        self.enabled = stream.isatty()
+        self.unit = unit
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty()
+        self.every_s = every_s
         self.start = time.perf_counter()
+        self._last_line = None  # perf_counter of the last plain line written
 
     def __call__(self, done, total, what=""):
-        if not self.enabled:
+        if self.enabled:
+            self._bar(done, total, what)
+        else:
+            self._line(done, total, what)
+
+    def _line(self, done, total, what):
+        now = time.perf_counter()
+        due = self._last_line is None or now - self._last_line >= self.every_s
+        if not (due or done >= total):
             return
+        self._last_line = now
+        count = f"{done}/{total}" + (f" {self.unit}" if self.unit else "")
+        self.stream.write(f"[{_clock()}] {self.label} {count}" + (f" ({what})" if what else "") + "\n")
+        self.stream.flush()
+
+    def _bar(self, done, total, what):
         width = 28
         filled = int(width * done / max(total, 1))
         elapsed = time.perf_counter() - self.start

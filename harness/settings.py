@@ -28,8 +28,9 @@ SETTINGS_PATH = HARNESS_HOME / "harness.yaml"
 PROMPT_KINDS = ("decode", "prefill")
 PRESET_NAMES = ("full", "quick")
 PRIMARY_METRICS = ("decode_tps", "prefill_tps")
-GATE_KEYS = ("perplexity_increase_pct", "kl_mean_max", "kl_p99_max", "top1_agreement_min",
-             "sanity_tolerance", "sanity_floor", "continuation_nll_margin", "repetition_max")
+GATE_KEYS = ("false_alarm_rate", "perplexity_increase_pct", "kl_mean_max", "kl_p99_max", "top1_agreement_min",
+             "sanity_tolerance", "sanity_floor", "continuation_nll_margin", "self_consistency_margin",
+             "repetition_max")
 KNOB_SPEC_KEYS = {"choices", "low", "high", "log", "step"}
 
 
@@ -79,6 +80,7 @@ class PerPreset:
 
 @dataclass(frozen=True)
 class Gates:
+    false_alarm_rate: float        # shared by all gates: an honest run fails any of them this rarely
     perplexity_increase_pct: float
     kl_mean_max: float
     kl_p99_max: float
@@ -86,6 +88,7 @@ class Gates:
     sanity_tolerance: float
     sanity_floor: float
     continuation_nll_margin: float
+    self_consistency_margin: float
     repetition_max: float
 
 
@@ -93,7 +96,6 @@ class Gates:
 class QualitySettings:
     corpus_tokens: PerPreset       # int per preset
     verify_calls: PerPreset        # int per preset
-    verify_context_tokens: int
     tasks: PerPreset               # tuple of task ids per preset
     max_tokens: MappingProxyType   # task kind -> answer cap
     gates: Gates
@@ -268,10 +270,16 @@ def _quality(raw):
     return QualitySettings(
         corpus_tokens=_per_preset(q, "corpus_tokens", lambda m, k, w: _int(m, k, w, least=2), "quality."),
         verify_calls=_per_preset(q, "verify_calls", lambda m, k, w: _int(m, k, w, least=1), "quality."),
-        verify_context_tokens=_int(q, "verify_context_tokens", "quality.", least=1),
         tasks=_task_lists(q, caps),
         max_tokens=MappingProxyType(dict(caps)),
-        gates=Gates(**{key: _number(gates, key, "quality.gates.") for key in GATE_KEYS}))
+        gates=_gates(gates))
+
+
+def _gates(gates):
+    values = {key: _number(gates, key, "quality.gates.") for key in GATE_KEYS}
+    if not 0 < values["false_alarm_rate"] < 0.5:
+        _fail("quality.gates.false_alarm_rate", f"must be between 0 and 0.5, got {values['false_alarm_rate']!r}")
+    return Gates(**values)
 
 
 def _verdict(raw):

@@ -63,3 +63,45 @@ def conservative_median_ci(values, *, level=0.95):
         x = [v for v in values if v is not None]
         order_low, order_high = min(x), max(x)
     return med, min(boot_low, order_low), max(boot_high, order_high)
+
+
+# ---------------------------------------------------------------------------
+# One-sided tests for the quality gates: each fails only with confidence
+# ---------------------------------------------------------------------------
+def z_one_sided(alpha):
+    """The standard normal quantile with `alpha` above it (alpha 0.001 -> 3.09)."""
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(1.0 - alpha)
+
+
+def mean_lower_bound(values, alpha):
+    """(mean, one-sided lower confidence bound at level 1 - alpha) of `values`, from the
+    standard error. With one value the bound is that value; with none, (None, None)."""
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        return None, None
+    mean = float(np.mean(x))
+    if x.size == 1 or not np.all(np.isfinite(x)):
+        return mean, mean
+    se = float(np.std(x, ddof=1) / math.sqrt(x.size))
+    return mean, mean - z_one_sided(alpha) * se
+
+
+def binomial_cdf(k, n, p):
+    """P(Binomial(n, p) <= k)."""
+    if k < 0:
+        return 0.0
+    if k >= n:
+        return 1.0
+    return float(sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k + 1)))
+
+
+def share_below(k, n, p, alpha):
+    """True when k successes of n show, at level 1 - alpha, that the true share is below p."""
+    return n > 0 and binomial_cdf(k, n, p) < alpha
+
+
+def share_above(k, n, p, alpha):
+    """True when k successes of n show, at level 1 - alpha, that the true share is above p."""
+    return n > 0 and 1.0 - binomial_cdf(k - 1, n, p) < alpha

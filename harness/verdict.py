@@ -9,8 +9,8 @@ def paired_ratios(samples, metric):
     """Challenger / champion ratios of `metric`, one per (repeat, prompt) pair.
 
     For prefill_tps only prefill-kind prompts count (all, if the workload has none).
-    "end_to_end" is champion / challenger whole-call time on decode prompts;
-    "ttft_share" how much more of each call the challenger spends before its first token.
+    "end_to_end" is champion / challenger whole-call time (request to last token) on the
+    decode prompts.
     """
     by_key = {}
     for s in samples:
@@ -22,9 +22,6 @@ def paired_ratios(samples, metric):
     if metric == "end_to_end":
         pairs = [p for p in pairs if p["challenger"].kind == "decode"] or pairs
         return [p["champion"].total_s / p["challenger"].total_s for p in pairs]
-    if metric == "ttft_share":
-        return [(p["challenger"].ttft_s / p["challenger"].total_s) / (p["champion"].ttft_s / p["champion"].total_s)
-                for p in pairs]
     return [getattr(p["challenger"], metric) / getattr(p["champion"], metric) for p in pairs]
 
 
@@ -32,10 +29,10 @@ def comparison(samples, primary_metric):
     """The paired figures of a champion-vs-challenger run: speedup of the primary metric
     with its 95 % interval, and the prefill, whole-call and first-token-share ratios."""
     speedup, low, high = stats.conservative_median_ci(paired_ratios(samples, primary_metric))
-    return {"speedup": speedup, "speedup_ci": [low, high],
+    e2e, e2e_low, e2e_high = stats.conservative_median_ci(paired_ratios(samples, "end_to_end"))
+    return {"speedup": speedup, "speedup_ci": [low, high], "primary_metric": primary_metric,
             "prefill_ratio": stats.median_ci(paired_ratios(samples, "prefill_tps"))[0],
-            "end_to_end_ratio": stats.median_ci(paired_ratios(samples, "end_to_end"))[0],
-            "ttft_share_ratio": stats.median_ci(paired_ratios(samples, "ttft_share"))[0]}
+            "end_to_end_ratio": e2e, "end_to_end_ci": [e2e_low, e2e_high]}
 
 
 def pct(x):
@@ -44,7 +41,7 @@ def pct(x):
 
 
 def decide(*, gate_reason, has_champion, dirty, search, min_effect, speedup=None, speedup_ci=None,
-           end_to_end_ratio=None, ttft_share_ratio=None, lines_vs_champion=None):
+           primary_metric="decode_tps", end_to_end_ratio=None, end_to_end_ci=None, lines_vs_champion=None):
     """The decision and its one-line reason for a run that measured cleanly.
 
     Args:
@@ -53,7 +50,11 @@ def decide(*, gate_reason, has_champion, dirty, search, min_effect, speedup=None
         dirty: inference.py had uncommitted changes; search: a search trial.
         speedup, speedup_ci: the primary metric's median paired ratio and its 95 % interval
             (None when the challenger was measured alone, i.e. HEAD is the champion).
-        end_to_end_ratio, ttft_share_ratio: see paired_ratios.
+        primary_metric: what `speedup` is the ratio of (decode_tps or prefill_tps).
+        end_to_end_ratio, end_to_end_ci: whole calls on the decode prompts, champion time /
+            challenger time, with its 95 % interval. A decode KEEP needs it to win too: a
+            pipeline that holds tokens back and bursts them looks fast between its first
+            and last token, never over the whole call.
         lines_vs_champion: code lines added (+) or removed (-) against the champion.
     Returns:
         (Decision, reason)
@@ -75,11 +76,10 @@ def decide(*, gate_reason, has_champion, dirty, search, min_effect, speedup=None
         return Decision.MEASURED, "HEAD is the champion itself: commit a change to compare"
     need = 1 + min_effect
     low, high = speedup_ci
-    if low > need and end_to_end_ratio < 1 and ttft_share_ratio > 2:
-        # Real decode gains shorten whole calls too; a pipeline that holds tokens
-        # back and releases them in a burst only looks fast between first and last.
-        return Decision.REVERT, (f"decode looks {speed} faster but whole calls are slower "
-                                 f"({pct(end_to_end_ratio)}): tokens seem to be held back")
+    if low > need and primary_metric == "decode_tps" and not end_to_end_ci[0] > 1:
+        whole = f"{pct(end_to_end_ratio)} [{pct(end_to_end_ci[0])}, {pct(end_to_end_ci[1])}]"
+        return Decision.REVERT, (f"decode looks {speed} faster, but whole calls are not surely faster "
+                                 f"({whole}): a decode win must shorten whole calls too")
     if low > need:
         return Decision.KEEP, f"faster: {speed} beats the noise (needs > {pct(need)})"
     simpler = ""

@@ -76,7 +76,7 @@ class Worker:
         self._peak_rss = 0
         self.max_rss_bytes = None
         self.vocab_size = None  # when set, generated token ids must lie in [0, vocab_size)
-        self.info = {"sandbox": self.sandbox}
+        self.info = {"sandbox": self.sandbox, "sandbox_why": self.sandbox_why}
         self._limit_s = 0.0
 
     def _start(self):
@@ -175,7 +175,7 @@ class Worker:
         self._send({"op": "load", "model": str(model_path),
                     "draft": str(draft_model_path) if draft_model_path else None,
                     "overrides": overrides or {}}, deadline, "load()")
-        self.info = {**self._recv(deadline, "load()"), "sandbox": self.sandbox}
+        self.info = {**self._recv(deadline, "load()"), "sandbox": self.sandbox, "sandbox_why": self.sandbox_why}
         return self.info
 
     def generate(self, prompt, *, max_tokens, stop_at_eos, timeout_s, seed=None, keep=None):

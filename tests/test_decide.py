@@ -5,7 +5,7 @@ import pytest
 from harness.verdict import decide
 
 BASE = dict(gate_reason="", has_champion=True, dirty=False, search=False, min_effect=0.01,
-            end_to_end_ratio=1.05, ttft_share_ratio=1.0, lines_vs_champion=0)
+            end_to_end_ratio=1.05, end_to_end_ci=[1.02, 1.08], lines_vs_champion=0)
 
 CASES = [
     # (what, overrides of BASE, decision, words in the reason)
@@ -23,8 +23,10 @@ CASES = [
     ("faster", dict(speedup=1.10, speedup_ci=[1.05, 1.15]), "KEEP", ["faster", "+10.0 %"]),
     ("faster but not beyond min_effect", dict(speedup=1.02, speedup_ci=[1.005, 1.04]), "REVERT",
      ["within noise", "needs > +1.0 %"]),
-    ("tokens held back", dict(speedup=1.5, speedup_ci=[1.3, 1.7], end_to_end_ratio=0.8, ttft_share_ratio=3.0),
-     "REVERT", ["held back"]),
+    ("tokens held back", dict(speedup=1.5, speedup_ci=[1.3, 1.7], end_to_end_ratio=0.98, end_to_end_ci=[0.9, 1.05]),
+     "REVERT", ["whole calls are not surely faster"]),
+    ("prefill win, whole decode calls unchanged", dict(primary_metric="prefill_tps", speedup=1.2,
+     speedup_ci=[1.1, 1.3], end_to_end_ratio=1.0, end_to_end_ci=[0.97, 1.03]), "KEEP", ["faster"]),
     ("simpler at equal speed", dict(speedup=0.995, speedup_ci=[0.95, 1.04], lines_vs_champion=-12), "KEEP",
      ["simpler", "-12 lines"]),
     ("fewer lines, median too slow", dict(speedup=0.986, speedup_ci=[0.96, 1.128], lines_vs_champion=-12),

@@ -74,18 +74,18 @@ def test_import_error_is_crash(project):
 
 
 def test_exception_mid_generation_is_crash(project):
-    project.edit_inference("    for token, _logprobs in steps:\n        yield token",
-                           "    for i, (token, _logprobs) in enumerate(steps):\n"
-                           "        if i == 3:\n            raise RuntimeError('boom at token 3')\n"
-                           "        yield token")
+    project.edit_inference("        for token, logprobs in steps:\n            yield token, logprobs",
+                           "        for i, (token, logprobs) in enumerate(steps):\n"
+                           "            if i == 3:\n                raise RuntimeError('boom at token 3')\n"
+                           "            yield token, logprobs")
     result = _expect(project, "CRASH", ["generate()", "boom at token 3"])
     assert result.get("decode_tps") is None
 
 
 def test_worker_killed_is_crash(project):
-    project.edit_inference("    for token, _logprobs in steps:\n        yield token",
-                           "    import os, signal\n    os.kill(os.getpid(), signal.SIGKILL)\n"
-                           "    for token, _logprobs in steps:\n        yield token")
+    project.edit_inference("        for token, logprobs in steps:\n            yield token, logprobs",
+                           "        import os, signal\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+                           "        for token, logprobs in steps:\n            yield token, logprobs")
     _expect(project, "CRASH", ["exited", "SIGKILL"])
 
 
@@ -93,26 +93,26 @@ def test_hang_past_timeout_is_crash(tmp_path, tiny_llama):
     from conftest import make_project
 
     project = make_project(tmp_path / "p", tiny_llama, call_s=3)
-    project.edit_inference("    for token, _logprobs in steps:\n        yield token",
-                           "    import time\n    time.sleep(3600)\n"
-                           "    for token, _logprobs in steps:\n        yield token")
+    project.edit_inference("        for token, logprobs in steps:\n            yield token, logprobs",
+                           "        import time\n        time.sleep(3600)\n"
+                           "        for token, logprobs in steps:\n            yield token, logprobs")
     _expect(project, "CRASH", ["timeout", "3 s"])
 
 
 def test_too_few_tokens_is_invalid(project):
-    project.edit_inference("generate_step(\n            prompt, pipeline.model, max_tokens=max_tokens,",
-                           "generate_step(\n            prompt, pipeline.model, max_tokens=max_tokens - 1,")
+    project.edit_inference("_decode(pipeline, cache, prompt, max_tokens=max_tokens)",
+                           "_decode(pipeline, cache, prompt, max_tokens=max_tokens - 1)")
     _expect(project, "INVALID", ["only", "expected exactly"])
 
 
 def test_too_many_tokens_is_invalid(project):
-    project.edit_inference("generate_step(\n            prompt, pipeline.model, max_tokens=max_tokens,",
-                           "generate_step(\n            prompt, pipeline.model, max_tokens=max_tokens + 5,")
+    project.edit_inference("_decode(pipeline, cache, prompt, max_tokens=max_tokens)",
+                           "_decode(pipeline, cache, prompt, max_tokens=max_tokens + 5)")
     _expect(project, "INVALID", ["more", "expected exactly"])
 
 
 def test_non_integer_tokens_are_invalid(project):
-    project.edit_inference("        yield token\n", "        yield float(token)\n")
+    project.edit_inference("            yield token, logprobs\n", "            yield float(token), logprobs\n")
     _expect(project, "INVALID", ["non-integer"])
 
 
@@ -168,15 +168,15 @@ def test_bad_settings_are_usage_errors(project, breakage, words):
 
 
 def test_out_of_vocabulary_tokens_are_invalid(project):
-    project.edit_inference("        yield token\n", "        yield token + 10**6\n")
+    project.edit_inference("            yield token, logprobs\n", "            yield token + 10**6, logprobs\n")
     _expect(project, "INVALID", ["outside the vocabulary"])
 
 
 def test_tokens_handed_over_at_once_are_invalid(project):
     # Buffering every token and releasing them together would make decode look infinitely fast.
-    project.edit_inference("    for token, _logprobs in steps:\n        yield token\n"
-                           "        if stop_at_eos and token in eos:\n            return\n",
-                           "    held = [token for token, _ in steps]\n    yield from held\n")
+    project.edit_inference("        for token, logprobs in steps:\n            yield token, logprobs\n"
+                           "            if stop_at_eos and token in eos:\n                return\n",
+                           "        held = list(steps)\n        yield from held\n")
     project.commit("buffer every token")
     proc, result = project.evaluate()
     # Either the stopwatch sees (almost) no decode time at all, or the burst is visible as a

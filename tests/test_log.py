@@ -183,3 +183,51 @@ def test_prepare_log_command(tmp_path):
 
     proc = project.run("log", "--json")
     assert json.loads(proc.stdout)["champion"] == keep
+
+
+def test_reverted_experiments_stay_visible_after_a_reset(tmp_path):
+    """The agent's loop: a baseline on main (the quick start), a new branch, its own BASELINE
+    of the same commit, a KEEP, a REVERT and a CRASH each reset away. `log` on the branch
+    shows every experiment of the branch; main's run is in a separate, labelled section."""
+    root, commits = _repo(tmp_path)
+    (root / ".gitignore").write_text("results.tsv*\n")  # as in the project: a reset never touches it
+    path = root / "results.tsv"
+    ledger.append(path, _row(commits["base"], "BASELINE", subject="base"))  # the quick start, on main
+    git(root, "checkout", "-qb", "hillclimb/night", commits["base"])
+    ledger.append(path, _row(commits["base"], "BASELINE", subject="base", branch="hillclimb/night"))
+    keep = _commit(root, "argmax sampling")
+    ledger.append(path, _row(keep, "KEEP", subject="argmax sampling", speedup=1.05, ci=(1.02, 1.08),
+                             quality=True, branch="hillclimb/night"))
+    tried = {}
+    for subject, decision in (("4-bit KV cache", "REVERT"), ("typo in load", "CRASH")):
+        tried[subject] = _commit(root, subject)
+        ledger.append(path, _row(tried[subject], decision, subject=subject, branch="hillclimb/night",
+                                 reason=f"{decision.lower()} reason"))
+        git(root, "reset", "-q", "--hard", keep)  # what the agent does after a REVERT or CRASH
+
+    data = log.history(root)
+    assert data["branch"] == "hillclimb/night" and data["champion"]["commit"] == keep
+    mine = [r for r in data["rows"] if r["this_branch"]]
+    assert [r["subject"] for r in mine] == ["base", "argmax sampling", "4-bit KV cache", "typo in load"]
+    assert [r["in_history"] for r in mine] == [True, True, False, False]
+    others = [r for r in data["rows"] if not r["this_branch"]]
+    assert [(r["branch"], r["decision"]) for r in others] == [("main", "BASELINE")]
+    # main's later commits (keep1, revert1 of _repo) are outside this history: hidden, counted
+    assert data["hidden"] == 0  # _ledger() was not written here: only the rows above exist
+
+    text = log.format_table(data)
+    head, other = text.split("other branches")
+    assert head.startswith("branch hillclimb/night: 4 run(s)")
+    assert head.count("BASELINE") == 1  # main's BASELINE of the same commit is not the branch's
+    for subject in tried:
+        line = next(line for line in head.splitlines() if subject in line)
+        assert line.startswith("x") and tried[subject] in line
+    assert next(line for line in head.splitlines() if "argmax" in line).startswith("*")
+    assert "x: no longer in this branch's history" in head
+    main_line = next(line for line in other.splitlines() if commits["base"] in line)
+    assert " main " in main_line and "BASELINE" in main_line
+
+    # --json: the same rows, each saying which section it is in
+    data_json = log.history_json(log.history(root))
+    assert data_json["branch"] == "hillclimb/night" and data_json["champion"] == keep
+    assert sum(r["this_branch"] for r in data_json["rows"]) == 4

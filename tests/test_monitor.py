@@ -46,11 +46,10 @@ def test_zero_to_tiny_temperature_is_still_argmax_but_a_change():
 
 
 def test_sampler_replaced_by_argmax_in_code_warns():
-    new = edit("sampler=pipeline.sampler,\n            logits_processors=pipeline.logits_processors, prompt_cache",
-               "sampler=lambda logits: mx.argmax(logits, axis=-1),\n"
-               "            logits_processors=pipeline.logits_processors, prompt_cache")
+    new = edit("    return pipeline.sampler(logprobs), logprobs[0]\n",
+               "    return mx.argmax(logprobs, axis=-1), logprobs[0]\n")
     result = monitor.compare(BASELINE, new)
-    assert "argmax" in ids(result) and result["functions"]["changed"] == ["generate"]
+    assert "argmax" in ids(result) and result["functions"]["changed"] == ["_step"]
 
 
 def test_moving_or_reordering_knobs_is_no_change():
@@ -117,7 +116,7 @@ def test_cache_limit_warns_when_set_or_lowered():
 
 
 def test_removed_eos_handling_warns():
-    new = edit("        if stop_at_eos and token in eos:\n            return\n", "")
+    new = edit("            if stop_at_eos and token in eos:\n                return\n", "")
     result = monitor.compare(BASELINE, new)
     assert "eos" in ids(result) and result["functions"]["changed"] == ["generate"]
     # removing only the stop_at_eos test (the eos set is still built) warns too
@@ -135,10 +134,8 @@ def test_compile_and_state_and_work_warn():
     result = monitor.compare(BASELINE, cached)
     assert ids(result) == ["state"] and result["module"]["added"] == ["_answers = {}"]
 
-    shortened = edit("max_tokens=max_tokens, sampler=pipeline.sampler,\n            logits_processors="
-                     "pipeline.logits_processors, prompt_cache",
-                     "max_tokens=min(max_tokens, 16), sampler=pipeline.sampler,\n            "
-                     "logits_processors=pipeline.logits_processors, prompt_cache")
+    shortened = edit("_decode(pipeline, cache, prompt, max_tokens=max_tokens)",
+                     "_decode(pipeline, cache, prompt, max_tokens=min(max_tokens, 16))")
     assert "work" in ids(monitor.compare(BASELINE, shortened))
 
 
@@ -195,3 +192,63 @@ def test_format_report():
     assert "TEMP" not in champion_part and "deterministic" not in champion_part
     assert "quantized KV cache" in champion_part
     assert monitor.format_report(monitor.compare(BASELINE, BASELINE)).count("CHANGES FROM") == 1
+
+
+LOAD_END = "    _cast(model, dtype)\n    draft_model = None\n"
+
+
+@pytest.mark.parametrize("code, imports", [
+    ("    nn.quantize(model, group_size=64, bits=4)\n", "import mlx.nn as nn\n"),
+    ("    w, scales, biases = mx.quantize(model.lm_head.weight, bits=4)\n", ""),
+    ("    model, _config = quantize_model(model, {}, 64, 4)\n", "from mlx_lm.utils import quantize_model\n"),
+    ("    model.lm_head = nn.QuantizedLinear.from_linear(model.lm_head)\n", "import mlx.nn as nn\n"),
+])
+def test_weight_requantization_warns(code, imports):
+    new = edit(LOAD_END, LOAD_END.replace("    draft_model = None\n", code + "    draft_model = None\n"))
+    new = edit("import mlx.core as mx\n", "import mlx.core as mx\n" + imports, new)
+    result = monitor.compare(BASELINE, new)
+    assert "requantize" in ids(result) and "patching" not in ids(result)
+    assert "warnings: requantize" in result["summary"]
+
+
+@pytest.mark.parametrize("code", [
+    "import mlx_lm.generate\nmlx_lm.generate.generate_step = generate_step\n",
+    "import mlx.nn as nn\nsetattr(nn.Linear, '__call__', lambda self, x: x @ self.weight.T)\n",
+    "mx.fast.rms_norm = lambda x, w, eps: x\n",
+    "KVCache.update_and_fetch = lambda self, k, v: (k, v)\n",
+    "import sys\nsys.modules['mlx_lm.generate'].generate_step = None\n",
+    "def load_patched(model):\n    type(model).__call__ = None\n",
+])
+def test_patching_library_code_warns(code):
+    result = monitor.compare(BASELINE, BASELINE + "\n" + code)
+    assert "patching" in ids(result)
+    report = monitor.format_report(result)
+    assert "mlx / mlx-lm patched at run time" in report
+
+
+def test_new_warnings_stay_quiet_on_ordinary_code():
+    assert not {"requantize", "patching"} & set(ids(monitor.compare(BASELINE, BASELINE)))
+    facts = monitor.facts(BASELINE)
+    assert facts.patches == set() and facts.uses(*monitor.REQUANTIZE_NAMES) == 0
+    # attributes of the pipeline's own objects and KV-cache quantization are not library patches
+    own = edit("    return Pipeline(model, tokenizer, draft_model)",
+               "    pipeline = Pipeline(model, tokenizer, draft_model)\n    pipeline.fast = True\n"
+               "    model.extra = None\n    return pipeline")
+    own = edit("KV_BITS = None ", "KV_BITS = 8    ", own)
+    warned = ids(monitor.compare(BASELINE, own))
+    assert "patching" not in warned and "requantize" not in warned and "quantized_kv" in warned
+    # a patch that was already in the champion does not warn again
+    patched = BASELINE + "\nmx.fast.rms_norm = None\n"
+    assert "patching" not in ids(monitor.compare(patched, patched + "\n# comment\n"))
+
+
+def test_a_long_summary_keeps_its_line_delta_and_warnings():
+    from harness import summary
+
+    imports = "".join(f"import module_with_a_long_name_{i} as alias_{i}\n" for i in range(12))
+    new = edit("import mlx.core as mx\n", "import mlx.core as mx\n" + imports)
+    new = edit("TEMP = 0.7 ", "TEMP = 0.0 ", new)
+    text = monitor.compare(BASELINE, new)["summary"]
+    assert len(text) <= monitor.SUMMARY_MAX_CHARS and "..." in text
+    assert text.endswith("; +12 lines; warnings: argmax")
+    assert summary.lines_delta(text) == 12 and summary.warning_ids(text) == ["argmax"]

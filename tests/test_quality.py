@@ -59,8 +59,10 @@ def generate(pipeline, prompt, *, max_tokens, stop_at_eos):
     if stop_at_eos:  # the tasks: honest
         yield from _honest_generate(pipeline, prompt, max_tokens=max_tokens, stop_at_eos=stop_at_eos)
         return
-    for _ in range(max_tokens):  # the speed calls: one token, no model
-        yield 5
+    # the speed calls: one token over and over; one model step, for a vocabulary-sized claim
+    _, logprobs = next(_honest_generate(pipeline, prompt, max_tokens=1, stop_at_eos=False))
+    for _ in range(max_tokens):
+        yield 5, logprobs
 '''
 
 

@@ -44,9 +44,9 @@ def test_scripted_agent_loop(project):
     assert _rows(project)[-1]["decision"] == result["decision"]
 
     # 3. A change that raises in generate: CRASH, and --apply resets the branch.
-    project.edit_inference("    for token, _logprobs in steps:\n",
-                           "    raise RuntimeError('experiment broke generate')\n"
-                           "    for token, _logprobs in steps:\n")
+    project.edit_inference("        for token, logprobs in steps:\n",
+                           "        raise RuntimeError('experiment broke generate')\n"
+                           "        for token, logprobs in steps:\n")
     project.commit("broken generate")
     proc, result = project.evaluate("--apply")
     assert result["decision"] == "CRASH" and "experiment broke generate" in result["reason"]
@@ -86,8 +86,8 @@ def test_scripted_agent_loop(project):
 
 def test_apply_refuses_on_dirty_tree_and_keeps_work(project):
     project.evaluate()
-    project.edit_inference("    for token, _logprobs in steps:\n",
-                           "    raise RuntimeError('nope')\n    for token, _logprobs in steps:\n")
+    project.edit_inference("        for token, logprobs in steps:\n",
+                           "        raise RuntimeError('nope')\n        for token, logprobs in steps:\n")
     bad = project.commit("broken")
     (project.root / "harness" / "notes.txt").write_text("untracked")
     project.edit_inference("TOP_P = 0.9 ", "TOP_P = 0.8 ")  # uncommitted work
@@ -170,8 +170,8 @@ def _in_a_terminal():
 
 def test_ledger_survives_sigkilled_worker_and_ctrl_c(project):
     project.evaluate()
-    project.edit_inference("    for token, _logprobs in steps:\n",
-                           "    import time\n    time.sleep(600)\n    for token, _logprobs in steps:\n")
+    project.edit_inference("        for token, logprobs in steps:\n",
+                           "        import time\n        time.sleep(600)\n        for token, logprobs in steps:\n")
     project.commit("hang")
 
     # The worker is killed from outside mid-run: a CRASH row, the harness carries on.

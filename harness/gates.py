@@ -1,0 +1,111 @@
+"""The quality gates: each one is a one-sided statistical test with a stated error rate.
+
+A gate fails only when its figure is beyond the threshold WITH CONFIDENCE: the whole
+family of gates shares `quality.gates.false_alarm_rate` (harness.yaml, 1 %), split
+equally between them (Bonferroni), so an honest pipeline fails any gate in at most that
+share of runs. The tests, per gate (n = positions, calls or tasks behind the figure):
+
+  mean gates (perplexity, kl_mean, timed_kl_mean, continuation_nll, self_consistency,
+      repetition): the figure's one-sided lower bound, mean - z * standard error, is above
+      the threshold (z for alpha per gate, about 3.1);
+  kl_p99, timed_kl_p99: more positions have a KL above the threshold than a true 99th
+      percentile at the threshold would give (binomial tail below alpha);
+  top1_agreement, timed_top1, sanity: fewer agreements / passes than a true share at the
+      threshold would give (binomial tail below alpha).
+
+bench/quality_false_alarms.py measures the false-alarm rate on honest changes and the
+detection of known damage.
+"""
+
+import math
+
+import numpy as np
+
+from harness import stats
+
+
+def _gate(name, value, op, threshold, failed, bound=None, test=""):
+    return {"name": name, "value": value, "op": op, "threshold": threshold, "passed": not failed,
+            "bound": bound, "test": test}
+
+
+def _mean_gate(name, shown, values, threshold, alpha, *, shift=0.0, show_threshold=None):
+    """Fail when the lower bound of mean(values) + shift is above `threshold`."""
+    mean, low = stats.mean_lower_bound(values, alpha)
+    if mean is None or not np.isfinite(mean):
+        return _gate(name, shown, "<=", show_threshold or threshold, True, None, "mean: no finite figure")
+    failed = low + shift > threshold
+    return _gate(name, shown, "<=", threshold if show_threshold is None else show_threshold, failed,
+                 low + shift, "mean - z*se")
+
+
+def _quantile_gate(name, shown, values, threshold, alpha, quantile=0.99):
+    """Fail when more values exceed `threshold` than a true `quantile` at it would allow."""
+    x = np.asarray(values, dtype=float)
+    above = int(np.sum(~(x <= threshold)))  # NaN counts as above
+    failed = stats.share_above(above, x.size, 1 - quantile, alpha)
+    return _gate(name, shown, "<=", threshold, failed, above, f"{above}/{x.size} above: binomial")
+
+
+def _share_gate(name, flags, threshold, alpha):
+    """Fail when the share of true `flags` is below `threshold` with confidence."""
+    k, n = int(np.sum(flags)), len(flags)
+    share = k / n if n else None
+    failed = n == 0 or stats.share_below(k, n, threshold, alpha)
+    return _gate(name, share, ">=", threshold, failed, k, f"{k}/{n}: binomial")
+
+
+def gates(settings, measured, reference):
+    """Every gate with its figure, threshold, test and verdict.
+
+    Args:
+        measured: what quality measured for the pipeline (quality.measure_* outputs merged).
+        reference: the cached reference (its sanity).
+    """
+    g = settings.quality.gates
+    corpus, timed = measured["corpus"], measured["timed"]
+    names = ["perplexity", "kl_mean", "kl_p99", "top1_agreement", "timed_kl_mean", "timed_kl_p99",
+             "timed_top1", "self_consistency", "continuation_nll", "sanity", "repetition"]
+    alpha = g.false_alarm_rate / len(names)
+    sanity_min = max(reference["sanity"] - g.sanity_tolerance, g.sanity_floor)
+    log_ratio = math.log1p(g.perplexity_increase_pct / 100)
+    out = [
+        _mean_gate("perplexity", measured["perplexity"], corpus["nll_diff"], log_ratio, alpha,
+                   show_threshold=measured["reference_perplexity"] * (1 + g.perplexity_increase_pct / 100)),
+        _mean_gate("kl_mean", measured["kl_mean"], corpus["kl"], g.kl_mean_max, alpha),
+        _quantile_gate("kl_p99", measured["kl_p99"], corpus["kl"], g.kl_p99_max, alpha),
+        _share_gate("top1_agreement", corpus["top1"], g.top1_agreement_min, alpha),
+        _mean_gate("timed_kl_mean", measured["timed_kl_mean"], timed["kl"], g.kl_mean_max, alpha),
+        _quantile_gate("timed_kl_p99", measured["timed_kl_p99"], timed["kl"], g.kl_p99_max, alpha),
+        _share_gate("timed_top1", timed["top1"], g.top1_agreement_min, alpha),
+        _mean_gate("self_consistency", measured["self_consistency"], timed["own_gap"],
+                   g.self_consistency_margin, alpha),
+        _mean_gate("continuation_nll", measured["continuation_nll"], timed["ref_gap"],
+                   g.continuation_nll_margin, alpha, show_threshold=measured["reference_entropy"]
+                   + g.continuation_nll_margin),
+        _share_gate("sanity", [a["passed"] for a in measured["tasks"]], sanity_min, alpha),
+        _mean_gate("repetition", measured["repetition"], measured["repetition_per_call"],
+                   g.repetition_max, alpha),
+    ]
+    assert [x["name"] for x in out] == names
+    return out
+
+
+def failed_gate_reason(gate_list):
+    """One line naming the failed gates, their figures and thresholds, or '' when all pass."""
+    parts = []
+    for g in gate_list:
+        if not g["passed"]:
+            value = g["value"]
+            shown = "nan" if value is None or not np.isfinite(value) else f"{value:.4g}"
+            worse = ">" if g["op"] == "<=" else "<"
+            parts.append(f"{g['name']} {shown} {worse} {g['threshold']:.4g} ({g['test']})")
+    return ("quality gate failed: " + "; ".join(parts)) if parts else ""
+
+
+def quality_score(kl_mean):
+    """exp(-mean KL): 1.0 means the pipeline predicts exactly like the float32 reference;
+    0.95 means it keeps ~95 % of the reference's per-token likelihood."""
+    if kl_mean is None or not np.isfinite(kl_mean):
+        return 0.0
+    return float(math.exp(-max(kl_mean, 0.0)))
