@@ -9,8 +9,10 @@ owns every clock. The child runs in an OS sandbox (harness.sandbox), and the par
 stops it while another worker is timed and kills everything it started at the end.
 """
 
+import hashlib
 import importlib.util
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -78,6 +80,7 @@ class Worker:
         self.vocab_size = None  # when set, generated token ids must lie in [0, vocab_size)
         self.info = {"sandbox": self.sandbox, "sandbox_why": self.sandbox_why}
         self._limit_s = 0.0
+        self._digests = {}  # keep id -> (probe, one digest per token), for timed_logprobs
 
     def _start(self):
         """Start the child in its sandbox, cwd its own folder; returns the parent's pipe ends."""
@@ -187,12 +190,13 @@ class Worker:
         `keep` (a call id; speed calls only) has the worker keep the call's log-probs for
         timed_logprobs(); the worker checks every yielded pair either way.
         """
-        tokens, times = [], []
+        tokens, times, digests = [], [], []
+        probe = secrets.randbelow(1 << 30)  # which entries of each row the in-window digest covers
         self._limit_s = timeout_s
         start = time.perf_counter()
         deadline = start + timeout_s
-        self._send({"op": "generate", "prompt": prompt, "max_tokens": max_tokens,
-                    "stop_at_eos": stop_at_eos, "seed": seed, "keep": keep, "vocab": self.vocab_size},
+        self._send({"op": "generate", "prompt": prompt, "max_tokens": max_tokens, "stop_at_eos": stop_at_eos,
+                    "seed": seed, "keep": keep, "vocab": self.vocab_size, "probe": probe},
                    deadline, "generate()")
         while True:
             message = self._recv(deadline, "generate()")
@@ -209,7 +213,10 @@ class Worker:
                     raise WorkerInvalid(f"generate() sent more than {max_tokens + 1} tokens into the pipe")
                 tokens.append(token)
                 times.append(now - start)
+                digests.append(message.get("d"))
             else:
+                if keep is not None:
+                    self._digests[keep] = (probe, digests)
                 return {"tokens": tokens, "times": times,
                         "peak_memory_bytes": message.get("peak_memory_bytes")}
 
@@ -363,10 +370,32 @@ class Worker:
                 blocks.append(self._recv_block(deadline, shape, "logprobs"))
                 got += shape[0]
             out[call] = np.concatenate(blocks)
+            self._check_digests(call, out[call])
         if "done" not in self._recv(deadline, "logprobs"):
             self.kill()
             raise WorkerInvalid("logprobs: no end after the last call")
         return out
+
+
+    def _check_digests(self, call, rows):
+        """The rows sent now must be the ones the worker had while the call was timed: each
+        token's frame carried a digest of (part of) its row, computed before it left. Code in
+        the worker process can change what it reports afterwards, never what it sent then."""
+        probe, digests = self._digests.pop(call, (None, None))
+        if probe is None or len(digests) != rows.shape[0] or any(
+                row_digest(row, probe) != digest for row, digest in zip(rows, digests)):
+            self.kill()
+            raise WorkerInvalid(f"logprobs of speed call {call!r} are not the ones generate() yielded "
+                                f"while it was timed")
+
+
+def row_digest(row, probe):
+    """A digest of one log-prob row, as the worker sends it with the row's token: a strided
+    ~2048 of its entries (offset chosen by the parent per call), rounded to float16 as the
+    worker keeps them. Cheap in the timed window; binds the row that is reported later."""
+    stride = max(1, row.shape[0] // 2048)
+    sample = np.ascontiguousarray(np.asarray(row, dtype=np.float32)[probe % stride::stride].astype(np.float16))
+    return hashlib.blake2b(sample.tobytes(), digest_size=8).hexdigest()
 
 
 def _signal_name(number):
@@ -503,7 +532,7 @@ def _generate(channel, module, pipeline, request, kept):
             if not 0 <= token < vocab:
                 raise _Broken(f"generate() yielded token id {token}, outside the vocabulary [0, {vocab})")
             rows[count] = row  # evaluated and copied before the token leaves
-            channel.send({"t": token})
+            channel.send({"t": token, "d": row_digest(row, request.get("probe", 0))})
             count += 1
             if count >= cap:
                 break

@@ -78,6 +78,12 @@ class Project:
         result = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None
         return proc, result
 
+    def evaluate_model(self, model_dir, *args):
+        """evaluate() on another model folder."""
+        proc = self.run("--quick", "--json", "--model", str(model_dir), *args)
+        lines = proc.stdout.strip().splitlines()
+        return proc, json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None
+
     def ledger_lines(self):
         path = self.root / "results.tsv"
         return path.read_text().splitlines() if path.exists() else []

@@ -128,7 +128,7 @@ def test_compile_and_state_and_work_warn():
     compiled = edit("def _new_cache(", "@mx.compile\ndef _square(x):\n    return x * x\n\n\ndef _new_cache(")
     result = monitor.compare(BASELINE, compiled)
     assert ids(result) == ["compile"] and result["functions"]["added"] == ["_square"]
-    assert result["lines"]["delta"] == 3
+    assert result["lines"]["delta"] == 2  # statements: the def (decorator included) and its return
 
     cached = edit("def _new_cache(", "_answers = {}\n\n\ndef _new_cache(")
     result = monitor.compare(BASELINE, cached)
@@ -252,3 +252,23 @@ def test_a_long_summary_keeps_its_line_delta_and_warnings():
     assert len(text) <= monitor.SUMMARY_MAX_CHARS and "..." in text
     assert text.endswith("; +12 lines; warnings: argmax")
     assert summary.lines_delta(text) == 12 and summary.warning_ids(text) == ["argmax"]
+
+
+def test_lines_count_statements_not_docstrings_comments_or_line_breaks():
+    """'Simpler' cannot be won by deleting docstrings or comments, or by joining lines."""
+    import ast
+
+    tree = ast.parse(BASELINE)
+    docstrings = [n.body[0] for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and len(n.body) > 1
+                  and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)]
+    assert len(docstrings) > 5
+    lines = BASELINE.splitlines(keepends=True)
+    for node in sorted(docstrings, key=lambda n: -n.lineno):  # bottom up: line numbers stay valid
+        del lines[node.lineno - 1:node.end_lineno]
+    stripped = "".join(line for line in lines if not line.lstrip().startswith("#"))
+    assert len(stripped) < 0.8 * len(BASELINE)
+    assert monitor.compare(BASELINE, stripped)["lines"]["delta"] == 0
+    joined = BASELINE.replace("TEMP = 0.7", "TEMP = 0.7; TOP_P = 0.9", 1).replace("\nTOP_P = 0.9", "\n", 1)
+    assert joined.count("TOP_P = 0.9") == 1 and "; TOP_P" in joined
+    assert monitor.compare(BASELINE, joined)["lines"]["delta"] == 0

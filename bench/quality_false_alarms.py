@@ -1,0 +1,209 @@
+"""Error rates of the quality gates on the real offline model: false alarms on honest changes,
+detection of known damage.
+
+Each variant is the baseline inference.py with one change, measured as `python prepare.py`
+measures a challenger (speed workload, the timed calls' own log-probs, corpus, tasks, the
+reference's reading of the timed calls) with no champion, so only the gates decide. Honest
+variants run `--repeats` times each; every damage variant once (or `--damage-repeats`).
+Prints per variant the gates that failed and, per gate, its false-alarm rate on the honest
+runs and its detection rate on the damage runs. The target (harness.yaml
+`false_alarm_rate`): at most 1 % of honest runs fail any gate; every damage fails one.
+
+    python bench/quality_false_alarms.py [--repeats 5] [--full] [--only NAME ...] [--save F]
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from harness import evaluate, gates, knobs, quality  # noqa: E402
+from harness.settings import ROOT, load_settings  # noqa: E402
+
+BASE = (ROOT / "inference.py").read_text()
+
+
+def _when_timed(setup, restore):
+    """Source appended to inference.py: speed calls (EOS ignored) run with `setup` done and
+    `restore` after; task calls and score() stay honest."""
+    return f'''
+
+_honest_generate = generate
+
+
+def generate(pipeline, prompt, *, max_tokens, stop_at_eos):
+    if stop_at_eos:
+        yield from _honest_generate(pipeline, prompt, max_tokens=max_tokens, stop_at_eos=stop_at_eos)
+        return
+{setup}
+    try:
+        yield from _honest_generate(pipeline, prompt, max_tokens=max_tokens, stop_at_eos=stop_at_eos)
+    finally:
+{restore}
+'''
+
+
+KV4_WHEN_TIMED = _when_timed("    global KV_BITS\n    KV_BITS = 4", "        KV_BITS = None")
+HALF_LAYERS_WHEN_TIMED = _when_timed(
+    "    inner = pipeline.model.model\n    layers = inner.layers\n    inner.layers = layers[:len(layers) // 2]",
+    "        inner.layers = layers")
+
+NOISY_LOGITS = '''
+
+class _Noisy:
+    """Wraps the model: Gaussian noise (std 2) on every logit."""
+    def __init__(self, model):
+        self._model = model
+    def __call__(self, *args, **kwargs):
+        logits = self._model(*args, **kwargs)
+        return logits + 2.0 * mx.random.normal(logits.shape).astype(logits.dtype)
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+_honest_load = load
+
+
+def load(model_path, draft_model_path=None):
+    pipeline = _honest_load(model_path, draft_model_path)
+    pipeline.model = _Noisy(pipeline.model)
+    return pipeline
+'''
+
+# Every call: the model runs, but one fixed token is yielded (with the model's own log-probs).
+FIXED_TOKEN = '''
+
+_honest_generate = generate
+
+
+def generate(pipeline, prompt, *, max_tokens, stop_at_eos):
+    token = pipeline.tokenizer.encode(" the", add_special_tokens=False)[0]
+    for _, logprobs in _honest_generate(pipeline, prompt, max_tokens=max_tokens, stop_at_eos=False):
+        yield token, logprobs
+'''
+
+
+def _fake_when_timed(body):
+    """Honest on tasks; when timed, `body` yields tokens with a uniform claimed distribution."""
+    return '''
+
+_honest_generate = generate
+
+
+def generate(pipeline, prompt, *, max_tokens, stop_at_eos):
+    if stop_at_eos:
+        yield from _honest_generate(pipeline, prompt, max_tokens=max_tokens, stop_at_eos=stop_at_eos)
+        return
+    vocab = pipeline.model(mx.array([prompt[:1]])).shape[-1]
+    flat = mx.full((vocab,), -float(mx.log(mx.array(vocab, mx.float32))))
+''' + body
+
+
+LOOP_WHEN_TIMED = _fake_when_timed('''    token = pipeline.tokenizer.encode(" the", add_special_tokens=False)[0]
+    for _ in range(max_tokens):
+        yield token, flat
+''')
+CANNED_WHEN_TIMED = _fake_when_timed('''    text = ("Transformers are neural networks that read a whole sequence at once. Each layer lets "
+            "every token attend to the others, weighs what matters, and passes a richer picture of "
+            "the text to the next layer. Training on large amounts of writing teaches them grammar.")
+    tokens = pipeline.tokenizer.encode(text, add_special_tokens=False)
+    for i in range(max_tokens):
+        yield tokens[i % len(tokens)], flat
+''')
+
+HONEST = {
+    "comment_only": lambda: BASE + "\n# A comment: nothing changes.\n",
+    "argmax": lambda: knobs.patched_source(BASE, {"TEMP": 0.0}),
+    "prefill_step_64": lambda: knobs.patched_source(BASE, {"PREFILL_STEP_SIZE": 64}),
+    "cache_limit_4gb": lambda: knobs.patched_source(BASE, {"CACHE_LIMIT_GB": 4}),
+}
+DAMAGE = {
+    "kv4_from_0": lambda: knobs.patched_source(BASE, {"KV_BITS": 4, "QUANTIZED_KV_START": 0}),
+    "kv4_when_timed": lambda: BASE + KV4_WHEN_TIMED,
+    "half_layers_when_timed": lambda: BASE + HALF_LAYERS_WHEN_TIMED,
+    "temp_2": lambda: knobs.patched_source(BASE, {"TEMP": 2.0}),
+    "noisy_logits": lambda: BASE + NOISY_LOGITS,
+    "fixed_token": lambda: BASE + FIXED_TOKEN,
+    "loop_when_timed": lambda: BASE + LOOP_WHEN_TIMED,
+    "canned_when_timed": lambda: BASE + CANNED_WHEN_TIMED,
+}
+
+
+def run_variant(ctx, name, source, reference, tasks, tmp):
+    """Measure one variant; returns {"name", "failed": [gate names] or None (crash), "figures"}."""
+    path = Path(tmp) / f"{name}-{time.monotonic_ns()}" / "inference.py"
+    path.parent.mkdir()
+    path.write_text(source)
+    out = evaluate.measure(ctx, {"challenger": path}, reference=reference, tasks=tasks, log_dir=path.parent)
+    if out["failure"]:
+        return {"name": name, "failed": None, "figures": {"failure": out["failure"]["reason"]}}
+    m = out["quality"]
+    gate_list = gates.gates(ctx.settings, m, reference)
+    figures = {g["name"]: g["value"] for g in gate_list}
+    figures["quality_s"] = m["quality_s"]
+    return {"name": name, "failed": [g["name"] for g in gate_list if not g["passed"]], "figures": figures}
+
+
+def rates(results, names):
+    """Per gate: how many of the runs of `names` it failed."""
+    runs = [r for r in results if r["name"] in names and r["failed"] is not None]
+    per_gate = {}
+    for r in runs:
+        for gate in r["failed"]:
+            per_gate[gate] = per_gate.get(gate, 0) + 1
+    return len(runs), per_gate
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full", action="store_true", help="the full preset (default: quick)")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each honest variant")
+    parser.add_argument("--damage-repeats", type=int, default=1, help="runs of each damage variant")
+    parser.add_argument("--only", nargs="*", default=list(HONEST) + list(DAMAGE))
+    parser.add_argument("--save", help="write every run's figures to this JSON file")
+    args = parser.parse_args()
+
+    settings = load_settings()
+    ctx = evaluate.make_context(settings, quick=not args.full, model=args.model)
+    tasks = quality.selected_tasks(settings, ctx.quick)
+    variants = {**HONEST, **DAMAGE}
+    plan = [(n, r) for n in args.only for r in range(args.repeats if n in HONEST else args.damage_repeats)]
+    print(f"model: {ctx.model}  preset: {ctx.preset.name}  runs: {len(plan)}  "
+          f"false_alarm_rate: {settings.quality.gates.false_alarm_rate}", flush=True)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        reference = quality.load_reference(ctx, tasks, tmp)
+        for i, (name, _) in enumerate(plan):
+            r = run_variant(ctx, name, variants[name](), reference, tasks, tmp)
+            results.append(r)
+            verdict = "CRASH " + r["figures"]["failure"] if r["failed"] is None else (
+                "FAIL " + ",".join(r["failed"]) if r["failed"] else "PASS")
+            print(f"[{i + 1}/{len(plan)}] {name:24s} {verdict}", flush=True)
+    honest_runs, honest_fails = rates(results, HONEST)
+    alarms = sum(1 for r in results if r["name"] in HONEST and r["failed"])
+    print("---")
+    print(f"honest_runs: {honest_runs}")
+    print(f"honest_runs_failing_any_gate: {alarms}")
+    print(f"false_alarm_rate: {alarms / honest_runs:.3f}" if honest_runs else "false_alarm_rate: -")
+    for gate, n in sorted(honest_fails.items()):
+        print(f"false_alarms_{gate}: {n}/{honest_runs}")
+    missed = []
+    for name in [n for n in args.only if n in DAMAGE]:
+        runs = [r for r in results if r["name"] == name]
+        caught = sum(1 for r in runs if r["failed"] is None or r["failed"])
+        gates_hit = sorted({g for r in runs for g in (r["failed"] or ["CRASH"])})
+        print(f"detected_{name}: {caught}/{len(runs)}  ({', '.join(gates_hit) or 'none'})")
+        if caught < len(runs):
+            missed.append(name)
+    print(f"every_damage_detected: {str(not missed).lower()}")
+    if args.save:
+        Path(args.save).write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

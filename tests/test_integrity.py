@@ -1,0 +1,145 @@
+"""Code in inference.py cannot reach the referee: one test per class of attack that is not
+covered elsewhere (the sandbox itself: test_sandbox.py; the pipe: test_pipe.py; Ctrl-C
+versus a SIGINT from another process: test_verdict.py). Real git repositories, the tiny
+model, real bubblewrap (and the no-sandbox fallback where the test needs a hole)."""
+
+import importlib.util
+import json
+import marshal
+import os
+import shutil
+from pathlib import Path
+
+from harness import ledger
+
+# Appended to inference.py: the tokens are the model's own, but after the call the code
+# reaches into the harness code that shares its process and swaps the log-probs the
+# worker kept for a uniform distribution (a forgery of the timed-quality figures).
+FORGE_KEPT_LOGPROBS = '''
+
+import sys as _sys
+import numpy as _np
+
+_worker = _sys.modules.get("harness.worker")
+_send = _worker._send_logprobs
+
+
+def _forged_send(channel, request, kept):
+    for call in list(kept):
+        kept[call] = _np.zeros_like(kept[call])
+    return _send(channel, request, kept)
+
+
+_worker._send_logprobs = _forged_send
+'''
+
+# Appended to inference.py: without a sandbox, write a forged KEEP row into results.tsv.
+APPEND_FORGED_ROW = '''
+
+import os as _os
+
+_ledger = _os.path.join(_os.environ.get("MLX_HILLCLIMB_REPO", ""), "results.tsv")
+_honest_load = load
+
+
+def load(model_path, draft_model_path=None):
+    try:
+        with open(_ledger) as f:
+            last = f.read().splitlines()[-1].split("\\t")
+        last[8] = "KEEP"  # the decision column
+        last[3] = "forged champion"
+        with open(_ledger, "a") as f:
+            f.write("\\t".join(last) + "\\n")
+    except OSError:
+        pass  # in the sandbox the repository is read-only
+    return _honest_load(model_path, draft_model_path)
+'''
+
+
+def _marker_module(marker):
+    return f"open({str(marker)!r}, 'w').write('ran')\n"
+
+
+def test_forged_kept_logprobs_are_invalid(project):
+    project.evaluate()
+    project.inference.write_text(project.inference.read_text() + FORGE_KEPT_LOGPROBS)
+    project.commit("forge the kept log-probs")
+    proc, result = project.evaluate()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert result["decision"] == "INVALID", result
+    assert "not the ones generate() yielded while it was timed" in result["reason"]
+    assert len(project.ledger_lines()) == 3
+
+
+def test_bytecode_and_shadowing_modules_in_the_repository_never_run(project, tmp_path):
+    """Forged bytecode in harness/__pycache__ (its header matching the source) and an untracked
+    git.py hidden through .git/info/exclude: the harness runs a pristine copy in isolated mode."""
+    project.evaluate()
+    marker = tmp_path / "ran"
+    source = project.root / "harness" / "verdict.py"
+    code = compile(_marker_module(marker), str(source), "exec")
+    stat = source.stat()
+    pyc = importlib.util.cache_from_source(str(source))
+    os.makedirs(os.path.dirname(pyc), exist_ok=True)
+    header = importlib.util.MAGIC_NUMBER + (0).to_bytes(4, "little") + \
+        (int(stat.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little") + (stat.st_size & 0xFFFFFFFF).to_bytes(4, "little")
+    with open(pyc, "wb") as f:
+        f.write(header + marshal.dumps(code))
+    (project.root / "git.py").write_text(_marker_module(marker))
+    (project.root / "numpy.py").write_text(_marker_module(marker))
+    with open(project.root / ".git" / "info" / "exclude", "a") as f:
+        f.write("git.py\nnumpy.py\n")
+    project.edit_inference("TOP_K = 0 ", "TOP_K = 0  # a comment\n#")
+    project.commit("comment only")
+    proc, result = project.evaluate()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert result["decision"] in ("REVERT", "KEEP"), result
+    assert not marker.exists(), "code planted in the repository ran inside the harness"
+
+
+def test_rows_not_written_by_the_harness_make_the_run_invalid_and_never_count(project, monkeypatch):
+    """Without a sandbox a pipeline can append to results.tsv: the run that saw it is INVALID,
+    naming the line, and the forged row is never the champion."""
+    project.evaluate()
+    before = project.ledger_lines()
+    project.inference.write_text(project.inference.read_text() + APPEND_FORGED_ROW)
+    project.commit("forge a KEEP row")
+    monkeypatch.setenv("MLX_HILLCLIMB_SANDBOX", "none")
+    proc, result = project.evaluate()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert result["decision"] == "INVALID" and "results.tsv line(s) 3 were not written" in result["reason"]
+    assert result["sandbox"] == "none" and "WITHOUT a sandbox" in proc.stderr
+    lines = project.ledger_lines()
+    assert lines[:len(before)] == before and "forged champion" in lines[len(before)]
+    rows, _ = ledger.read(project.root / "results.tsv")
+    assert [r["trusted"] for r in rows] == [True, False, True]
+    assert ledger.champion_row(rows, [r["commit"] for r in rows])["subject"] != "forged champion"
+    # Sandboxed, the same pipeline cannot even write: earlier rows stay as they were.
+    monkeypatch.delenv("MLX_HILLCLIMB_SANDBOX")
+    before = project.ledger_lines()
+    proc, result = project.evaluate()
+    assert result["sandbox"] == "bwrap" and result["decision"] != "INVALID", result
+    assert project.ledger_lines()[:len(before)] == before and len(project.ledger_lines()) == len(before) + 1
+
+
+def test_damaged_reference_cache_is_rebuilt_and_a_changed_model_is_another_protocol(project, tmp_path,
+                                                                                     monkeypatch):
+    monkeypatch.setenv("MLX_HILLCLIMB_CACHE", str(tmp_path / "cache"))  # this test's reference alone
+    proc, first = project.evaluate()
+    [meta] = Path(tmp_path / "cache" / "reference").glob("*/meta.json")
+    blob = bytearray(meta.read_bytes())
+    blob[10:16] = b"\0" * 6  # a few zeroed bytes: no longer JSON
+    meta.write_bytes(bytes(blob))
+    proc, result = project.evaluate()
+    assert proc.returncode == 0 and result["decision"] == "MEASURED", proc.stderr[-2000:]
+    assert "damaged" in proc.stderr and "rebuilding" in proc.stderr
+    json.loads(meta.read_text())  # rebuilt whole
+    # A model whose content changed is never measured under the same protocol.
+    model = tmp_path / "model"
+    shutil.copytree(project.model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["rms_norm_eps"] = config.get("rms_norm_eps", 1e-5) * 2
+    (model / "config.json").write_text(json.dumps(config))
+    proc, changed = project.evaluate_model(model)
+    assert proc.returncode == 0 and changed["protocol"] != first["protocol"], proc.stderr[-2000:]
+    assert result["protocol"] == first["protocol"]
