@@ -103,7 +103,8 @@ def measure(ctx, inference_paths, *, reference, tasks, overrides=None, log_dir):
             _close(workers.pop("champion"), out)  # free its memory before the quality pass
         out["quality"] = quality_pass(ctx, workers, out, reference, tasks, log_dir, blame)
     except (WorkerCrash, WorkerInvalid) as exc:
-        who = blame["stage"] or next((n for n, w in workers.items() if not w.alive()), "challenger")
+        who = (getattr(exc, "worker", None) or blame["stage"]
+               or next((n for n, w in workers.items() if not w.alive()), "challenger"))
         out["failure"] = {"decision": Decision.CRASH if isinstance(exc, WorkerCrash) else Decision.INVALID,
                           "reason": str(exc), "worker": who, "log_tail": getattr(exc, "log_tail", "")}
     finally:
@@ -305,7 +306,7 @@ def judge(ctx, result, standing, *, search):
         gate_reason=gates.failed_gate_reason(result["gates"]),
         has_champion=standing.champion is not None, dirty=standing.git["dirty"], search=search,
         min_effect=ctx.settings.verdict.min_effect,
-        **{k: result.get(k) for k in ("speedup", "speedup_ci", "primary_metric", "end_to_end_ratio",
+        **{k: result.get(k) for k in ("speedup", "speedup_ci", "pairs", "primary_metric", "end_to_end_ratio",
                                       "end_to_end_ci", "lines_vs_champion") if k in result})
 
 

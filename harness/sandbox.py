@@ -317,22 +317,25 @@ def stop_all(find, *, limit_s=2.0):
     have run at all since the look before (so two processes that take turns, one resuming
     the other and stopping itself, are caught). True when all stopped within `limit_s`."""
     deadline = time.monotonic() + limit_s
-    settled = None  # {pid: CPU time} at the last look that found every process stopped
+    settled, looks = None, 0  # {pid: CPU time} at the last look that found every process stopped
     while True:
         table = process_table()
         pids = find(table)
         running = {pid for pid in pids if table[pid].state not in "Tt"}
         if running:
-            settled = None
+            settled, looks = None, 0
             send(running, signal.SIGSTOP)
         else:
             now = {pid: cpu_time_ns(pid) for pid in pids}
-            if now == settled:
+            looks = looks + 1 if now == settled else 0
+            # three looks alike, a few ms apart: a process forking fast enough to slip
+            # between two scans rarely slips between three (a cgroup freezer would be exact)
+            if looks >= 2:
                 return True
             settled = now
         if time.monotonic() > deadline:
             return False
-        time.sleep(0.001)
+        time.sleep(0.002)
 
 
 def cpu_time_ns(pid):

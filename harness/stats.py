@@ -65,6 +65,15 @@ def conservative_median_ci(values, *, level=0.95):
     return med, min(boot_low, order_low), max(boot_high, order_high)
 
 
+def fewest_for_interval(level=0.95):
+    """The fewest values whose order-statistic interval for the median holds `level`
+    (6 for 95 %: with fewer, even the full range covers the median less often)."""
+    n = 1
+    while 2 * 0.5 ** n > 1.0 - level:
+        n += 1
+    return n
+
+
 # ---------------------------------------------------------------------------
 # One-sided tests for the quality gates: each fails only with confidence
 # ---------------------------------------------------------------------------

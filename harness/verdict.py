@@ -9,8 +9,8 @@ def paired_ratios(samples, metric):
     """Challenger / champion ratios of `metric`, one per (repeat, prompt) pair.
 
     For prefill_tps only prefill-kind prompts count (all, if the workload has none).
-    "end_to_end" is champion / challenger whole-call time (request to last token) on the
-    decode prompts.
+    "end_to_end" is champion / challenger whole-call time (request to last token), on
+    every prompt.
     """
     by_key = {}
     for s in samples:
@@ -20,7 +20,6 @@ def paired_ratios(samples, metric):
     if metric == "prefill_tps":
         pairs = [p for p in pairs if p["challenger"].kind == "prefill"] or pairs
     if metric == "end_to_end":
-        pairs = [p for p in pairs if p["challenger"].kind == "decode"] or pairs
         return [p["champion"].total_s / p["challenger"].total_s for p in pairs]
     return [getattr(p["challenger"], metric) / getattr(p["champion"], metric) for p in pairs]
 
@@ -28,9 +27,10 @@ def paired_ratios(samples, metric):
 def comparison(samples, primary_metric):
     """The paired figures of a champion-vs-challenger run: speedup of the primary metric
     with its 95 % interval, and the prefill, whole-call and first-token-share ratios."""
-    speedup, low, high = stats.conservative_median_ci(paired_ratios(samples, primary_metric))
+    ratios = paired_ratios(samples, primary_metric)
+    speedup, low, high = stats.conservative_median_ci(ratios)
     e2e, e2e_low, e2e_high = stats.conservative_median_ci(paired_ratios(samples, "end_to_end"))
-    return {"speedup": speedup, "speedup_ci": [low, high], "primary_metric": primary_metric,
+    return {"speedup": speedup, "speedup_ci": [low, high], "primary_metric": primary_metric, "pairs": len(ratios),
             "prefill_ratio": stats.median_ci(paired_ratios(samples, "prefill_tps"))[0],
             "end_to_end_ratio": e2e, "end_to_end_ci": [e2e_low, e2e_high]}
 
@@ -40,7 +40,7 @@ def pct(x):
     return f"{(x - 1) * 100:+.1f} %"
 
 
-def decide(*, gate_reason, has_champion, dirty, search, min_effect, speedup=None, speedup_ci=None,
+def decide(*, gate_reason, has_champion, dirty, search, min_effect, speedup=None, speedup_ci=None, pairs=None,
            primary_metric="decode_tps", end_to_end_ratio=None, end_to_end_ci=None, lines_vs_champion=None):
     """The decision and its one-line reason for a run that measured cleanly.
 
@@ -50,6 +50,8 @@ def decide(*, gate_reason, has_champion, dirty, search, min_effect, speedup=None
         dirty: inference.py had uncommitted changes; search: a search trial.
         speedup, speedup_ci: the primary metric's median paired ratio and its 95 % interval
             (None when the challenger was measured alone, i.e. HEAD is the champion).
+        pairs: how many paired ratios the interval rests on; fewer than a 95 % interval
+            needs (stats.fewest_for_interval) and nothing is decided.
         primary_metric: what `speedup` is the ratio of (decode_tps or prefill_tps).
         end_to_end_ratio, end_to_end_ci: whole calls on the decode prompts, champion time /
             challenger time, with its 95 % interval. A decode KEEP needs it to win too: a
@@ -74,6 +76,10 @@ def decide(*, gate_reason, has_champion, dirty, search, min_effect, speedup=None
         return Decision.BASELINE, "first good run of this protocol on this branch"
     if speedup is None:
         return Decision.MEASURED, "HEAD is the champion itself: commit a change to compare"
+    fewest = stats.fewest_for_interval()
+    if pairs is not None and pairs < fewest:
+        return Decision.MEASURED, (f"too few pairs to decide: {pairs} (a 95 % interval needs {fewest}); "
+                                   f"this preset measures ({speed}), the full preset decides")
     need = 1 + min_effect
     low, high = speedup_ci
     if low > need and primary_metric == "decode_tps" and not end_to_end_ci[0] > 1:

@@ -315,7 +315,12 @@ class Worker:
         if self.alive():
             self._find_namespace()
             self._paused = True
-            sandbox.stop_all(self._members)
+            if not sandbox.stop_all(self._members):
+                invalid = WorkerInvalid("its processes could not all be stopped while the other worker "
+                                        "was timed (they keep forking or waking each other)")
+                invalid.worker = Path(self.log_path).stem
+                self.kill()
+                raise invalid
 
     def resume(self):
         """Continue (SIGCONT) what pause() stopped; strays stay stopped until they are killed."""

@@ -89,7 +89,7 @@ class Project:
         return path.read_text().splitlines() if path.exists() else []
 
 
-def make_project(root, model_dir, *, call_s=60, max_tokens=8, repeats=2, warmup=1):
+def make_project(root, model_dir, *, call_s=60, max_tokens=8, repeats=3, warmup=1):
     """Copy the project into `root`, shrink the quick workload for speed, commit it."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,8 @@ CASES = [
      "REVERT", ["slower", "not simpler", "wholly below 1"]),
     ("slower", dict(speedup=0.9, speedup_ci=[0.85, 0.95]), "REVERT", ["slower: -10.0 %"]),
     ("within noise", dict(speedup=1.01, speedup_ci=[0.97, 1.05]), "REVERT", ["within noise"]),
+    ("too few pairs", dict(speedup=1.3, speedup_ci=[1.2, 1.4], pairs=4), "MEASURED", ["too few pairs", "needs 6"]),
+    ("just enough pairs", dict(speedup=1.3, speedup_ci=[1.2, 1.4], pairs=6), "KEEP", ["faster"]),
     ("more lines at equal speed", dict(speedup=1.0, speedup_ci=[0.97, 1.03], lines_vs_champion=5),
      "REVERT", ["within noise"]),
 ]

@@ -204,9 +204,23 @@ def test_ledger_survives_sigkilled_worker_and_ctrl_c(project):
     assert "results.tsv is intact" in err
     assert project.ledger_lines() == before
     deadline = time.time() + 5  # a sandbox's processes die with it, within moments
-    while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.time() < deadline:
+    while _alive(workers) and time.time() < deadline:
         time.sleep(0.1)
-    assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)
+    assert not _alive(workers), _alive(workers)
+
+
+def _alive(pids):
+    """The pids still running, with their state and command line (zombies are dead)."""
+    found = []
+    for pid in pids:
+        try:
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()[:200]
+        except OSError:
+            continue
+        if state != "Z":
+            found.append((pid, state, cmdline))
+    return found
 
 
 def test_malformed_ledger_line_is_reported_and_kept(project):
