@@ -26,7 +26,7 @@ never allocates more than the limit of the frame's kind:
     pipe closed, also half-way            -> EOFError (or OSError), as from a dead worker
 
 Both sides use this module: the parent (harness.worker.Worker) with deadlines, the
-child (`python -m harness.worker`) without (deadline=None waits as long as it takes).
+child (harness/child.py) without (deadline=None waits as long as it takes).
 It knows nothing about processes; the caller decides what a timeout or a closed
 pipe means.
 """

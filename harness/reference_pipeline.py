@@ -2,7 +2,7 @@
 
 Locked harness code, never the pipeline's. It runs in its own worker process
 (no inference.py is imported there) and answers the same contract as
-inference.py, plus `token_stats` for verifying generated continuations.
+inference.py: it teacher-forces the corpus and the timed calls, and answers the tasks.
 """
 
 import mlx.core as mx
@@ -53,21 +53,3 @@ def score(ref, tokens):
     """Next-token log-probabilities at every position, chunk by chunk."""
     for _, logprobs in _logprobs(ref, tokens):
         yield logprobs
-
-
-def token_stats(ref, tokens, start):
-    """For positions start..len(tokens)-1: (NLL of the token there, entropy of the
-    reference's prediction for it). Their means compare a continuation with what the
-    reference itself would produce when sampling at temperature 1."""
-    nll, entropy = [], []
-    for offset, logprobs in _logprobs(ref, tokens):
-        rows = logprobs.shape[0]
-        # row i predicts token offset + i + 1
-        lo, hi = max(start - 1 - offset, 0), min(rows, len(tokens) - 1 - offset)
-        if lo >= hi:
-            continue
-        lp = logprobs[lo:hi]
-        targets = mx.array(tokens[offset + lo + 1: offset + hi + 1])
-        nll.extend((-mx.take_along_axis(lp, targets[:, None], axis=-1)[:, 0]).tolist())
-        entropy.extend((-(mx.exp(lp) * lp).sum(axis=-1)).tolist())
-    return {"nll": nll, "entropy": entropy}

@@ -1,6 +1,6 @@
-"""The worker process that runs inference.py, and the parent's handle on it.
+"""The parent's handle on a worker process (harness/child.py runs inside it).
 
-The parent starts `python -m harness.worker` with two private pipes: requests go
+The parent starts the worker in its sandbox with two private pipes: requests go
 down one, replies come back on the other (framing in harness.pipe: JSON messages,
 one per token during generation, plus raw float32 blocks for scores). The
 worker's stdout and stderr go to a log file, so nothing the pipeline prints can
@@ -9,8 +9,6 @@ owns every clock. The child runs in an OS sandbox (harness.sandbox), and the par
 stops it while another worker is timed and kills everything it started at the end.
 """
 
-import hashlib
-import importlib.util
 import os
 import secrets
 import shutil
@@ -19,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +24,14 @@ import numpy as np
 # WorkerCrash and WorkerInvalid are defined with the framing that raises them;
 # callers may keep importing them from here.
 from harness import sandbox
+from harness.child import row_digest
 from harness.models import cache_dir
 from harness.pipe import Channel, PipeTimeout, WorkerCrash, WorkerInvalid, decode_block, decode_reply
 from harness.settings import HARNESS_HOME
 
 # The child runs in isolated mode (no script folder, user site or PYTHON* variables on
 # its path) and imports the harness from its home, never from the repository.
-LAUNCHER = "import sys; sys.path.append(sys.argv.pop(1)); from harness.worker import main; main()"
+LAUNCHER = "import sys; sys.path.append(sys.argv.pop(1)); from harness.child import main; main()"
 
 
 # ---------------------------------------------------------------------------
@@ -243,13 +241,6 @@ class Worker:
             rows += shape[0]
             yield block
 
-    def token_stats(self, tokens, start, *, timeout_s):
-        """Reference workers only: per-token NLL and entropy for tokens[start:]."""
-        self._limit_s = timeout_s
-        deadline = time.perf_counter() + timeout_s
-        self._send({"op": "token_stats", "tokens": tokens, "start": start}, deadline, "token_stats()")
-        return self._recv(deadline, "token_stats()")
-
     # -- process -----------------------------------------------------------
     def _reap(self, block):
         """Collect the exited worker with wait4, recording its peak resident memory.
@@ -394,237 +385,8 @@ class Worker:
                                 f"while it was timed")
 
 
-def row_digest(row, probe):
-    """A digest of one log-prob row, as the worker sends it with the row's token: a strided
-    ~2048 of its entries (offset chosen by the parent per call), rounded to float16 as the
-    worker keeps them. Cheap in the timed window; binds the row that is reported later."""
-    stride = max(1, row.shape[0] // 2048)
-    sample = np.ascontiguousarray(np.asarray(row, dtype=np.float32)[probe % stride::stride].astype(np.float16))
-    return hashlib.blake2b(sample.tobytes(), digest_size=8).hexdigest()
-
-
 def _signal_name(number):
     try:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
-
-
-# ---------------------------------------------------------------------------
-# Worker side (runs in the child process; this is harness code, not the pipeline)
-# ---------------------------------------------------------------------------
-def _error(exc):
-    lines = traceback.format_exception(exc)
-    return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
-            "traceback": "".join(lines)[-4000:]}
-
-
-def _import_inference(path):
-    spec = importlib.util.spec_from_file_location("inference", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["inference"] = module
-    spec.loader.exec_module(module)
-    for name in ("load", "generate", "score"):
-        if not callable(getattr(module, name, None)):
-            raise AttributeError(f"inference.py has no function {name}()")
-    return module
-
-
-def _apply_overrides(module, overrides):
-    """Set knob values by name (the search mode); only existing UPPER_CASE knobs."""
-    for name, value in overrides.items():
-        if not name.isupper() or not hasattr(module, name):
-            raise AttributeError(f"inference.py has no knob {name}")
-        setattr(module, name, value)
-
-
-def _model_info(pipeline):
-    """Facts about the loaded model for the report (bytes of weights read per token)."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-
-    model = getattr(pipeline, "model", None)
-    if model is None or not hasattr(model, "parameters"):
-        return {}
-    arrays = [v for _, v in tree_flatten(model.parameters()) if isinstance(v, mx.array)]
-    floats = [v for v in arrays if mx.issubdtype(v.dtype, mx.floating)]
-    return {"weight_bytes": int(sum(v.nbytes for v in arrays)),
-            # the KV cache is kept in the activations' dtype, which follows the float parameters
-            "float_itemsize": int(floats[0].itemsize) if floats else 4}
-
-
-def _load(channel, module, request):
-    """Apply the knob overrides, load the model, reply with its facts; returns the pipeline."""
-    _apply_overrides(module, request["overrides"])
-    pipeline = module.load(request["model"], request["draft"])
-    channel.send({"loaded": True, **_model_info(pipeline)})
-    return pipeline
-
-
-# What generate() must yield, quoted by every reason that rejects an item.
-PAIR_CONTRACT = ("generate() must yield (token, logprobs) pairs: an int token id and the "
-                 "log-probabilities it was sampled from, an mx.array of shape (vocab,) or (1, vocab)")
-
-
-class _Broken(Exception):
-    """A yielded item that breaks the contract; str(e) is the one-line reason."""
-
-
-def _pair(item):
-    """(token, logprobs) from one item generate() yielded, or _Broken naming the contract."""
-    if not isinstance(item, (tuple, list)) or len(item) != 2:
-        raise _Broken(f"{PAIR_CONTRACT}; it yielded {type(item).__name__} {item!r:.60}")
-    token, logprobs = item
-    if isinstance(token, (bool, np.bool_)) or not isinstance(token, (int, np.integer)):
-        raise _Broken(f"generate() yielded a non-integer token: {type(token).__name__} {token!r:.60}")
-    return int(token), logprobs
-
-
-def _logprob_row(logprobs, vocab):
-    """`logprobs` as one 1-D numpy row of `vocab` floats (vocab None: any length).
-
-    np.asarray waits for MLX to finish computing them: the evaluation happens here, in the
-    timed window before the token is sent, so no lazy work can hide past the last token.
-    """
-    import mlx.core as mx
-
-    if isinstance(logprobs, mx.array):
-        if logprobs.dtype not in (mx.float32, mx.float16):
-            logprobs = logprobs.astype(mx.float32)  # numpy has no bfloat16
-        row = np.asarray(logprobs)
-    elif isinstance(logprobs, np.ndarray):
-        row = logprobs
-    else:
-        raise _Broken(f"{PAIR_CONTRACT}; its logprobs is a {type(logprobs).__name__}")
-    if row.ndim == 2 and row.shape[0] == 1:
-        row = row[0]
-    if row.ndim != 1 or not np.issubdtype(row.dtype, np.floating):
-        raise _Broken(f"{PAIR_CONTRACT}; its logprobs has shape {row.shape} and dtype {row.dtype}")
-    if vocab is not None and row.shape[0] != vocab:
-        raise _Broken(f"generate() yielded {row.shape[0]} log-probabilities for a token, "
-                      f"expected {vocab} (the vocabulary)")
-    return row
-
-
-def _generate(channel, module, pipeline, request, kept):
-    """Send each generated token as it comes, then the peak memory.
-
-    Every item must be a (token, logprobs) pair (PAIR_CONTRACT). Its log-probs are copied
-    into a float32 row before the token is sent (see _logprob_row), in every call alike:
-    that forces their evaluation inside the timed window. (numpy's float32 -> float16
-    conversion costs ~10x the copy, 0.2 ms a token for a 49k vocabulary, so it waits until
-    after the last token.) The request's "vocab" (when given) is the length a row must
-    have; otherwise the first row's length is, and token ids must lie below it.
-    A call whose request carries "keep": <call id> (a speed call; task calls never do)
-    keeps its (n_tokens, vocab) rows as float16 in `kept` until an {"op": "logprobs"}
-    request takes them. Memory bound: kept calls x max_tokens x vocab x 2 bytes (64 tokens
-    of a 150k vocabulary: 19 MB a call), plus one call's float32 rows while it runs.
-    """
-    import mlx.core as mx
-
-    if request.get("seed") is not None:
-        mx.random.seed(request["seed"])
-    mx.reset_peak_memory()
-    cap = request["max_tokens"] + 1  # one past the cap proves "too many"
-    vocab, rows, count = request.get("vocab"), None, 0
-    try:
-        for item in module.generate(pipeline, list(request["prompt"]), max_tokens=request["max_tokens"],
-                                    stop_at_eos=request["stop_at_eos"]):
-            token, logprobs = _pair(item)
-            row = _logprob_row(logprobs, vocab)
-            if rows is None:
-                vocab, rows = row.shape[0], np.empty((cap, row.shape[0]), dtype=np.float32)
-            if not 0 <= token < vocab:
-                raise _Broken(f"generate() yielded token id {token}, outside the vocabulary [0, {vocab})")
-            rows[count] = row  # evaluated and copied before the token leaves
-            channel.send({"t": token, "d": row_digest(row, request.get("probe", 0))})
-            count += 1
-            if count >= cap:
-                break
-    except _Broken as exc:
-        channel.send({"invalid": str(exc)})
-        return
-    if request.get("keep") is not None:
-        kept[request["keep"]] = (rows[:count] if rows is not None else np.zeros((0, 0))).astype(np.float16)
-    channel.send({"done": True, "peak_memory_bytes": int(mx.get_peak_memory())})
-
-
-def _send_logprobs(channel, request, kept):
-    """Send the kept log-probs of each call in request["calls"], in that order, and free them.
-
-    Per call: {"call": id, "rows": n}, then its (n, vocab) rows as float32 blocks
-    (Channel.send_block); after the last call, {"done": true}. An id with nothing kept
-    raises before anything is sent.
-    """
-    missing = [call for call in request["calls"] if call not in kept]
-    if missing:
-        raise ValueError(f"no log-probs kept for calls {missing!r:.100}")
-    for call in request["calls"]:
-        rows = kept.pop(call)
-        channel.send({"call": call, "rows": int(rows.shape[0])})
-        channel.send_block(rows)  # float32 on the wire
-    channel.send({"done": True})
-
-
-def _score(channel, module, pipeline, request):
-    """Send each chunk of log-probabilities as a float32 block, then the peak memory."""
-    import mlx.core as mx
-
-    mx.reset_peak_memory()
-    for chunk in module.score(pipeline, list(request["tokens"])):
-        block = np.asarray(mx.array(chunk).astype(mx.float32))
-        if block.ndim != 2:
-            channel.send({"invalid": f"score() yielded an array of shape {block.shape}, expected (rows, vocab)"})
-            break
-        channel.send_block(block)
-    channel.send({"done": True, "peak_memory_bytes": int(mx.get_peak_memory())})
-
-
-def _serve(channel, inference_path):
-    """Import inference.py, then answer requests until the parent says exit."""
-    # MLX before inference.py, so that a broken MLX install kills the worker here
-    # instead of reading as an error in the pipeline's import.
-    importlib.import_module("mlx.core")
-
-    try:
-        module = _import_inference(inference_path)
-    except BaseException as exc:  # a syntax or import error is the pipeline's, not ours
-        channel.send(_error(exc))
-        return
-    channel.send({"ready": True})
-    pipeline = None
-    kept = {}  # call id -> its (n_tokens, vocab) float16 log-probs, until fetched
-    while True:
-        request = channel.recv()
-        op = request["op"]
-        if op == "exit":
-            return
-        try:
-            if op == "load":
-                pipeline = _load(channel, module, request)
-            elif op == "generate":
-                _generate(channel, module, pipeline, request, kept)
-            elif op == "logprobs":
-                _send_logprobs(channel, request, kept)
-            elif op == "score":
-                _score(channel, module, pipeline, request)
-            elif op == "token_stats":
-                channel.send(module.token_stats(pipeline, request["tokens"], request["start"]))
-        except Exception as exc:
-            channel.send(_error(exc))
-
-
-def main():
-    """Entry point of `python -m harness.worker REQUEST_FD REPLY_FD INFERENCE_PATH`."""
-    req_fd, resp_fd, inference_path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    channel = Channel(send_fd=resp_fd, recv_fd=req_fd)
-    # The pipeline must not touch the protocol pipes through sys.stdout.
-    sys.stdout = sys.stderr
-    try:
-        _serve(channel, inference_path)
-    except (EOFError, BrokenPipeError):
-        pass  # the parent went away: nothing left to do
-
-
-if __name__ == "__main__":
-    main()

@@ -20,7 +20,7 @@ FORGE_KEPT_LOGPROBS = '''
 import sys as _sys
 import numpy as _np
 
-_worker = _sys.modules.get("harness.worker")
+_worker = _sys.modules.get("harness.child")
 _send = _worker._send_logprobs
 
 

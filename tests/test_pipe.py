@@ -349,7 +349,7 @@ _ATTACKED = []
 
 
 def _reply_fd():
-    """The worker's reply pipe: harness.worker's child gets argv [-c, REQUEST_FD, REPLY_FD, INFERENCE_PATH]."""
+    """The worker's reply pipe: harness.child gets argv [-c, REQUEST_FD, REPLY_FD, INFERENCE_PATH]."""
     return int(_sys.argv[2])
 
 

@@ -141,7 +141,7 @@ def _descendants(pid):
 
 def _worker_pids(proc):
     """PIDs of the worker processes a prepare.py run started (sandboxed or not)."""
-    return [pid for pid, cmdline in _descendants(proc.pid) if "harness.worker" in cmdline]
+    return [pid for pid, cmdline in _descendants(proc.pid) if "harness.child" in cmdline]
 
 
 def _start_hanging_run(project, **popen):
