@@ -53,8 +53,8 @@ def decide(*, gate_reason, has_champion, dirty, search, min_effect, speedup=None
         pairs: how many paired ratios the interval rests on; fewer than a 95 % interval
             needs (stats.fewest_for_interval) and nothing is decided.
         primary_metric: what `speedup` is the ratio of (decode_tps or prefill_tps).
-        end_to_end_ratio, end_to_end_ci: whole calls on the decode prompts, champion time /
-            challenger time, with its 95 % interval. A decode KEEP needs it to win too: a
+        end_to_end_ratio, end_to_end_ci: whole calls, champion time / challenger time, with
+            its 95 % interval. A decode KEEP needs it above 1 + min_effect too: a
             pipeline that holds tokens back and bursts them looks fast between its first
             and last token, never over the whole call.
         lines_vs_champion: code lines added (+) or removed (-) against the champion.
@@ -82,7 +82,7 @@ def decide(*, gate_reason, has_champion, dirty, search, min_effect, speedup=None
                                    f"this preset measures ({speed}), the full preset decides")
     need = 1 + min_effect
     low, high = speedup_ci
-    if low > need and primary_metric == "decode_tps" and not end_to_end_ci[0] > 1:
+    if low > need and primary_metric == "decode_tps" and not end_to_end_ci[0] > need:
         whole = f"{pct(end_to_end_ratio)} [{pct(end_to_end_ci[0])}, {pct(end_to_end_ci[1])}]"
         return Decision.REVERT, (f"decode looks {speed} faster, but whole calls are not surely faster "
                                  f"({whole}): a decode win must shorten whole calls too")

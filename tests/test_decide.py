@@ -6,6 +6,7 @@ from harness.verdict import decide
 
 BASE = dict(gate_reason="", has_champion=True, dirty=False, search=False, min_effect=0.01,
             end_to_end_ratio=1.05, end_to_end_ci=[1.02, 1.08], lines_vs_champion=0)
+# (the whole-call interval must also clear 1 + min_effect for a decode KEEP)
 
 CASES = [
     # (what, overrides of BASE, decision, words in the reason)
@@ -25,6 +26,8 @@ CASES = [
      ["within noise", "needs > +1.0 %"]),
     ("tokens held back", dict(speedup=1.5, speedup_ci=[1.3, 1.7], end_to_end_ratio=0.98, end_to_end_ci=[0.9, 1.05]),
      "REVERT", ["whole calls are not surely faster"]),
+    ("whole calls barely faster", dict(speedup=1.5, speedup_ci=[1.3, 1.7], end_to_end_ratio=1.02,
+     end_to_end_ci=[1.005, 1.04]), "REVERT", ["whole calls"]),
     ("prefill win, whole decode calls unchanged", dict(primary_metric="prefill_tps", speedup=1.2,
      speedup_ci=[1.1, 1.3], end_to_end_ratio=1.0, end_to_end_ci=[0.97, 1.03]), "KEEP", ["faster"]),
     ("simpler at equal speed", dict(speedup=0.995, speedup_ci=[0.95, 1.04], lines_vs_champion=-12), "KEEP",

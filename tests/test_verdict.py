@@ -97,6 +97,36 @@ def test_apply_refuses_on_dirty_tree_and_keeps_work(project):
     assert _head(project) == bad and "TOP_P = 0.8" in project.inference.read_text()
 
 
+HOLD_BACK_HALF = """
+
+_honest_generate = generate
+
+
+def generate(pipeline, prompt, *, max_tokens, stop_at_eos):
+    # Compute the first half of the tokens before yielding any, then burst them: decode
+    # tok/s (first to last token) looks far better, the whole call is no faster.
+    steps = _honest_generate(pipeline, prompt, max_tokens=max_tokens, stop_at_eos=stop_at_eos)
+    held = []
+    for pair in steps:
+        mx.eval(pair[1])
+        held.append(pair)
+        if len(held) >= max_tokens // 2:
+            break
+    yield from held
+    yield from steps
+"""
+
+
+def test_holding_tokens_back_is_not_kept(project):
+    project.evaluate()
+    project.inference.write_text(project.inference.read_text() + HOLD_BACK_HALF)
+    project.commit("hold back half the tokens")
+    proc, result = project.evaluate()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert result["speedup"] > 1.2, result  # it does look faster between first and last token
+    assert result["decision"] == "REVERT" and "whole calls" in result["reason"], result
+
+
 def test_uncommitted_locked_file_is_rejected(project):
     project.evaluate()
     (project.root / "harness" / "stats.py").write_text("# tampered\n")
