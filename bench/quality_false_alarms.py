@@ -145,7 +145,10 @@ def run_variant(ctx, name, source, reference, tasks, tmp):
     gate_list = gates.gates(ctx.settings, m, reference)
     figures = {g["name"]: g["value"] for g in gate_list}
     figures["quality_s"] = m["quality_s"]
-    return {"name": name, "failed": [g["name"] for g in gate_list if not g["passed"]], "figures": figures}
+    # per-position data too, so a changed gate can be re-judged on the same runs
+    measured = {k: v for k, v in m.items() if k not in ("tasks",)} | {"passed": [a["passed"] for a in m["tasks"]]}
+    return {"name": name, "failed": [g["name"] for g in gate_list if not g["passed"]], "figures": figures,
+            "measured": measured}
 
 
 def rates(results, names):

@@ -356,7 +356,8 @@ def figures(ctx, result, out):
     score = gates.quality_score(measured["kl_mean"])
     result.update({k: measured[k] for k in (
         "perplexity", "perplexity_se", "kl_mean", "kl_p99", "top1_agreement", "timed_kl_mean", "timed_kl_p99",
-        "timed_top1", "self_consistency", "continuation_nll", "reference_entropy", "sanity", "repetition",
+        "timed_top1", "self_consistency", "continuation_fit", "continuation_nll", "reference_entropy", "sanity",
+        "repetition",
         "quality_s")})
     result.update({
         "reference_sanity": reference["sanity"],

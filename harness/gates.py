@@ -5,9 +5,14 @@ family of gates shares `quality.gates.false_alarm_rate` (harness.yaml, 1 %), spl
 equally between them (Bonferroni), so an honest pipeline fails any gate in at most that
 share of runs. The tests, per gate (n = positions, calls or tasks behind the figure):
 
-  mean gates (perplexity, kl_mean, timed_kl_mean, continuation_nll, self_consistency,
-      repetition): the figure's one-sided lower bound, mean - z * standard error, is above
-      the threshold (z for alpha per gate, about 3.1);
+  mean gates (perplexity, kl_mean, timed_kl_mean, repetition): the figure's one-sided
+      lower bound, mean - z * standard error, is above the threshold (z for alpha per gate,
+      about 3.1);
+  self_consistency, continuation: were the timed tokens drawn from the pipeline's own
+      reported distribution / from the reference's? Each token's place in it (token_pit in
+      quality.py) has mean 1/2 and variance at most 1/12 when it was; the gate fails when
+      mean - z * sqrt(1 / (12 n)) is above 1/2 + margin (sharper sampling, as temperature
+      below 1 or top-p, only lowers the mean: it never fails);
   kl_p99, timed_kl_p99: more positions have a KL above the threshold than a true 99th
       percentile at the threshold would give (binomial tail below alpha);
   top1_agreement, timed_top1, sanity: fewer agreements / passes than a true share at the
@@ -39,6 +44,17 @@ def _mean_gate(name, shown, values, threshold, alpha, *, shift=0.0, show_thresho
                  low + shift, "mean - z*se")
 
 
+def _pit_gate(name, pits, margin, alpha):
+    """Fail when the tokens sit lower in the distribution than draws from it would, with
+    confidence: a z-test on the mean PIT with its known null variance 1/12."""
+    n = len(pits)
+    mean = float(np.mean(pits)) if n else None
+    if mean is None or not np.isfinite(mean):
+        return _gate(name, mean, "<=", 0.5 + margin, True, None, "PIT: no finite figure")
+    low = mean - stats.z_one_sided(alpha) * math.sqrt(1 / (12 * n))
+    return _gate(name, mean, "<=", 0.5 + margin, low > 0.5 + margin, low, "PIT mean - z/sqrt(12n)")
+
+
 def _quantile_gate(name, shown, values, threshold, alpha, quantile=0.99):
     """Fail when more values exceed `threshold` than a true `quantile` at it would allow."""
     x = np.asarray(values, dtype=float)
@@ -65,7 +81,7 @@ def gates(settings, measured, reference):
     g = settings.quality.gates
     corpus, timed = measured["corpus"], measured["timed"]
     names = ["perplexity", "kl_mean", "kl_p99", "top1_agreement", "timed_kl_mean", "timed_kl_p99",
-             "timed_top1", "self_consistency", "continuation_nll", "sanity", "repetition"]
+             "timed_top1", "self_consistency", "continuation", "sanity", "repetition"]
     alpha = g.false_alarm_rate / len(names)
     sanity_min = max(reference["sanity"] - g.sanity_tolerance, g.sanity_floor)
     log_ratio = math.log1p(g.perplexity_increase_pct / 100)
@@ -78,11 +94,8 @@ def gates(settings, measured, reference):
         _mean_gate("timed_kl_mean", measured["timed_kl_mean"], timed["kl"], g.kl_mean_max, alpha),
         _quantile_gate("timed_kl_p99", measured["timed_kl_p99"], timed["kl"], g.kl_p99_max, alpha),
         _share_gate("timed_top1", timed["top1"], g.top1_agreement_min, alpha),
-        _mean_gate("self_consistency", measured["self_consistency"], timed["own_gap"],
-                   g.self_consistency_margin, alpha),
-        _mean_gate("continuation_nll", measured["continuation_nll"], timed["ref_gap"],
-                   g.continuation_nll_margin, alpha, show_threshold=measured["reference_entropy"]
-                   + g.continuation_nll_margin),
+        _pit_gate("self_consistency", timed["own_pit"], g.self_consistency_margin, alpha),
+        _pit_gate("continuation", timed["ref_pit"], g.continuation_margin, alpha),
         _share_gate("sanity", [a["passed"] for a in measured["tasks"]], sanity_min, alpha),
         _mean_gate("repetition", measured["repetition"], measured["repetition_per_call"],
                    g.repetition_max, alpha),

@@ -262,12 +262,13 @@ def measure_timed_calls(ctx, samples, logprobs, log_dir):
         samples: the picked speed calls (bench.Sample, with call_id).
         logprobs: {call_id: (n_tokens, vocab) array} the pipeline's own log-probs.
     Returns:
-        Per-position arrays under "timed" (kl, top1, own_gap = the pipeline's NLL of its
-        token minus its own entropy, ref_gap = the same under the reference) and their
-        summaries: timed_kl_mean, timed_kl_p99, timed_top1, self_consistency,
+        Per-position arrays under "timed" (kl, top1, own_pit / ref_pit = each token's place
+        in the pipeline's own / the reference's distribution, see token_pit; ref_nll,
+        ref_entropy) and their summaries: timed_kl_mean, timed_kl_p99, timed_top1,
+        self_consistency (mean own_pit), continuation_fit (mean ref_pit),
         continuation_nll, reference_entropy, verified_calls.
     """
-    timed = {"kl": [], "top1": [], "own_gap": [], "ref_gap": [], "ref_nll": [], "ref_entropy": []}
+    timed = {"kl": [], "top1": [], "own_pit": [], "ref_pit": [], "ref_nll": [], "ref_entropy": []}
     worker = Worker(REFERENCE_PIPELINE, Path(log_dir) / "reference.log")
     try:
         worker.load(ctx.model_dir, timeout_s=ctx.settings.timeouts.load_s)
@@ -284,7 +285,8 @@ def measure_timed_calls(ctx, samples, logprobs, log_dir):
             "timed_kl_mean": float(np.mean(kl)),
             "timed_kl_p99": float(np.percentile(kl, 99)) if np.all(np.isfinite(kl)) else float("inf"),
             "timed_top1": float(np.mean(timed["top1"])),
-            "self_consistency": float(np.mean(timed["own_gap"])),
+            "self_consistency": float(np.mean(timed["own_pit"])),
+            "continuation_fit": float(np.mean(timed["ref_pit"])),
             "continuation_nll": float(np.mean(timed["ref_nll"])),
             "reference_entropy": float(np.mean(timed["ref_entropy"])),
             "verified_calls": [[s.prompt, s.repeat] for s in samples]}
@@ -311,18 +313,34 @@ def _reference_rows(worker, ctx, prompt, tokens):
 
 
 def _compare_positions(ref, mine, tokens, out):
-    """Append per-position KL(ref || mine), top-1 agreement and likelihood gaps to `out`."""
+    """Append per-position KL(ref || mine), top-1 agreement, the reference's NLL and entropy,
+    and each token's rank in the reference's and the pipeline's own distribution (PIT) to `out`."""
     idx = np.arange(len(tokens)), np.asarray(tokens)
     p_ref, p_mine = np.exp(ref), np.exp(mine)
     with np.errstate(invalid="ignore", over="ignore"):
         ref_entropy = -np.sum(p_ref * ref, axis=-1)
-        own_entropy = -np.nansum(np.where(p_mine > 0, p_mine * mine, 0.0), axis=-1)
         out["kl"].extend(np.sum(p_ref * (ref - mine), axis=-1).astype(np.float64))
     out["top1"].extend(np.argmax(ref, axis=-1) == np.argmax(mine, axis=-1))
     out["ref_nll"].extend(-ref[idx].astype(np.float64))
     out["ref_entropy"].extend(ref_entropy.astype(np.float64))
-    out["ref_gap"].extend((-ref[idx] - ref_entropy).astype(np.float64))
-    out["own_gap"].extend((-mine[idx] - own_entropy).astype(np.float64))
+    out["ref_pit"].extend(token_pit(p_ref, tokens))
+    out["own_pit"].extend(token_pit(p_mine, tokens))
+
+
+def token_pit(probs, tokens):
+    """Per position, where the token sits in the distribution it is said to come from: the
+    mass of the tokens more likely than it, plus half the mass of those as likely (mid-p).
+
+    For a token drawn from `probs` itself this has mean 1/2 and variance at most 1/12 (the
+    probability integral transform); sampling sharper than `probs` (lower temperature,
+    top-p, argmax) gives less, sampling flatter or from something else gives more.
+    """
+    probs = np.nan_to_num(np.asarray(probs, dtype=np.float64), nan=0.0)
+    chosen = probs[np.arange(len(tokens)), np.asarray(tokens)][:, None]
+    more = np.sum(np.where(probs > chosen, probs, 0.0), axis=-1)
+    same = np.sum(np.where(probs == chosen, probs, 0.0), axis=-1)
+    total = np.maximum(np.sum(probs, axis=-1), 1e-30)
+    return list((more + 0.5 * same) / total)
 
 
 def repetition(tokens, n=4):

@@ -14,6 +14,7 @@ BLOCK_KEYS = [
     "continuation_nll", "repetition", "quality_score", "quality_adjusted_tps", "quality_pass",
     "bytes_per_token", "roofline_fraction", "quality_s", "elapsed_s", "run_file",
     "sandbox", "timed_kl_mean", "timed_kl_p99", "timed_top1", "self_consistency", "end_to_end_ci",
+    "continuation_fit",
 ]
 
 

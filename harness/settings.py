@@ -29,7 +29,7 @@ PROMPT_KINDS = ("decode", "prefill")
 PRESET_NAMES = ("full", "quick")
 PRIMARY_METRICS = ("decode_tps", "prefill_tps")
 GATE_KEYS = ("false_alarm_rate", "perplexity_increase_pct", "kl_mean_max", "kl_p99_max", "top1_agreement_min",
-             "sanity_tolerance", "sanity_floor", "continuation_nll_margin", "self_consistency_margin",
+             "sanity_tolerance", "sanity_floor", "continuation_margin", "self_consistency_margin",
              "repetition_max")
 KNOB_SPEC_KEYS = {"choices", "low", "high", "log", "step"}
 
@@ -87,8 +87,8 @@ class Gates:
     top1_agreement_min: float
     sanity_tolerance: float
     sanity_floor: float
-    continuation_nll_margin: float
-    self_consistency_margin: float
+    continuation_margin: float     # PIT units: see harness/gates.py
+    self_consistency_margin: float  # PIT units
     repetition_max: float
 
 
