@@ -19,13 +19,12 @@ import numpy as np
 from harness.pipe import Channel
 
 
-def row_digest(row, probe):
-    """A digest of one log-prob row, as the worker sends it with the row's token: a strided
-    ~2048 of its entries (offset chosen by the parent per call), rounded to float16 as the
-    worker keeps them. Cheap in the timed window; binds the row that is reported later."""
-    stride = max(1, row.shape[0] // 2048)
-    sample = np.ascontiguousarray(np.asarray(row, dtype=np.float32)[probe % stride::stride].astype(np.float16))
-    return hashlib.blake2b(sample.tobytes(), digest_size=8).hexdigest()
+def row_digest(row):
+    """The digest of one whole log-prob row (float32 bytes), as the worker sends it with the
+    row's token: it binds the row reported after the call to the one the pipeline had while
+    it was timed (any subset of the entries could be rewritten afterwards). sha256 runs at
+    about 0.1 ms a token for a 49k vocabulary here, in both workers alike."""
+    return hashlib.sha256(np.ascontiguousarray(row, dtype=np.float32).tobytes()).hexdigest()[:32]
 
 
 def _error(exc):
@@ -125,15 +124,14 @@ def _generate(channel, module, pipeline, request, kept):
     """Send each generated token as it comes, then the peak memory.
 
     Every item must be a (token, logprobs) pair (PAIR_CONTRACT). Its log-probs are copied
-    into a float32 row before the token is sent (see _logprob_row), in every call alike:
-    that forces their evaluation inside the timed window. (numpy's float32 -> float16
-    conversion costs ~10x the copy, 0.2 ms a token for a 49k vocabulary, so it waits until
-    after the last token.) The request's "vocab" (when given) is the length a row must
+    into a float32 row before the token is sent (see _logprob_row), and the row's digest goes
+    with the token, in every call alike: that forces their evaluation inside the timed
+    window and binds what is reported later. The request's "vocab" (when given) is the length a row must
     have; otherwise the first row's length is, and token ids must lie below it.
     A call whose request carries "keep": <call id> (a speed call; task calls never do)
-    keeps its (n_tokens, vocab) rows as float16 in `kept` until an {"op": "logprobs"}
-    request takes them. Memory bound: kept calls x max_tokens x vocab x 2 bytes (64 tokens
-    of a 150k vocabulary: 19 MB a call), plus one call's float32 rows while it runs.
+    keeps its (n_tokens, vocab) float32 rows in `kept` until an {"op": "logprobs"} request
+    takes them. Memory bound: kept calls x max_tokens x vocab x 4 bytes (64 tokens of a
+    150k vocabulary: 38 MB a call; the full preset keeps 9 calls).
     """
     import mlx.core as mx
 
@@ -152,7 +150,7 @@ def _generate(channel, module, pipeline, request, kept):
             if not 0 <= token < vocab:
                 raise _Broken(f"generate() yielded token id {token}, outside the vocabulary [0, {vocab})")
             rows[count] = row  # evaluated and copied before the token leaves
-            channel.send({"t": token, "d": row_digest(row, request.get("probe", 0))})
+            channel.send({"t": token, "d": row_digest(row)})
             count += 1
             if count >= cap:
                 break
@@ -160,7 +158,7 @@ def _generate(channel, module, pipeline, request, kept):
         channel.send({"invalid": str(exc)})
         return
     if request.get("keep") is not None:
-        kept[request["keep"]] = (rows[:count] if rows is not None else np.zeros((0, 0))).astype(np.float16)
+        kept[request["keep"]] = rows[:count].copy() if rows is not None else np.zeros((0, 0), np.float32)
     channel.send({"done": True, "peak_memory_bytes": int(mx.get_peak_memory())})
 
 
@@ -208,7 +206,7 @@ def _serve(channel, inference_path):
         return
     channel.send({"ready": True})
     pipeline = None
-    kept = {}  # call id -> its (n_tokens, vocab) float16 log-probs, until fetched
+    kept = {}  # call id -> its (n_tokens, vocab) float32 log-probs, until fetched
     while True:
         request = channel.recv()
         op = request["op"]

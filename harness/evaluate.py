@@ -3,6 +3,7 @@ workers (champion, challenger) -> samples -> statistics + quality -> verdict ->
 run file + ledger row. Each step is a plain function; prepare.py wires them."""
 
 import json
+import secrets
 import tempfile
 import time
 from dataclasses import dataclass
@@ -91,7 +92,7 @@ def measure(ctx, inference_paths, *, reference, tasks, overrides=None, log_dir):
         {"samples", "workers", "quality", "failure"}; failure is None or
         {"decision": CRASH|INVALID, "reason", "worker", "log_tail"}.
     """
-    workers, out = {}, {"samples": [], "workers": {}, "quality": None, "failure": None}
+    workers, out = {}, {"samples": [], "workers": {}, "quality": None, "failure": None, "log_paths": {}}
     blame = {"stage": None}  # whose failure a crash now is (None: whichever worker died)
     try:
         start_workers(ctx, inference_paths, overrides, log_dir, workers, out, blame)
@@ -114,11 +115,18 @@ def measure(ctx, inference_paths, *, reference, tasks, overrides=None, log_dir):
 
 
 def start_workers(ctx, inference_paths, overrides, log_dir, workers, out, blame):
-    """Start and load one worker per inference file (the search's knobs on the challenger)."""
+    """Start and load one worker per inference file (the search's knobs on the challenger).
+
+    Nothing a worker can see tells it its role: its log has a random name, the run's
+    folder (both inference files, both logs) and the repository are hidden from it.
+    """
     stage(f"loading {' and '.join(inference_paths)}")
     for name, path in inference_paths.items():
         blame["stage"] = name
-        workers[name] = Worker(path, Path(log_dir) / f"{name}.log")
+        log = Path(log_dir) / f"worker-{secrets.token_hex(4)}.log"
+        out["log_paths"][name] = str(log)
+        workers[name] = Worker(path, log, role=name, hide=[log_dir, ctx.root],
+                               expose=[ctx.model_dir, ctx.draft_dir])
         out["workers"][name] = dict(workers[name].info)
         workers[name].vocab_size = ctx.vocab_size
         workers[name].load(ctx.model_dir, ctx.draft_dir, overrides if name == "challenger" else None,
@@ -155,8 +163,7 @@ def quality_pass(ctx, workers, out, reference, tasks, log_dir, blame):
 
 def _close(worker, out):
     worker.close()
-    name = Path(worker.log_path).stem
-    out["workers"].setdefault(name, {})["max_rss_bytes"] = worker.max_rss_bytes
+    out["workers"].setdefault(worker.role, {})["max_rss_bytes"] = worker.max_rss_bytes
 
 
 # ---------------------------------------------------------------------------
@@ -295,7 +302,9 @@ def measure_run(ctx, standing, inference_path, overrides, *, compare):
             paths[name].parent.mkdir()
             paths[name].write_bytes(source)
         out = measure(ctx, paths, reference=reference, tasks=tasks, overrides=overrides, log_dir=tmp)
-        out["logs"] = {p.stem: p.read_text(errors="replace")[-20000:] for p in Path(tmp).glob("*.log")}
+        names = {Path(p).name: name for name, p in out["log_paths"].items()}
+        out["logs"] = {names.get(p.name, p.stem): p.read_text(errors="replace")[-20000:]
+                       for p in Path(tmp).glob("*.log")}
     out["reference"] = reference
     return out
 

@@ -70,31 +70,33 @@ def setting():
     return value
 
 
-def wrap(command, folder, *, hide=(), env=None):
+def wrap(command, folder, *, hide=(), expose=(), env=None):
     """The sandboxed form of `command`, with `folder` as its one writable folder.
 
     Args:
         command: the argv to confine (run it with cwd=folder).
         folder: the private folder; TMPDIR and XDG_CACHE_HOME point into it.
         hide: folders the sandboxed code must not read (those that do not exist are skipped).
+        expose: folders inside hidden ones that it must still read (read-only).
         env: the base environment (default os.environ).
     Raises ValueError for a bad MLX_HILLCLIMB_SANDBOX (see setting()).
     """
     folder = str(Path(folder).resolve())
     env = private_env(folder, os.environ if env is None else env)
     hide = [str(Path(p).resolve()) for p in hide if Path(p).is_dir()]
+    expose = [str(Path(p).resolve()) for p in expose if p and Path(p).exists()]
     if setting() == "none":
         return Sandbox("none", list(command), env, f"{ENV_VAR}=none is set")
     if sys.platform.startswith("linux"):
         prefix, why = _bwrap_prefix()
         if prefix is None:
             return Sandbox("none", list(command), env, why)
-        return Sandbox("bwrap", bwrap_command(command, folder, hide, prefix), env)
+        return Sandbox("bwrap", bwrap_command(command, folder, hide, prefix, expose), env)
     if sys.platform == "darwin":
         program, why = _sandbox_exec()
         if program is None:
             return Sandbox("none", list(command), env, why)
-        return Sandbox("sandbox-exec", [program, "-p", sbpl_profile(folder, hide), *command], env)
+        return Sandbox("sandbox-exec", [program, "-p", sbpl_profile(folder, hide, expose), *command], env)
     return Sandbox("none", list(command), env, f"no sandbox is known for {sys.platform}")
 
 
@@ -105,13 +107,16 @@ def private_env(folder, env):
             "XDG_CACHE_HOME": os.path.join(folder, ".cache")}
 
 
-def bwrap_command(command, folder, hide=(), prefix=None):
-    """The bubblewrap argv: `prefix` (bwrap and its flags; default: the full set),
-    `folder` writable, each of `hide` under an empty tmpfs, then `command`."""
+def bwrap_command(command, folder, hide=(), prefix=None, expose=()):
+    """The bubblewrap argv: `prefix` (bwrap and its flags; default: the full set), each of
+    `hide` under an empty tmpfs, each of `expose` bound back read-only, `folder` writable,
+    then `command`. (Later mounts go on top of earlier ones: hide first, then re-expose.)"""
     argv = list(prefix or ["bwrap", *_BWRAP_BASE, *_BWRAP_NO_USERNS])
-    argv += ["--bind", folder, folder]
     for path in hide:
         argv += ["--tmpfs", path]  # an empty, private folder in its place
+    for path in expose:
+        argv += ["--ro-bind", path, path]
+    argv += ["--bind", folder, folder]
     return [*argv, "--chdir", folder, "--", *command]
 
 
@@ -155,7 +160,7 @@ def _sbpl_string(path):
     return '"' + str(path).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def sbpl_profile(folder, hide=()):
+def sbpl_profile(folder, hide=(), expose=()):
     """The sandbox-exec (SBPL) profile: everything allowed but what could reach the referee.
 
     Written as "allow default, then deny" because a deny-default profile must list every
@@ -181,6 +186,9 @@ def sbpl_profile(folder, hide=()):
              "(deny signal (target others))",
              "(deny process-fork)"]
     lines += [f"(deny file-read* (subpath {_sbpl_string(path)}))" for path in hide]
+    # later rules win in SBPL: what must stay readable inside a hidden folder comes after
+    lines += [f"(allow file-read* (subpath {_sbpl_string(path)}))" for path in expose]
+    lines += [f"(allow file-read* (subpath {_sbpl_string(folder)}))"] if hide else []
     return "\n".join(lines) + "\n"
 
 

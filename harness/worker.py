@@ -56,7 +56,9 @@ class Worker:
     # The pids of the workers running now: the other children of the harness are strays.
     _running = set()
 
-    def __init__(self, inference_path, log_path):
+    def __init__(self, inference_path, log_path, *, role=None, hide=(), expose=()):
+        self.role = role or Path(log_path).stem  # for the parent's messages only: the child never sees it
+        self._hide, self._expose = list(hide), list(expose)
         self._folder = Path(tempfile.mkdtemp(prefix="mlx-hillclimb-worker-"))
         self.inference_path = self._folder / Path(inference_path).name
         shutil.copyfile(inference_path, self.inference_path)
@@ -78,18 +80,23 @@ class Worker:
         self.vocab_size = None  # when set, generated token ids must lie in [0, vocab_size)
         self.info = {"sandbox": self.sandbox, "sandbox_why": self.sandbox_why}
         self._limit_s = 0.0
-        self._digests = {}  # keep id -> (probe, one digest per token), for timed_logprobs
+        self._digests = {}  # keep id -> one digest per token, for timed_logprobs
 
     def _start(self):
         """Start the child in its sandbox, cwd its own folder; returns the parent's pipe ends."""
         folder = self.inference_path.parent  # the worker's own folder: its one writable place
         req_r, req_w = os.pipe()
         resp_r, resp_w = os.pipe()
+        # Random descriptor numbers: the second worker's would otherwise be higher than the
+        # first's, telling a pipeline whether it runs as the champion or the challenger.
+        req_r, resp_w = _renumbered(req_r), _renumbered(resp_w)
         try:
             command = [sys.executable, "-I", "-B", "-c", LAUNCHER, str(HARNESS_HOME), str(req_r), str(resp_w),
                        str(self.inference_path)]
-            # The reference's log-probs are hidden: a pipeline could otherwise replay them.
-            box = sandbox.wrap(command, folder, hide=[cache_dir() / "reference"],
+            # The reference's log-probs are hidden (a pipeline could replay them), and so are
+            # the folders that would tell it its role; the harness package stays readable.
+            box = sandbox.wrap(command, folder, hide=[cache_dir() / "reference", *self._hide],
+                               expose=[HARNESS_HOME / "harness", *self._expose],
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
             self.sandbox, self.sandbox_why = box.kind, box.why
             if box.kind == "none":
@@ -189,12 +196,11 @@ class Worker:
         timed_logprobs(); the worker checks every yielded pair either way.
         """
         tokens, times, digests = [], [], []
-        probe = secrets.randbelow(1 << 30)  # which entries of each row the in-window digest covers
         self._limit_s = timeout_s
         start = time.perf_counter()
         deadline = start + timeout_s
         self._send({"op": "generate", "prompt": prompt, "max_tokens": max_tokens, "stop_at_eos": stop_at_eos,
-                    "seed": seed, "keep": keep, "vocab": self.vocab_size, "probe": probe},
+                    "seed": seed, "keep": keep, "vocab": self.vocab_size},
                    deadline, "generate()")
         while True:
             message = self._recv(deadline, "generate()")
@@ -214,7 +220,7 @@ class Worker:
                 digests.append(message.get("d"))
             else:
                 if keep is not None:
-                    self._digests[keep] = (probe, digests)
+                    self._digests[keep] = digests
                 return {"tokens": tokens, "times": times,
                         "peak_memory_bytes": message.get("peak_memory_bytes")}
 
@@ -309,7 +315,7 @@ class Worker:
             if not sandbox.stop_all(self._members):
                 invalid = WorkerInvalid("its processes could not all be stopped while the other worker "
                                         "was timed (they keep forking or waking each other)")
-                invalid.worker = Path(self.log_path).stem
+                invalid.worker = self.role
                 self.kill()
                 raise invalid
 
@@ -343,8 +349,9 @@ class Worker:
         return found
 
     def timed_logprobs(self, call_ids, *, timeout_s):
-        """The log-probs that generate(..., keep=id) calls yielded, as the worker kept them
-        (float16): {call_id: float32 array (n_tokens, vocab)}. The worker frees them once sent."""
+        """The log-probs that generate(..., keep=id) calls yielded, as the worker kept them:
+        {call_id: float32 array (n_tokens, vocab)}, each row checked against the digest sent
+        with its token. The worker frees them once sent."""
         self._limit_s = timeout_s
         deadline = time.perf_counter() + timeout_s
         self._send({"op": "logprobs", "calls": list(call_ids)}, deadline, "logprobs")
@@ -377,12 +384,24 @@ class Worker:
         """The rows sent now must be the ones the worker had while the call was timed: each
         token's frame carried a digest of (part of) its row, computed before it left. Code in
         the worker process can change what it reports afterwards, never what it sent then."""
-        probe, digests = self._digests.pop(call, (None, None))
-        if probe is None or len(digests) != rows.shape[0] or any(
-                row_digest(row, probe) != digest for row, digest in zip(rows, digests)):
+        digests = self._digests.pop(call, None)
+        if digests is None or len(digests) != rows.shape[0] or any(
+                row_digest(row) != digest for row, digest in zip(rows, digests)):
             self.kill()
             raise WorkerInvalid(f"logprobs of speed call {call!r} are not the ones generate() yielded "
                                 f"while it was timed")
+
+
+def _renumbered(fd):
+    """`fd` moved to a free descriptor number drawn at random (the old one closed)."""
+    while True:
+        number = 64 + secrets.randbelow(900)
+        try:
+            os.fstat(number)
+        except OSError:
+            os.dup2(fd, number, inheritable=False)
+            os.close(fd)
+            return number
 
 
 def _signal_name(number):

@@ -143,3 +143,48 @@ def test_damaged_reference_cache_is_rebuilt_and_a_changed_model_is_another_proto
     proc, changed = project.evaluate_model(model)
     assert proc.returncode == 0 and changed["protocol"] != first["protocol"], proc.stderr[-2000:]
     assert result["protocol"] == first["protocol"]
+
+
+# Appended to inference.py: print (into the worker's log) everything that could tell this
+# pipeline whether it runs as the champion or the challenger (a "sleeper" champion would
+# slow itself down only in that role).
+PRINT_ROLE_CLUES = '''
+
+import os as _os
+import sys as _sys
+
+
+def _clues():
+    seen = {"stdout": _os.readlink("/proc/self/fd/1"), "argv": _sys.argv[1:3]}
+    repo = _os.environ.get("MLX_HILLCLIMB_REPO", "")
+    try:
+        seen["repo"] = sorted(_os.listdir(repo))
+    except OSError as exc:
+        seen["repo"] = type(exc).__name__
+    run = _os.path.dirname(seen["stdout"])
+    try:
+        seen["run"] = sorted(_os.listdir(run))
+    except OSError as exc:
+        seen["run"] = type(exc).__name__
+    print("CLUES", seen, flush=True)
+
+
+_clues()
+'''
+
+
+def test_a_worker_cannot_tell_its_role(project):
+    project.inference.write_text(project.inference.read_text() + PRINT_ROLE_CLUES)
+    project.commit("baseline that looks around")
+    project.evaluate()
+    project.edit_inference("TOP_K = 0 ", "TOP_K = 0  # a comment\n#")
+    project.commit("comment only")
+    proc, result = project.evaluate()
+    assert result["decision"] in ("REVERT", "KEEP", "MEASURED"), result
+    logs = json.loads((project.root / result["run_file"]).read_text())["worker_logs"]
+    clues = [line for name in ("champion", "challenger") for line in logs[name].splitlines()
+             if line.startswith("CLUES")]
+    assert len(clues) == 2, logs
+    for line in clues:
+        assert "champion" not in line and "challenger" not in line, line
+        assert "inference.py" not in line.split("'repo'")[1], line  # the repository is hidden
