@@ -199,7 +199,7 @@ def main():
     for name in [n for n in args.only if n in DAMAGE]:
         runs = [r for r in results if r["name"] == name]
         caught = sum(1 for r in runs if r["failed"] is None or r["failed"])
-        gates_hit = sorted({g for r in runs for g in (r["failed"] or ["CRASH"])})
+        gates_hit = sorted({g for r in runs for g in (r["failed"] if r["failed"] is not None else ["CRASH"])})
         print(f"detected_{name}: {caught}/{len(runs)}  ({', '.join(gates_hit) or 'none'})")
         if caught < len(runs):
             missed.append(name)
