@@ -187,6 +187,8 @@ def main():
             verdict = "CRASH " + r["figures"]["failure"] if r["failed"] is None else (
                 "FAIL " + ",".join(r["failed"]) if r["failed"] else "PASS")
             print(f"[{i + 1}/{len(plan)}] {name:24s} {verdict}", flush=True)
+            if args.save:  # after every run: a long bench cut short keeps what it measured
+                Path(args.save).write_text(json.dumps(results, indent=1, default=str))
     honest_runs, honest_fails = rates(results, HONEST)
     alarms = sum(1 for r in results if r["name"] in HONEST and r["failed"])
     print("---")
@@ -204,8 +206,6 @@ def main():
         if caught < len(runs):
             missed.append(name)
     print(f"every_damage_detected: {str(not missed).lower()}")
-    if args.save:
-        Path(args.save).write_text(json.dumps(results, indent=1, default=str))
 
 
 if __name__ == "__main__":
