@@ -10,9 +10,10 @@ share of runs. The tests, per gate (n = positions, calls or tasks behind the fig
       about 3.1);
   self_consistency, continuation: were the timed tokens drawn from the pipeline's own
       reported distribution / from the reference's? Each token's place in it (token_pit in
-      quality.py) has mean 1/2 and variance at most 1/12 when it was; the gate fails when
-      mean - z * sqrt(1 / (12 n)) is above 1/2 + margin (sharper sampling, as temperature
-      below 1 or top-p, only lowers the mean: it never fails);
+      quality.py) has mean 1/2 and a variance known from the distribution,
+      (1 - sum p^3) / 12, when it was; the gate fails when the z-score of the sum,
+      (sum(u) - n (1/2 + margin)) / sqrt(sum of those variances), is above z (sharper
+      sampling, as temperature below 1 or top-p, only lowers the mean: it never fails);
   kl_p99, timed_kl_p99: more positions have a KL above the threshold than a true 99th
       percentile at the threshold would give (binomial tail below alpha);
   top1_agreement, timed_top1, sanity: fewer agreements / passes than a true share at the
@@ -44,15 +45,18 @@ def _mean_gate(name, shown, values, threshold, alpha, *, shift=0.0, show_thresho
                  low + shift, "mean - z*se")
 
 
-def _pit_gate(name, pits, margin, alpha):
-    """Fail when the tokens sit lower in the distribution than draws from it would, with
-    confidence: a z-test on the mean PIT with its known null variance 1/12."""
+def _pit_gate(name, pits, variances, margin, alpha):
+    """Fail when the tokens sit lower in their distributions than draws from them would, with
+    confidence: a z-test on the summed PIT with its known null variance."""
     n = len(pits)
     mean = float(np.mean(pits)) if n else None
     if mean is None or not np.isfinite(mean):
         return _gate(name, mean, "<=", 0.5 + margin, True, None, "PIT: no finite figure")
-    low = mean - stats.z_one_sided(alpha) * math.sqrt(1 / (12 * n))
-    return _gate(name, mean, "<=", 0.5 + margin, low > 0.5 + margin, low, "PIT mean - z/sqrt(12n)")
+    spread = math.sqrt(max(float(np.sum(variances)), 1e-12))
+    z = (float(np.sum(pits)) - n * (0.5 + margin)) / spread
+    low = mean - stats.z_one_sided(alpha) * spread / n  # the mean's one-sided lower bound
+    return _gate(name, mean, "<=", 0.5 + margin, z > stats.z_one_sided(alpha), low,
+                 f"PIT z = {z:.2f}: known variance")
 
 
 def _quantile_gate(name, shown, values, threshold, alpha, quantile=0.99):
@@ -94,8 +98,8 @@ def gates(settings, measured, reference):
         _mean_gate("timed_kl_mean", measured["timed_kl_mean"], timed["kl"], g.kl_mean_max, alpha),
         _quantile_gate("timed_kl_p99", measured["timed_kl_p99"], timed["kl"], g.kl_p99_max, alpha),
         _share_gate("timed_top1", timed["top1"], g.top1_agreement_min, alpha),
-        _pit_gate("self_consistency", timed["own_pit"], g.self_consistency_margin, alpha),
-        _pit_gate("continuation", timed["ref_pit"], g.continuation_margin, alpha),
+        _pit_gate("self_consistency", timed["own_pit"], timed["own_pit_var"], g.self_consistency_margin, alpha),
+        _pit_gate("continuation", timed["ref_pit"], timed["ref_pit_var"], g.continuation_margin, alpha),
         _share_gate("sanity", [a["passed"] for a in measured["tasks"]], sanity_min, alpha),
         _mean_gate("repetition", measured["repetition"], measured["repetition_per_call"],
                    g.repetition_max, alpha),

@@ -268,7 +268,8 @@ def measure_timed_calls(ctx, samples, logprobs, log_dir):
         self_consistency (mean own_pit), continuation_fit (mean ref_pit),
         continuation_nll, reference_entropy, verified_calls.
     """
-    timed = {"kl": [], "top1": [], "own_pit": [], "ref_pit": [], "ref_nll": [], "ref_entropy": []}
+    timed = {"kl": [], "top1": [], "own_pit": [], "ref_pit": [], "own_pit_var": [], "ref_pit_var": [],
+             "ref_nll": [], "ref_entropy": []}
     worker = Worker(REFERENCE_PIPELINE, Path(log_dir) / "reference.log")
     try:
         worker.load(ctx.model_dir, timeout_s=ctx.settings.timeouts.load_s)
@@ -325,6 +326,17 @@ def _compare_positions(ref, mine, tokens, out):
     out["ref_entropy"].extend(ref_entropy.astype(np.float64))
     out["ref_pit"].extend(token_pit(p_ref, tokens))
     out["own_pit"].extend(token_pit(p_mine, tokens))
+    out["ref_pit_var"].extend(pit_null_variance(p_ref))
+    out["own_pit_var"].extend(pit_null_variance(p_mine))
+
+
+def pit_null_variance(probs):
+    """Per position, the variance token_pit has for a token drawn from `probs`:
+    (1 - sum p^3) / 12 (the mid-distribution transform of a discrete distribution; ties
+    would only lower it). Peaked distributions vary far less than 1/12."""
+    probs = np.nan_to_num(np.asarray(probs, dtype=np.float64), nan=0.0)
+    total = np.maximum(np.sum(probs, axis=-1, keepdims=True), 1e-30)
+    return list((1.0 - np.sum((probs / total) ** 3, axis=-1)) / 12.0)
 
 
 def token_pit(probs, tokens):
