@@ -96,7 +96,8 @@ class Worker:
             # The reference's log-probs are hidden (a pipeline could replay them), and so are
             # the folders that would tell it its role; the harness package stays readable.
             box = sandbox.wrap(command, folder, hide=[cache_dir() / "reference", *self._hide],
-                               expose=[HARNESS_HOME / "harness", *self._expose],
+                               # the interpreter's environment (a venv inside the repository) too
+                               expose=[HARNESS_HOME / "harness", sys.prefix, *self._expose],
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
             self.sandbox, self.sandbox_why = box.kind, box.why
             if box.kind == "none":
