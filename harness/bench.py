@@ -5,10 +5,12 @@ arrived here. decode tok/s = (n - 1) / (t_last - t_first); prefill tok/s =
 prompt tokens / time to first token.
 """
 
+import random
+import secrets
 from dataclasses import asdict, dataclass
 
 from harness import stats
-from harness.worker import WorkerInvalid
+from harness.worker import KEPT_CALLS, WorkerInvalid
 from harness.workload import build_prompt
 
 
@@ -30,7 +32,7 @@ class Sample:
     peak_memory_bytes: int
     prompt_ids: list
     tokens: list
-    call_id: str | None = None  # set when the worker kept this call's log-probs (see run_workload)
+    call_id: str | None = None  # the id the worker kept this call's log-probs under (see run_workload)
 
     def to_dict(self):
         return asdict(self)
@@ -62,20 +64,50 @@ def time_call(worker, name, prompt, *, max_tokens, timeout_s, repeat=-1, keep=No
         prompt_ids=prompt.tokens, tokens=tokens, call_id=keep)
 
 
-def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress=None):
-    """Warm up, then measure every prompt `repeats` times on each worker, interleaved.
+class Reservoir:
+    """Which measured calls of one worker keep their log-probs for the quality check: a
+    uniform random sample of KEPT_CALLS of them however many there are (Vitter's
+    algorithm R), drawn here in the parent. Every call is kept while it runs; the ones
+    that leave the sample are released afterwards (Worker.release), so no call is known
+    to go unchecked while it is timed, whatever its place in the run."""
+
+    def __init__(self, worker):
+        self.worker, self.kept, self.seen = worker, [], 0
+
+    def add(self, call_id, measured):
+        """After a call: a warm-up is released at once; a measured call joins the sample."""
+        if not measured:
+            self.worker.release([call_id])
+            return
+        self.seen += 1
+        if len(self.kept) < KEPT_CALLS:
+            self.kept.append(call_id)
+            return
+        slot = secrets.randbelow(self.seen)
+        if slot < KEPT_CALLS:
+            self.kept[slot], call_id = call_id, self.kept[slot]
+        self.worker.release([call_id])
+
+
+def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress=None, more=None):
+    """Warm up, then measure every prompt on each worker in rounds, interleaved.
 
     While one worker is timed, every other one is stopped (Worker.pause), so an idle
     worker cannot compete for the CPU or the memory bus; all are running again on return,
     whether it returns or raises.
 
-    The challenger's measured calls keep their log-probs in its worker (call id
-    "<prompt>:<repeat>"), so quality can be checked on exactly what was timed.
+    Nothing in a request tells a worker its role or whether the call counts: every call
+    of every worker, warm-ups included, asks it to keep its log-probs under a fresh
+    random id (Sample.call_id), and who goes first is drawn at random. Afterwards each
+    worker holds the log-probs of a random sample of its measured calls (Reservoir).
 
     Args:
         workers: {name: Worker}; with two, calls alternate A B, B A, ... so drift
             and order effects fall on both alike.
-        preset: the workload preset (a settings.Preset).
+        preset: the workload preset (a settings.Preset): `preset.repeats` rounds, then
+            one more at a time while `more(samples)` says so, up to `preset.max_repeats`.
+        more: callable(samples so far) -> bool, asked after each round from
+            `preset.repeats` on; None: exactly `preset.repeats` rounds.
         progress: optional callable(done, total, label) for a progress bar.
 
     Returns:
@@ -83,8 +115,11 @@ def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress
     """
     names = list(workers)
     specs = preset.prompts
-    total = len(specs) * len(names) * (preset.warmup + preset.repeats)
+    flip = secrets.randbelow(2)
+    most = preset.max_repeats if more else preset.repeats
+    total = len(specs) * len(names) * (preset.warmup + most)
     done = 0
+    reservoirs = {name: Reservoir(worker) for name, worker in workers.items()}
 
     def call(name, spec, repeat):
         nonlocal done
@@ -93,23 +128,26 @@ def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress
             if other != name:
                 workers[other].pause()
         workers[name].resume()
-        keep = f"{spec.name}:{repeat}" if name == "challenger" and repeat >= 0 else None
         sample = time_call(workers[name], name, prompt, max_tokens=preset.max_tokens,
-                           timeout_s=timeout_s, repeat=repeat, keep=keep)
+                           timeout_s=timeout_s, repeat=repeat, keep=secrets.token_hex(8))
+        reservoirs[name].add(sample.call_id, measured=repeat >= 0)
         done += 1
         if progress:
-            progress(done, total, f"{name} {spec.name}")
+            label = "warm-up" if repeat < 0 else f"round {repeat + 1}"
+            progress(done, total, f"{label}: {name} {spec.name}")
         return sample
 
     samples = []
     try:
         for _ in range(preset.warmup):
             for spec in specs:
-                for name in names:
+                for name in random.sample(names, len(names)):
                     call(name, spec, -1)
-        for repeat in range(preset.repeats):
+        for repeat in range(most):
+            if repeat >= preset.repeats and not more(samples):
+                break
             for i, spec in enumerate(specs):
-                order = names if (repeat + i) % 2 == 0 else names[::-1]
+                order = names if (repeat + i + flip) % 2 == 0 else names[::-1]
                 for name in order:
                     samples.append(call(name, spec, repeat))
     finally:

@@ -16,7 +16,7 @@ import traceback
 
 import numpy as np
 
-from harness.pipe import Channel
+from harness.pipe import Channel, keep_recent
 
 
 def row_digest(row):
@@ -128,13 +128,17 @@ def _generate(channel, module, pipeline, request, kept):
     with the token, in every call alike: that forces their evaluation inside the timed
     window and binds what is reported later. The request's "vocab" (when given) is the length a row must
     have; otherwise the first row's length is, and token ids must lie below it.
-    A call whose request carries "keep": <call id> (a speed call; task calls never do)
-    keeps its (n_tokens, vocab) float32 rows in `kept` until an {"op": "logprobs"} request
-    takes them. Memory bound: kept calls x max_tokens x vocab x 4 bytes (64 tokens of a
-    150k vocabulary: 38 MB a call; the full preset keeps 9 calls).
+    A call whose request carries "keep": <call id> (every speed call of both workers, warm-up
+    calls included; task calls never do) keeps its (n_tokens, vocab) float32 rows in `kept`
+    until an {"op": "logprobs"} request takes them or a later request's "drop" list releases
+    them (the parent's reservoir, harness.pipe.KEPT_CALLS calls). Memory bound: KEPT_CALLS + 1
+    calls x max_tokens x vocab x 4 bytes, plus this call's own buffer (64 tokens of a 150k
+    vocabulary: 38 MB a call, 346 MB in all).
     """
     import mlx.core as mx
 
+    for call in request.get("drop") or ():
+        kept.pop(call, None)
     if request.get("seed") is not None:
         mx.random.seed(request["seed"])
     mx.reset_peak_memory()
@@ -158,7 +162,8 @@ def _generate(channel, module, pipeline, request, kept):
         channel.send({"invalid": str(exc)})
         return
     if request.get("keep") is not None:
-        kept[request["keep"]] = rows[:count].copy() if rows is not None else np.zeros((0, 0), np.float32)
+        keep_recent(kept, request["keep"],
+                    rows[:count].copy() if rows is not None else np.zeros((0, 0), np.float32))
     channel.send({"done": True, "peak_memory_bytes": int(mx.get_peak_memory())})
 
 
@@ -206,7 +211,7 @@ def _serve(channel, inference_path):
         return
     channel.send({"ready": True})
     pipeline = None
-    kept = {}  # call id -> its (n_tokens, vocab) float32 log-probs, until fetched
+    kept = {}  # call id -> its (n_tokens, vocab) float32 log-probs, until fetched or dropped
     while True:
         request = channel.recv()
         op = request["op"]

@@ -3,6 +3,8 @@ workers (champion, challenger) -> samples -> statistics + quality -> verdict ->
 run file + ledger row. Each step is a plain function; prepare.py wires them."""
 
 import json
+import os
+import random
 import secrets
 import tempfile
 import time
@@ -18,9 +20,12 @@ from harness.models import model_digest, resolve_model
 from harness.report import Progress, note, stage
 from harness.ledger import Decision
 from harness.tasks import load_tasks
-from harness.worker import Worker, WorkerCrash, WorkerInvalid
+from harness.verdict import pct
+from harness.worker import Worker, WorkerCrash, WorkerInvalid, read_log_tail
 
 ROOT = settings_mod.ROOT
+# A run's per-pair spread this many times the protocol's usual one says the machine was busy.
+BUSY_SPREAD_FACTOR = 2.0
 
 
 @dataclass
@@ -83,23 +88,33 @@ def make_context(settings, *, quick, model=None, root=ROOT):
 # ---------------------------------------------------------------------------
 # Measuring
 # ---------------------------------------------------------------------------
-def measure(ctx, inference_paths, *, reference, tasks, overrides=None, log_dir):
-    """Speed for every worker (interleaved), then quality for the challenger.
+def measure(ctx, inference_paths, *, reference, tasks, overrides=None, log_dir, earlier=None):
+    """Speed for every worker (interleaved; a sequential A/B when there are two), then
+    quality for the challenger.
 
     Args:
         inference_paths: {"champion": path, "challenger": path} or just the challenger.
+        earlier: pooled ratios of earlier runs of the same code (ledger.earlier_ratios).
     Returns:
-        {"samples", "workers", "quality", "failure"}; failure is None or
-        {"decision": CRASH|INVALID, "reason", "worker", "log_tail"}.
+        {"samples", "workers", "quality", "failure", "speed"}; failure is None or
+        {"decision": CRASH|INVALID, "reason", "worker", "log_tail"}; speed is
+        {"speed_s", "stopped", "load_avg"}.
     """
-    workers, out = {}, {"samples": [], "workers": {}, "quality": None, "failure": None, "log_paths": {}}
+    workers, out = {}, {"samples": [], "workers": {}, "quality": None, "failure": None, "log_paths": {},
+                        "speed": {}}
     blame = {"stage": None}  # whose failure a crash now is (None: whichever worker died)
     try:
         start_workers(ctx, inference_paths, overrides, log_dir, workers, out, blame)
-        stage("speed: " + (" and ".join(workers) + " alternating" if len(workers) > 1 else "challenger alone"))
+        stage("speed: " + ("champion and challenger alternating, until the interval decides"
+                           if len(workers) > 1 else "challenger alone"))
+        out["speed"]["load_avg"] = round(os.getloadavg()[0], 2)
+        rule = SequentialRule(ctx, earlier) if len(workers) > 1 else None
+        started = time.perf_counter()
         out["samples"] = bench.run_workload(workers, ctx.preset, ctx.tokenizer, ctx.corpus_text,
                                             timeout_s=ctx.settings.timeouts.call_s,
-                                            progress=Progress("speed", unit="calls"))
+                                            progress=Progress("speed", unit="calls"), more=rule)
+        out["speed"]["speed_s"] = round(time.perf_counter() - started, 1)
+        out["speed"]["stopped"] = rule.why_stopped(out["samples"]) if rule else None
         if "champion" in workers:
             _close(workers.pop("champion"), out)  # free its memory before the quality pass
         out["quality"] = quality_pass(ctx, workers, out, reference, tasks, log_dir, blame)
@@ -114,14 +129,47 @@ def measure(ctx, inference_paths, *, reference, tasks, overrides=None, log_dir):
     return out
 
 
+class SequentialRule:
+    """When a sequential A/B adds another round: until the speedup's confidence sequence
+    settles (verdict.settled) or another round (as long as the average one so far) would
+    end past the preset's time budget. Called by
+    bench.run_workload with the samples so far; remembers why it said stop."""
+
+    def __init__(self, ctx, earlier):
+        self.metric, self.min_effect = ctx.settings.verdict.primary_metric, ctx.settings.verdict.min_effect
+        self.budget_s, self.earlier = ctx.preset.budget_s, earlier
+        self.started, self.stopped = time.perf_counter(), None
+
+    def settled(self, samples):
+        figures = verdict.comparison(samples, self.metric, min_effect=self.min_effect, earlier=self.earlier)
+        return verdict.settled(figures, min_effect=self.min_effect)
+
+    def __call__(self, samples):
+        elapsed = time.perf_counter() - self.started
+        rounds = 1 + max(s.repeat for s in samples)
+        if self.settled(samples):
+            self.stopped = "decided"
+        elif elapsed + elapsed / rounds > self.budget_s:  # another round would overrun the budget
+            self.stopped = "budget"
+        return self.stopped is None
+
+    def why_stopped(self, samples):
+        """decided | budget | max_repeats (all rounds done; decided if the last one settled it)."""
+        if self.stopped is None and self.settled(samples):
+            self.stopped = "decided"
+        return self.stopped or "max_repeats"
+
+
 def start_workers(ctx, inference_paths, overrides, log_dir, workers, out, blame):
     """Start and load one worker per inference file (the search's knobs on the challenger).
 
     Nothing a worker can see tells it its role: its log has a random name, the run's
-    folder (both inference files, both logs) and the repository are hidden from it.
+    folder (both inference files, both logs) and the repository are hidden from it, and
+    which one loads first is drawn at random (the first waits through the other's load).
     """
     stage(f"loading {' and '.join(inference_paths)}")
-    for name, path in inference_paths.items():
+    for name in random.sample(list(inference_paths), len(inference_paths)):
+        path = inference_paths[name]
         blame["stage"] = name
         log = Path(log_dir) / f"worker-{secrets.token_hex(4)}.log"
         out["log_paths"][name] = str(log)
@@ -142,7 +190,10 @@ def quality_pass(ctx, workers, out, reference, tasks, log_dir, blame):
     blame["stage"] = "challenger"
     challenger = workers["challenger"]
     mine = [s for s in out["samples"] if s.worker == "challenger"]
-    picked = quality.pick_calls_to_verify(mine, ctx.settings.quality.verify_calls[ctx.preset.name])
+    # The worker holds the log-probs of a random sample of its measured calls (bench.Reservoir).
+    kept = set(challenger.kept_calls())
+    picked = quality.pick_calls_to_verify([s for s in mine if s.call_id in kept],
+                                          ctx.settings.quality.verify_calls[ctx.preset.name])
     stage(f"quality: the log-probs of {len(picked)} timed calls, picked at random")
     logprobs = challenger.timed_logprobs([s.call_id for s in picked], timeout_s=ctx.settings.timeouts.call_s)
     quality.check_timed_logprobs(picked, logprobs)
@@ -190,22 +241,30 @@ def evaluate(ctx, *, inference_path=None, overrides=None, source="agent", apply=
     inference_path = Path(inference_path or ctx.root / "inference.py")
     standing = where_we_stand(ctx)
     result = new_result(ctx, standing, source, overrides)
-    changes = change_monitor(ctx, standing, inference_path.read_text(errors="replace"))
+    source = inference_path.read_text(errors="replace")
+    changes = change_monitor(ctx, standing, source)
     result["changes"] = changes["vs_baseline"]["summary"]
+    result["code_hash"] = monitor.code_hash(source)
     locked = locked_files_changed(ctx, standing)
     out = {"samples": [], "workers": {}, "quality": None, "logs": {}}
     if locked:
         result.update(decision=Decision.REJECT, reason=locked)
     else:
-        out = measure_run(ctx, standing, inference_path, overrides, compare=_compares(standing, overrides))
+        compare = _compares(standing, overrides)
+        earlier, earlier_runs = ledger.earlier_ratios(standing.rows, protocol=ctx.protocol, champion=result["champion"],
+                                                      code_hash=result["code_hash"]) if compare else ({}, 0)
+        out = measure_run(ctx, standing, inference_path, overrides, compare=compare, earlier=earlier)
         record_sandbox(result, out["workers"])
+        result.update(out["speed"])
         if out["failure"]:
             record_failure(result, out["failure"])
         else:
-            figures(ctx, result, out)
+            figures(ctx, result, out, earlier)
             vs_champion = changes["vs_champion"]
             result["lines_vs_champion"] = vs_champion["lines"]["delta"] if vs_champion else None
+            result["lines_uncounted"] = vs_champion["lines"].get("uncounted", "") if vs_champion else ""
             judge(ctx, result, standing, search=bool(overrides))
+            explain_noise(result, standing, earlier_runs)
     guard_ledger(ctx, result, standing)
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
     result["run_file"] = write_run_file(ctx, result, stamp, out, changes)
@@ -283,7 +342,7 @@ def change_monitor(ctx, standing, source_now):
     return {"vs_baseline": vs_baseline, "vs_champion": vs_champion}
 
 
-def measure_run(ctx, standing, inference_path, overrides, *, compare):
+def measure_run(ctx, standing, inference_path, overrides, *, compare, earlier=None):
     """The reference, then the workers (the champion's inference.py from git when `compare`),
     all in a temporary folder. Returns measure()'s dict plus the workers' log tails."""
     tasks = quality.selected_tasks(ctx.settings, ctx.quick)
@@ -301,10 +360,10 @@ def measure_run(ctx, standing, inference_path, overrides, *, compare):
             paths[name] = Path(tmp) / name / "inference.py"
             paths[name].parent.mkdir()
             paths[name].write_bytes(source)
-        out = measure(ctx, paths, reference=reference, tasks=tasks, overrides=overrides, log_dir=tmp)
+        out = measure(ctx, paths, reference=reference, tasks=tasks, overrides=overrides, log_dir=tmp,
+                      earlier=earlier)
         names = {Path(p).name: name for name, p in out["log_paths"].items()}
-        out["logs"] = {names.get(p.name, p.stem): p.read_text(errors="replace")[-20000:]
-                       for p in Path(tmp).glob("*.log")}
+        out["logs"] = {names.get(p.name, p.stem): read_log_tail(p) for p in Path(tmp).glob("*.log")}
     out["reference"] = reference
     return out
 
@@ -316,7 +375,28 @@ def judge(ctx, result, standing, *, search):
         has_champion=standing.champion is not None, dirty=standing.git["dirty"], search=search,
         min_effect=ctx.settings.verdict.min_effect,
         **{k: result.get(k) for k in ("speedup", "speedup_ci", "pairs", "primary_metric", "end_to_end_ratio",
-                                      "end_to_end_ci", "lines_vs_champion") if k in result})
+                                      "end_to_end_ci", "lines_vs_champion", "lines_uncounted") if k in result})
+
+
+def explain_noise(result, standing, earlier_runs):
+    """Add to the reason what the noise was: pooled earlier runs, and a busy machine (this
+    run's per-pair spread far above the usual one of this protocol's earlier comparisons)."""
+    if result.get("speedup") is None:
+        return
+    if result.get("stopped") in ("budget", "max_repeats") and result["decision"] == Decision.REVERT \
+            and "within noise" in result["reason"]:
+        needed = result.get("min_detectable_effect")
+        result["reason"] += (f"; undecided after {result['pairs']} pairs ("
+                             + ("time budget spent" if result["stopped"] == "budget" else "all rounds done")
+                             + (f"; these pairs could only have kept {pct(needed)} or more" if needed else "") + ")")
+    if earlier_runs:
+        result["reason"] += (f"; pooled with {earlier_runs} earlier run(s) of the same code against this champion "
+                             f"({result['pooled_pairs']} of the {result['pairs']} pairs)")
+    usual = ledger.usual_spread(standing.rows, protocol=result["protocol"])
+    spread = result.get("pair_spread")
+    if spread and usual and spread > BUSY_SPREAD_FACTOR * usual:
+        result["reason"] += (f"; the machine was busy: per-pair spread {spread:.3f} vs usual {usual:.3f} "
+                             f"(load average {result.get('load_avg')})")
 
 
 def guard_ledger(ctx, result, standing):
@@ -344,25 +424,34 @@ def record_failure(result, failure):
         note(f"last lines of the {failure['worker']} worker's output:\n{failure['log_tail']}")
 
 
-def figures(ctx, result, out):
-    """Fill speed, ratio and quality figures into `result`."""
+def figures(ctx, result, out, earlier=None):
+    """Fill speed, ratio and quality figures into `result` (`earlier`: pooled ratios)."""
     samples, workers, measured, reference = out["samples"], out["workers"], out["quality"], out["reference"]
     mine = [s for s in samples if s.worker == "challenger"]
     result.update({k: v for k, v in bench.speed_figures(mine).items() if k != "samples"})
     rss = workers.get("challenger", {}).get("max_rss_bytes")
     result["max_rss_gb"] = rss / 1e9 if rss else None
+    # The worker reports its MLX peak itself, so it could under-report: never below what
+    # the harness saw it hold (its peak resident memory).
+    if result["max_rss_gb"]:
+        result["peak_memory_gb"] = max(result["peak_memory_gb"] or 0, result["max_rss_gb"])
     result["bytes_per_token"] = bytes_per_token(ctx, workers.get("challenger", {}), mine)
     bandwidth = _bandwidth_gbs()
     if result["bytes_per_token"] and bandwidth:
         result["roofline_fraction"] = result["decode_tps"] * result["bytes_per_token"] / (bandwidth * 1e9)
     theirs = [s for s in samples if s.worker == "champion"]
     if theirs:
-        result.update(verdict.comparison(samples, ctx.settings.verdict.primary_metric))
+        result.update(verdict.comparison(samples, ctx.settings.verdict.primary_metric,
+                                         min_effect=ctx.settings.verdict.min_effect, earlier=earlier))
         champ_peak = bench.speed_figures(theirs)["peak_memory_gb"]
+        champ_rss = workers.get("champion", {}).get("max_rss_bytes")
+        champ_peak = max(champ_peak or 0, (champ_rss or 0) / 1e9) or None
         if champ_peak and result.get("peak_memory_gb"):
             result["memory_ratio"] = result["peak_memory_gb"] / champ_peak
     gate_list = gates.gates(ctx.settings, measured, reference)
-    score = gates.quality_score(measured["kl_mean"])
+    # The worse of the corpus's KL (through score) and the timed calls' (through generate):
+    # a pipeline that is careful only where it is scored gets no credit for it.
+    score = gates.quality_score(max(measured["kl_mean"], measured.get("timed_kl_mean") or 0))
     result.update({k: measured[k] for k in (
         "perplexity", "perplexity_se", "kl_mean", "kl_p99", "top1_agreement", "timed_kl_mean", "timed_kl_p99",
         "timed_top1", "self_consistency", "continuation_fit", "continuation_nll", "reference_entropy", "sanity",
@@ -457,6 +546,8 @@ def ledger_row(result, stamp):
     ci = result.get("decode_tps_ci") or [None, None]
     speedup_ci = result.get("speedup_ci") or [None, None]
     row = {k: result.get(k) for k in ledger.COLUMNS if k in result}
+    ratios = result.get("ratios")
+    row["ratios"] = json.dumps({k: [round(x, 5) for x in v] for k, v in ratios.items()}) if ratios else None
     row.update(timestamp=stamp.isoformat(timespec="seconds"), decode_tps_lo=ci[0],
                decode_tps_hi=ci[1], speedup_lo=speedup_ci[0], speedup_hi=speedup_ci[1],
                config=json.dumps(result["config"], sort_keys=True) if result.get("config") else None)

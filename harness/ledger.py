@@ -23,7 +23,9 @@ import csv
 import enum
 import hashlib
 import io
+import json
 import os
+import statistics
 from pathlib import Path
 
 COLUMNS = [
@@ -50,6 +52,14 @@ COLUMNS = [
     "run_file",            # the run's JSON file with every raw sample
     # Added later (a file started before has only the columns above):
     "sandbox",             # the OS sandbox the pipeline ran in: bwrap | sandbox-exec | none
+    "pairs",               # paired ratios the speedup rests on (earlier runs' pooled ones included)
+    "pair_spread",         # robust standard deviation of the pairs' log ratios
+    "min_detectable_effect",  # the smallest median speedup these pairs could have KEPT
+    "load_avg",            # the machine's 1-minute load average when the speed calls began
+    "speed_s",             # seconds the speed calls took
+    "stopped",             # why the A/B stopped: decided | budget | max_repeats
+    "code_hash",           # sha256 of inference.py's syntax tree without docstrings (re-rolls pool)
+    "ratios",              # the pairs' ratios, JSON {"decode_tps": [...], "end_to_end": [...]}
 ]
 HEADER = "\t".join(COLUMNS) + "\n"  # no column name needs quoting, so this is also the csv header
 FIRST_COLUMNS = 32  # the columns of the first harness: every readable header has at least these
@@ -298,6 +308,44 @@ def newest_protocol(rows, ancestry):
         if row.get("commit") in history and row.get("protocol"):
             return row["protocol"]
     return None
+
+
+def earlier_ratios(rows, *, protocol, champion, code_hash):
+    """The paired ratios of earlier runs of the same code (`code_hash`) against the same
+    champion commit under `protocol`, pooled: {metric: [ratios]}. Only rows the harness
+    wrote (trusted) and that measured cleanly count; returns ({}, 0) when there are none,
+    else (pooled ratios, how many runs)."""
+    pooled, runs = {}, 0
+    for row in rows:
+        if not (row.get("trusted", True) and row.get("code_hash") == code_hash and row.get("ratios")
+                and row.get("protocol") == protocol and row.get("champion") == champion
+                and row.get("decision") not in FAILED and row.get("dirty") != "true"
+                and row.get("source") != "search"):
+            continue
+        try:
+            ratios = json.loads(row["ratios"])
+        except ValueError:
+            continue
+        earlier_run = {k: [float(x) for x in v] for k, v in ratios.items() if isinstance(v, list)}
+        # a pooled row already holds the runs before it: the newest one holds them all
+        pooled, runs = earlier_run, runs + 1
+    return pooled, runs
+
+
+def usual_spread(rows, *, protocol, newest=20):
+    """The median per-pair spread of this protocol's newest `newest` comparisons the harness
+    wrote (None with fewer than 3): what this machine's noise usually is."""
+    spreads = []
+    for row in reversed(rows):
+        try:
+            spread = float(row.get("pair_spread") or "nan")
+        except ValueError:
+            continue
+        if row.get("protocol") == protocol and row.get("trusted", True) and spread == spread:
+            spreads.append(spread)
+        if len(spreads) == newest:
+            break
+    return statistics.median(spreads) if len(spreads) >= 3 else None
 
 
 def branch_baseline(rows, ancestry, branch):

@@ -62,7 +62,9 @@ class Preset:
     name: str              # full | quick
     max_tokens: int
     warmup: int
-    repeats: int
+    repeats: int           # rounds measured before the A/B first looks (and of a run alone)
+    max_repeats: int       # rounds an A/B may grow to while its interval is undecided
+    budget_s: float        # no new A/B round starts after this many seconds of speed calls
     prompts: tuple
 
 
@@ -234,9 +236,11 @@ def _presets(workload, prompts):
         for prompt in chosen:
             if prompt not in by_name:
                 _fail(where + "prompts", f"names unknown prompt '{prompt}'")
+        repeats = _int(entry, "repeats", where, least=1)
         return Preset(name=name, max_tokens=_int(entry, "max_tokens", where, least=2),
-                      warmup=_int(entry, "warmup", where, least=0),
-                      repeats=_int(entry, "repeats", where, least=1),
+                      warmup=_int(entry, "warmup", where, least=0), repeats=repeats,
+                      max_repeats=_int(entry, "max_repeats", where, least=repeats),
+                      budget_s=_number(entry, "budget_s", where, positive=True),
                       prompts=tuple(by_name[p] for p in chosen))
 
     return PerPreset(**{name: one(raw, name, "workload.presets.") for name in PRESET_NAMES})

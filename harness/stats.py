@@ -1,4 +1,5 @@
-"""Statistics on raw samples: medians with bootstrap and order-statistic confidence intervals."""
+"""Statistics on raw samples: medians with bootstrap intervals (one worker's figures), the
+confidence sequence of the paired ratios (the verdict), one-sided tests (the gates)."""
 
 import math
 
@@ -27,51 +28,65 @@ def median_ci(values, *, level=0.95, resamples=BOOTSTRAP_RESAMPLES):
     return med, float(low), float(high)
 
 
-def median_interval_order(values, *, level=0.95):
-    """Distribution-free interval for the median: order statistics from the binomial
-    (sign-test inversion). Exact for any continuous distribution, so it does not
-    under-cover with few or heavy-tailed samples the way the percentile bootstrap can.
-    Returns (low, high), or (None, None) when there are too few values for `level`.
+def median_confidence_sequence(values, *, level=0.95, prior=1.0):
+    """(low, high): bounds for the median of the distribution `values` are drawn from that
+    hold at `level` at every number of values at once, so a run may look after every new
+    value and stop whenever it likes (a confidence sequence; Howard & Ramdas 2022,
+    "Sequential estimation of quantiles with applications to A/B-testing and best-arm
+    identification", Bernoulli 28(3)).
+
+    For a candidate median m, each value falls below m with probability 1/2; the
+    likelihood ratio of a Beta(prior, prior) mixture of other probabilities against 1/2
+    is a nonnegative martingale, so by Ville's inequality it ever exceeds 1/(1 - level)
+    with probability at most 1 - level. The bounds are the order statistics where it
+    stays below that. Assumes independent values from a continuous distribution; no
+    shape, no variance. A side is None while too few values bound it (8 or more are
+    needed for a finite 95 % interval).
     """
     x = np.sort(np.asarray([v for v in values if v is not None], dtype=float))
     n = x.size
-    alpha = 1.0 - level
-    # largest k with P(Binomial(n, 1/2) <= k - 1) <= alpha / 2; interval [x_(k), x_(n+1-k)]
-    k, tail = 0, 0.0
-    while k < n:
-        tail_next = tail + math.comb(n, k) / 2.0 ** n
-        if tail_next > alpha / 2:
-            break
-        tail, k = tail_next, k + 1
-    if k == 0:
+    threshold = math.log(1.0 / (1.0 - level))
+
+    def log_evidence(below):  # log of the mixture martingale with `below` of n under m
+        return (n * math.log(2.0) + _log_beta(prior + below, prior + n - below) - _log_beta(prior, prior))
+
+    outside = 0  # values that may lie on the far side of a bound: the martingale stays below the threshold
+    while outside < n / 2 and log_evidence(outside) >= threshold:
+        outside += 1
+    if outside == 0:
         return None, None
-    return float(x[k - 1]), float(x[n - k])
+    return float(x[outside - 1]), float(x[n - outside])
 
 
-def conservative_median_ci(values, *, level=0.95):
-    """(median, low, high): the wider of the bootstrap and the order-statistic intervals.
-
-    A verdict is only as good as its interval; with a dozen noisy pairs the bootstrap
-    alone is too narrow, and with too few pairs for an exact interval the data's full
-    range is used.
-    """
-    med, boot_low, boot_high = median_ci(values, level=level)
-    if med is None:
-        return None, None, None
-    order_low, order_high = median_interval_order(values, level=level)
-    if order_low is None:
-        x = [v for v in values if v is not None]
-        order_low, order_high = min(x), max(x)
-    return med, min(boot_low, order_low), max(boot_high, order_high)
-
-
-def fewest_for_interval(level=0.95):
-    """The fewest values whose order-statistic interval for the median holds `level`
-    (6 for 95 %: with fewer, even the full range covers the median less often)."""
+def fewest_for_sequence(level=0.95):
+    """The fewest values for which median_confidence_sequence gives finite bounds (8 at 95 %)."""
     n = 1
-    while 2 * 0.5 ** n > 1.0 - level:
+    while median_confidence_sequence(range(n), level=level)[0] is None:
         n += 1
     return n
+
+
+def _log_beta(a, b):
+    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+
+
+def median_with_sequence(values, *, level=0.95):
+    """(median, low, high): the median of `values` and its confidence sequence's bounds
+    (see median_confidence_sequence); (None, None, None) without values."""
+    x = [v for v in values if v is not None]
+    if not x:
+        return None, None, None
+    return (float(np.median(x)), *median_confidence_sequence(x, level=level))
+
+
+def robust_spread(values):
+    """A standard deviation that one outlier cannot inflate: the interquartile range / 1.349
+    (equal to the standard deviation for normal data). None with fewer than 4 values."""
+    x = np.asarray([v for v in values if v is not None], dtype=float)
+    if x.size < 4:
+        return None
+    q1, q3 = np.quantile(x, [0.25, 0.75])
+    return float((q3 - q1) / 1.349)
 
 
 # ---------------------------------------------------------------------------

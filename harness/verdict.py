@@ -1,6 +1,8 @@
 """The verdict: champion and challenger compared pair by pair, and the decision as one
 pure function of the figures (no files, no git, no clocks)."""
 
+import math
+
 from harness import stats
 from harness.ledger import Decision
 
@@ -24,15 +26,54 @@ def paired_ratios(samples, metric):
     return [getattr(p["challenger"], metric) / getattr(p["champion"], metric) for p in pairs]
 
 
-def comparison(samples, primary_metric):
+def comparison(samples, primary_metric, *, min_effect, earlier=None):
     """The paired figures of a champion-vs-challenger run: speedup of the primary metric
-    with its 95 % interval, and the prefill, whole-call and first-token-share ratios."""
-    ratios = paired_ratios(samples, primary_metric)
-    speedup, low, high = stats.conservative_median_ci(ratios)
-    e2e, e2e_low, e2e_high = stats.conservative_median_ci(paired_ratios(samples, "end_to_end"))
+    with its 95 % confidence sequence, the whole-call ratio with its own, the prefill
+    ratio, and how noisy the pairs were.
+
+    `earlier` ({"decode_tps"|"prefill_tps"|"end_to_end": [ratios]}) are the pairs of
+    earlier runs of the same code against the same champion: pooled in front of this
+    run's, as one sequence (the intervals hold at every length, so continuing is fair).
+    """
+    earlier = earlier or {}
+    ratios = list(earlier.get(primary_metric, [])) + paired_ratios(samples, primary_metric)
+    whole = list(earlier.get("end_to_end", [])) + paired_ratios(samples, "end_to_end")
+    speedup, low, high = stats.median_with_sequence(ratios)
+    e2e, e2e_low, e2e_high = stats.median_with_sequence(whole)
+    spread = stats.robust_spread([math.log(r) for r in ratios if r > 0])
     return {"speedup": speedup, "speedup_ci": [low, high], "primary_metric": primary_metric, "pairs": len(ratios),
+            "pooled_pairs": len(earlier.get(primary_metric, [])),
             "prefill_ratio": stats.median_ci(paired_ratios(samples, "prefill_tps"))[0],
-            "end_to_end_ratio": e2e, "end_to_end_ci": [e2e_low, e2e_high]}
+            "end_to_end_ratio": e2e, "end_to_end_ci": [e2e_low, e2e_high],
+            "pair_spread": spread, "min_detectable_effect": min_detectable_effect(speedup, low, min_effect),
+            "ratios": {primary_metric: ratios, "end_to_end": whole}}
+
+
+def min_detectable_effect(speedup, low, min_effect):
+    """The smallest median speedup these pairs could have shown as a KEEP: every ratio
+    scaled until the interval's lower bound reaches the KEEP line 1 + min_effect (1.12:
+    a KEEP needed +12 %). None while the interval is unbounded (too few pairs)."""
+    if speedup is None or low is None or low <= 0:
+        return None
+    return speedup * (1 + min_effect) / low
+
+
+def settled(comparison_figures, *, min_effect):
+    """True once more pairs cannot change the decision's direction: the speedup's
+    interval lies wholly above the KEEP line 1 + min_effect (and, for decode, so does the
+    whole-call ratio's, or that one lies wholly below), or wholly below it."""
+    low, high = comparison_figures["speedup_ci"]
+    if low is None:
+        return False
+    need = 1 + min_effect
+    if high < need:
+        return True
+    if low <= need:
+        return False
+    if comparison_figures["primary_metric"] != "decode_tps":
+        return True
+    whole_low, whole_high = comparison_figures["end_to_end_ci"]
+    return whole_low is not None and (whole_low > need or whole_high < need)
 
 
 def pct(x):
@@ -41,27 +82,34 @@ def pct(x):
 
 
 def decide(*, gate_reason, has_champion, dirty, search, min_effect, speedup=None, speedup_ci=None, pairs=None,
-           primary_metric="decode_tps", end_to_end_ratio=None, end_to_end_ci=None, lines_vs_champion=None):
+           primary_metric="decode_tps", end_to_end_ratio=None, end_to_end_ci=None, lines_vs_champion=None,
+           lines_uncounted=""):
     """The decision and its one-line reason for a run that measured cleanly.
 
     Args:
         gate_reason: "" when every quality gate passed, else the failed gates.
         has_champion: a champion exists on this branch and protocol.
         dirty: inference.py had uncommitted changes; search: a search trial.
-        speedup, speedup_ci: the primary metric's median paired ratio and its 95 % interval
-            (None when the challenger was measured alone, i.e. HEAD is the champion).
-        pairs: how many paired ratios the interval rests on; fewer than a 95 % interval
-            needs (stats.fewest_for_interval) and nothing is decided.
+        speedup, speedup_ci: the primary metric's median paired ratio and its 95 % confidence
+            sequence (None when the challenger was measured alone, i.e. HEAD is the
+            champion); while too few pairs bound it (a side is None) nothing is decided.
+        pairs: how many paired ratios the interval rests on.
         primary_metric: what `speedup` is the ratio of (decode_tps or prefill_tps).
         end_to_end_ratio, end_to_end_ci: whole calls, champion time / challenger time, with
             its 95 % interval. A decode KEEP needs it above 1 + min_effect too: a
             pipeline that holds tokens back and bursts them looks fast between its first
             and last token, never over the whole call.
         lines_vs_champion: code lines added (+) or removed (-) against the champion.
+        lines_uncounted: why that count cannot be trusted ('' when it can), e.g. code run
+            from strings: then fewer lines never win a "simpler" KEEP.
     Returns:
         (Decision, reason)
     """
-    speed = f"{pct(speedup)} [{pct(speedup_ci[0])}, {pct(speedup_ci[1])}]" if speedup is not None else ""
+    speed = ""
+    if speedup is not None:
+        bounds = "too few pairs for an interval" if speedup_ci[0] is None else \
+            f"{pct(speedup_ci[0])}, {pct(speedup_ci[1])}"
+        speed = f"{pct(speedup)} [{bounds}]"
     if search:
         return Decision.MEASURED, "search trial: " + (gate_reason or "quality gates pass")
     if dirty:
@@ -76,20 +124,23 @@ def decide(*, gate_reason, has_champion, dirty, search, min_effect, speedup=None
         return Decision.BASELINE, "first good run of this protocol on this branch"
     if speedup is None:
         return Decision.MEASURED, "HEAD is the champion itself: commit a change to compare"
-    fewest = stats.fewest_for_interval()
-    if pairs is not None and pairs < fewest:
-        return Decision.MEASURED, (f"too few pairs to decide: {pairs} (a 95 % interval needs {fewest}); "
-                                   f"this preset measures ({speed}), the full preset decides")
+    if speedup_ci[0] is None:
+        return Decision.MEASURED, (f"too few pairs to decide: {pairs} (a 95 % interval needs "
+                                   f"{stats.fewest_for_sequence()}); this preset measures ({speed}), "
+                                   f"the full preset decides")
     need = 1 + min_effect
     low, high = speedup_ci
-    if low > need and primary_metric == "decode_tps" and not end_to_end_ci[0] > need:
-        whole = f"{pct(end_to_end_ratio)} [{pct(end_to_end_ci[0])}, {pct(end_to_end_ci[1])}]"
+    if low > need and primary_metric == "decode_tps" and not (end_to_end_ci[0] or 0) > need:
+        whole = (f"{pct(end_to_end_ratio)} [{pct(end_to_end_ci[0])}, {pct(end_to_end_ci[1])}]"
+                 if end_to_end_ci[0] is not None else pct(end_to_end_ratio))
         return Decision.REVERT, (f"decode looks {speed} faster, but whole calls are not surely faster "
                                  f"({whole}): a decode win must shorten whole calls too")
     if low > need:
         return Decision.KEEP, f"faster: {speed} beats the noise (needs > {pct(need)})"
     simpler = ""
-    if (lines_vs_champion or 0) < 0:
+    if (lines_vs_champion or 0) < 0 and lines_uncounted:
+        simpler = f"; not simpler: {lines_vs_champion} lines, but {lines_uncounted}"
+    elif (lines_vs_champion or 0) < 0:
         # Simplicity wins: fewer lines at a speed the noise can't tell from the champion's
         # (the interval reaches above 1) and a median no worse than 1 - min_effect.
         if high > 1 and speedup >= 1 - min_effect:
@@ -97,6 +148,8 @@ def decide(*, gate_reason, has_champion, dirty, search, min_effect, speedup=None
         simpler = (f"; not simpler: {lines_vs_champion} lines, but "
                    + ("the interval is wholly below 1" if high <= 1
                       else f"the median {pct(speedup)} is below {pct(1 - min_effect)}"))
-    if speedup < 1 and high < 1:
+    if high < 1:
         return Decision.REVERT, f"slower: {speed}{simpler}"
+    if high < need:
+        return Decision.REVERT, f"no win of {pct(need)} or more: {speed}{simpler}"
     return Decision.REVERT, f"within noise: {speed} (needs > {pct(need)}){simpler}"

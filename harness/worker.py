@@ -4,12 +4,16 @@ The parent starts the worker in its sandbox with two private pipes: requests go
 down one, replies come back on the other (framing in harness.pipe: JSON messages,
 one per token during generation, plus raw float32 blocks for scores). The
 worker's stdout and stderr go to a log file, so nothing the pipeline prints can
-corrupt the protocol, and the last lines of that log explain a crash. The parent
-owns every clock. The child runs in an OS sandbox (harness.sandbox), and the parent
-stops it while another worker is timed and kills everything it started at the end.
+corrupt the protocol, and the last lines of that log explain a crash. No file the
+worker writes can grow past LOG_LIMIT_BYTES (RLIMIT_FSIZE), and the harness reads
+only the tail of a log (read_log_tail), so its output cannot fill the disk or the
+harness's memory. The parent owns every clock. The child runs in an OS sandbox
+(harness.sandbox), and the parent stops it while another worker is timed and kills
+everything it started at the end.
 """
 
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -26,12 +30,48 @@ import numpy as np
 from harness import sandbox
 from harness.child import row_digest
 from harness.models import cache_dir
-from harness.pipe import Channel, PipeTimeout, WorkerCrash, WorkerInvalid, decode_block, decode_reply
+from harness.pipe import (KEPT_CALLS, Channel, PipeTimeout, WorkerCrash, WorkerInvalid, decode_block,
+                          decode_reply, keep_recent)
 from harness.settings import HARNESS_HOME
 
 # The child runs in isolated mode (no script folder, user site or PYTHON* variables on
 # its path) and imports the harness from its home, never from the repository.
 LAUNCHER = "import sys; sys.path.append(sys.argv.pop(1)); from harness.child import main; main()"
+
+# The largest file a worker process may write (RLIMIT_FSIZE, inherited by everything it
+# starts): its log above all, which a pipeline printing without end would otherwise grow
+# until the disk is full. Past it a write fails with EFBIG (Python ignores SIGXFSZ; a
+# process that does not is killed by it), and the harness reports a CRASH. 64 MiB is far
+# more than any honest log; a pipeline cannot write bigger files in its folder either.
+LOG_LIMIT_BYTES = 64 << 20
+LOG_TAIL_BYTES = 20000  # how much of a log the harness reads back (read_log_tail)
+
+
+def read_log_tail(path, limit=LOG_TAIL_BYTES):
+    """The last `limit` bytes of the file at `path`, decoded as UTF-8 (bad bytes replaced).
+
+    Seeks from the end, so a huge log costs no more memory or time than a small one.
+    Raises OSError when the file cannot be read.
+    """
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - limit))
+        return f.read(limit).decode("utf-8", errors="replace")
+
+
+def _file_size_limit():
+    """The preexec_fn that caps the size of every file the worker writes (LOG_LIMIT_BYTES).
+
+    The limits are computed here, in the parent; after the fork the child only makes the
+    one system call. The hard limit is set too, so the pipeline cannot raise it again (and
+    inside bwrap it has no CAP_SYS_RESOURCE to try).
+    """
+    _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    limit = LOG_LIMIT_BYTES if hard == resource.RLIM_INFINITY else min(LOG_LIMIT_BYTES, hard)
+
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
 
 
 # ---------------------------------------------------------------------------
@@ -81,6 +121,7 @@ class Worker:
         self.info = {"sandbox": self.sandbox, "sandbox_why": self.sandbox_why}
         self._limit_s = 0.0
         self._digests = {}  # keep id -> one digest per token, for timed_logprobs
+        self._released = []  # keep ids the worker frees with the next request (release())
 
     def _start(self):
         """Start the child in its sandbox, cwd its own folder; returns the parent's pipe ends."""
@@ -105,7 +146,9 @@ class Worker:
             self.proc = subprocess.Popen(
                 box.command, cwd=str(folder), stdin=subprocess.DEVNULL, stdout=self._log,
                 stderr=subprocess.STDOUT, pass_fds=(req_r, resp_w), env=box.env,
-                start_new_session=True)  # its own process group: Ctrl-C reaches the parent only
+                start_new_session=True,  # its own process group: Ctrl-C reaches the parent only
+                # in the child before it execs (bwrap or the worker): inherited by all it starts
+                preexec_fn=_file_size_limit())
         except BaseException:
             os.close(req_w)
             os.close(resp_r)
@@ -168,9 +211,10 @@ class Worker:
         return WorkerCrash(message, self.log_tail())
 
     def log_tail(self, lines=20):
-        """The last lines the worker printed (its stderr and stdout)."""
+        """The last lines the worker printed (its stderr and stdout), from the log's last
+        LOG_TAIL_BYTES bytes only (read_log_tail); "" when the log cannot be read."""
         try:
-            text = self.log_path.read_text(errors="replace")
+            text = read_log_tail(self.log_path)
         except OSError:
             return ""
         return "\n".join(text.rstrip().splitlines()[-lines:])
@@ -194,14 +238,17 @@ class Worker:
         token), peak_memory_bytes (reported by the worker's MLX allocator).
         `seed` seeds MLX's random generator first, so sampling is repeatable.
         `keep` (a call id; speed calls only) has the worker keep the call's log-probs for
-        timed_logprobs(); the worker checks every yielded pair either way.
+        timed_logprobs(), and this side the digests to check them by, until release(); the
+        ids released since the last call go with this request. The worker checks every
+        yielded pair either way.
         """
         tokens, times, digests = [], [], []
         self._limit_s = timeout_s
         start = time.perf_counter()
         deadline = start + timeout_s
+        self._released, released = [], self._released
         self._send({"op": "generate", "prompt": prompt, "max_tokens": max_tokens, "stop_at_eos": stop_at_eos,
-                    "seed": seed, "keep": keep, "vocab": self.vocab_size},
+                    "seed": seed, "keep": keep, "vocab": self.vocab_size, "drop": released},
                    deadline, "generate()")
         while True:
             message = self._recv(deadline, "generate()")
@@ -220,8 +267,8 @@ class Worker:
                 times.append(now - start)
                 digests.append(message.get("d"))
             else:
-                if keep is not None:
-                    self._digests[keep] = digests
+                if keep is not None:  # evicts what the worker evicts (the same keep_recent)
+                    keep_recent(self._digests, keep, digests)
                 return {"tokens": tokens, "times": times,
                         "peak_memory_bytes": message.get("peak_memory_bytes")}
 
@@ -349,13 +396,36 @@ class Worker:
             found |= sandbox.strays(table, Worker._running)
         return found
 
+    def kept_calls(self):
+        """The keep ids whose log-probs the worker still holds, oldest call first: the
+        generate(..., keep=id) calls not released, less those timed_logprobs() took."""
+        return list(self._digests)
+
+    def release(self, call_ids):
+        """Let the worker free these calls' log-probs: they will never be asked for. The
+        worker learns it with the next generate request, after the calls were timed."""
+        for call in call_ids:
+            if self._digests.pop(call, None) is not None:
+                self._released.append(call)
+
     def timed_logprobs(self, call_ids, *, timeout_s):
         """The log-probs that generate(..., keep=id) calls yielded, as the worker kept them:
         {call_id: float32 array (n_tokens, vocab)}, each row checked against the digest sent
-        with its token. The worker frees them once sent."""
+        with its token. The worker frees them once sent.
+
+        Raises ValueError, before anything is sent, for an id not in kept_calls() (never
+        kept, released, or taken already) or named twice: a harness bug, not the pipeline's
+        doing.
+        """
+        call_ids = list(call_ids)
+        gone = [call for call in call_ids if call not in self._digests]
+        if gone or len(set(call_ids)) != len(call_ids):
+            raise ValueError(f"timed_logprobs: calls {gone or call_ids!r:.200} are not kept, or are named "
+                             f"twice (a worker keeps the log-probs of calls not released, "
+                             f"each taken once; kept now: {self.kept_calls()!r:.200})")
         self._limit_s = timeout_s
         deadline = time.perf_counter() + timeout_s
-        self._send({"op": "logprobs", "calls": list(call_ids)}, deadline, "logprobs")
+        self._send({"op": "logprobs", "calls": call_ids}, deadline, "logprobs")
         out = {}
         for call in call_ids:
             head = self._recv(deadline, "logprobs")

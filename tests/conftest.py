@@ -89,8 +89,9 @@ class Project:
         return path.read_text().splitlines() if path.exists() else []
 
 
-def make_project(root, model_dir, *, call_s=60, max_tokens=8, repeats=3, warmup=1):
-    """Copy the project into `root`, shrink the quick workload for speed, commit it."""
+def make_project(root, model_dir, *, call_s=60, max_tokens=8, repeats=3, warmup=1, max_repeats=12, budget_s=60):
+    """Copy the project into `root`, shrink the quick workload for speed (and let it decide:
+    up to `max_repeats` rounds of A/B), commit it."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for name in PROJECT_FILES:
@@ -103,7 +104,8 @@ def make_project(root, model_dir, *, call_s=60, max_tokens=8, repeats=3, warmup=
     settings = project.settings()
     settings["timeouts"]["call_s"] = call_s
     quick = settings["workload"]["presets"]["quick"]
-    quick.update(max_tokens=max_tokens, repeats=repeats, warmup=warmup)
+    quick.update(max_tokens=max_tokens, repeats=repeats, warmup=warmup, max_repeats=max(max_repeats, repeats),
+                 budget_s=budget_s)
     for prompt in settings["workload"]["prompts"]:
         if prompt["kind"] == "prefill":
             prompt["document_tokens"] = 128

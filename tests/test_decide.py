@@ -2,7 +2,8 @@
 
 import pytest
 
-from harness.verdict import decide
+from harness.bench import Sample
+from harness.verdict import comparison, decide, settled
 
 BASE = dict(gate_reason="", has_champion=True, dirty=False, search=False, min_effect=0.01,
             end_to_end_ratio=1.05, end_to_end_ci=[1.02, 1.08], lines_vs_champion=0)
@@ -38,8 +39,14 @@ CASES = [
      "REVERT", ["slower", "not simpler", "wholly below 1"]),
     ("slower", dict(speedup=0.9, speedup_ci=[0.85, 0.95]), "REVERT", ["slower: -10.0 %"]),
     ("within noise", dict(speedup=1.01, speedup_ci=[0.97, 1.05]), "REVERT", ["within noise"]),
-    ("too few pairs", dict(speedup=1.3, speedup_ci=[1.2, 1.4], pairs=4), "MEASURED", ["too few pairs", "needs 6"]),
-    ("just enough pairs", dict(speedup=1.3, speedup_ci=[1.2, 1.4], pairs=6), "KEEP", ["faster"]),
+    ("too few pairs", dict(speedup=1.3, speedup_ci=[None, None], pairs=4), "MEASURED",
+     ["too few pairs", "needs 8", "+30.0 %"]),
+    ("just enough pairs", dict(speedup=1.3, speedup_ci=[1.2, 1.4], pairs=8), "KEEP", ["faster"]),
+    ("no win of that size", dict(speedup=1.0, speedup_ci=[0.99, 1.008]), "REVERT", ["no win of +1.0 %"]),
+    ("whole calls unbounded", dict(speedup=1.3, speedup_ci=[1.2, 1.4], end_to_end_ratio=1.3,
+     end_to_end_ci=[None, None]), "REVERT", ["whole calls are not surely faster"]),
+    ("fewer lines hidden in strings", dict(speedup=1.0, speedup_ci=[0.97, 1.03], lines_vs_champion=-40,
+     lines_uncounted="code run from strings (exec)"), "REVERT", ["not simpler", "exec"]),
     ("more lines at equal speed", dict(speedup=1.0, speedup_ci=[0.97, 1.03], lines_vs_champion=5),
      "REVERT", ["within noise"]),
 ]
@@ -52,3 +59,41 @@ def test_decide(what, overrides, decision, words):
     for word in words:
         assert word in reason, reason
     assert "\n" not in reason
+
+
+SETTLED = [
+    # (what, speedup_ci, end_to_end_ci, primary metric, settled?)
+    ("too few pairs", [None, None], [None, None], "decode_tps", False),
+    ("surely faster, whole calls too", [1.05, 1.2], [1.04, 1.2], "decode_tps", True),
+    ("surely faster, whole calls undecided", [1.05, 1.2], [0.99, 1.2], "decode_tps", False),
+    ("surely faster, whole calls surely not", [1.05, 1.2], [0.9, 1.0], "decode_tps", True),
+    ("prefill surely faster", [1.05, 1.2], [0.99, 1.2], "prefill_tps", True),
+    ("surely no win of 1 %", [0.95, 1.005], [0.95, 1.005], "decode_tps", True),
+    ("straddles the KEEP line", [0.98, 1.04], [0.98, 1.04], "decode_tps", False),
+]
+
+
+@pytest.mark.parametrize("what, ci, whole, metric, expected", SETTLED, ids=[c[0] for c in SETTLED])
+def test_settled(what, ci, whole, metric, expected):
+    figures = {"speedup_ci": ci, "end_to_end_ci": whole, "primary_metric": metric}
+    assert settled(figures, min_effect=0.01) is expected
+
+
+def test_comparison_pools_earlier_pairs_in_front():
+    samples = []
+    for repeat in range(3):
+        for prompt in ("a", "b"):
+            for worker, seconds in (("champion", 1.1), ("challenger", 1.0)):
+                samples.append(Sample(worker=worker, prompt=prompt, kind="decode", repeat=repeat, nonce="n",
+                                      prompt_tokens=4, n_tokens=11, ttft_s=0.1, total_s=0.1 + seconds,
+                                      decode_s=seconds, decode_tps=10 / seconds, prefill_tps=40.0,
+                                      peak_memory_bytes=None, prompt_ids=[], tokens=[]))
+    alone = comparison(samples, "decode_tps", min_effect=0.01)
+    assert alone["pairs"] == 6 and alone["speedup_ci"] == [None, None] and alone["pooled_pairs"] == 0
+    earlier = {"decode_tps": [1.1] * 4, "end_to_end": [1.09] * 4}
+    pooled = comparison(samples, "decode_tps", min_effect=0.01, earlier=earlier)
+    assert pooled["pairs"] == 10 and pooled["pooled_pairs"] == 4
+    assert pooled["ratios"]["decode_tps"][:4] == [1.1] * 4
+    assert pooled["speedup_ci"][0] > 1.01 and settled(pooled, min_effect=0.01)
+    # the KEEP needed the median this far above the line: here the interval is a point
+    assert pooled["min_detectable_effect"] == pytest.approx(1.01)

@@ -56,6 +56,19 @@ def load(model_path, draft_model_path=None):
 '''
 
 
+# Appended to inference.py: load() prints without end. Every file a worker writes is capped
+# (RLIMIT_FSIZE), so its log stops growing and the print fails: a CRASH, never a full disk.
+FLOOD_THE_LOG = '''
+
+_honest_load = load
+
+
+def load(model_path, draft_model_path=None):
+    while True:
+        print("x" * 4095)
+'''
+
+
 def _marker_module(marker):
     return f"open({str(marker)!r}, 'w').write('ran')\n"
 
@@ -188,3 +201,17 @@ def test_a_worker_cannot_tell_its_role(project):
     for line in clues:
         assert "champion" not in line and "challenger" not in line, line
         assert "inference.py" not in line.split("'repo'")[1], line  # the repository is hidden
+
+
+def test_endless_output_is_a_crash_with_a_bounded_log(project):
+    from harness.worker import LOG_LIMIT_BYTES
+
+    project.evaluate()
+    project.inference.write_text(project.inference.read_text() + FLOOD_THE_LOG)
+    project.commit("print without end")
+    proc, result = project.evaluate()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert result["decision"] == "CRASH" and "File too large" in result["reason"], result
+    run = json.loads((project.root / result["run_file"]).read_text())
+    assert 0 < sum(len(log) for log in run["worker_logs"].values()) <= 2 * 20000
+    assert len(proc.stderr) < LOG_LIMIT_BYTES // 100  # the harness printed a tail, not the flood

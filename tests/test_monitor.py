@@ -272,3 +272,102 @@ def test_lines_count_statements_not_docstrings_comments_or_line_breaks():
     joined = BASELINE.replace("TEMP = 0.7", "TEMP = 0.7; TOP_P = 0.9", 1).replace("\nTOP_P = 0.9", "\n", 1)
     assert joined.count("TOP_P = 0.9") == 1 and "; TOP_P" in joined
     assert monitor.compare(BASELINE, joined)["lines"]["delta"] == 0
+
+
+# ---------------------------------------------------------------------------
+# Code hidden in data: "simpler" must not be won by putting the pipeline in a string
+# ---------------------------------------------------------------------------
+def _hidden(wrapper):
+    """BASELINE with all its code (not the module docstring) turned into a string and run by
+    `wrapper`, a format string with {code}: the red team's "simpler: -N lines"."""
+    import ast
+
+    docstring_end = ast.parse(BASELINE).body[0].end_lineno
+    lines = BASELINE.splitlines(keepends=True)
+    head, code = "".join(lines[:docstring_end]), "".join(lines[docstring_end:])
+    return head + "\n" + wrapper.format(code=repr(code)) + "\n"
+
+
+@pytest.mark.parametrize("wrapper, why", [
+    ("exec({code})", "uses exec"),
+    ("import builtins\ngetattr(builtins, 'ex' + 'ec')({code})", "imports builtins"),
+    ("getattr(__builtins__, 'ex' + 'ec')({code})", "getattr() with a computed attribute name"),
+    ("_b = print.__self__\n_b.__dict__['ex' + 'ec']({code})", ".__self__"),
+    ("import sys\n_b = sys.modules['builtins']\n_b.__dict__['ex' + 'ec']({code})", "names 'builtins'"),
+    ("globals()['__buil' + 'tins__']['ex' + 'ec']({code})", "uses globals"),
+    ("import importlib\nimportlib.import_module('bui' + 'ltins').exec({code})", "imports importlib"),
+])
+def test_code_run_from_a_string_is_not_counted(wrapper, why):
+    new = _hidden(wrapper)
+    result = monitor.compare(BASELINE, new)
+    assert result["lines"]["delta"] < -50  # what the red team won "simpler" with
+    assert why in result["lines"]["uncounted"], result["lines"]
+    assert "uncounted" in ids(result) and result["summary"].endswith(", uncounted")  # the knobs went too
+    assert "not counted:" in monitor.format_report(result)
+
+
+@pytest.mark.parametrize("code, why", [
+    ("import zlib, base64\n_blob = zlib.decompress(base64.b64decode(b'eJzLSM3JyQcABiwCFQ=='))\n", "zlib"),
+    ("from base64 import b64decode\n_blob = b64decode('aGVsbG8=')\n", "base64"),
+    ("import pickle\n_load = pickle.loads\n", "pickle"),
+    ("def _pick(name):\n    return getattr(mx, name)\n", "computed attribute name"),
+    ("import sys\n_m = sys.modules[chr(98) + 'uiltins']\n", "sys.modules"),
+])
+def test_unpacking_and_computed_lookups_are_not_counted(code, why):
+    result = monitor.compare(BASELINE, BASELINE + "\n" + code)
+    assert why in result["lines"]["uncounted"], result["lines"]
+    assert why in monitor.uncountable(BASELINE + "\n" + code)
+
+
+def test_strings_that_grow_past_the_limit_are_not_counted():
+    table = "x" * (monitor.STRING_GROWTH_LIMIT + 1)
+    new = edit("def _new_cache(", f"_TABLE = {table!r}\n\n\ndef _new_cache(")
+    assert monitor.uncountable(new) == ""  # no code runs it: only the growth says so
+    result = monitor.compare(BASELINE, new)
+    assert f"grew by {monitor.STRING_GROWTH_LIMIT + 1} characters" in result["lines"]["uncounted"]
+    # against a champion that had the string already, the count is trusted again
+    assert monitor.compare(new, new)["lines"]["uncounted"] == ""
+    # the limit itself, docstrings and bytes count as said
+    at_limit = edit("def _new_cache(", f"_TABLE = {table[1:]!r}\n\n\ndef _new_cache(")
+    assert monitor.compare(BASELINE, at_limit)["lines"]["uncounted"] == ""
+    long_doc = edit('    """Everything `generate` and `score` need, built once by `load`."""',
+                    f'    """Everything `generate` and `score` need, built once by `load`. {table * 5}"""')
+    assert monitor.compare(BASELINE, long_doc)["lines"]["uncounted"] == ""
+    blob = edit("def _new_cache(", f"_BLOB = {table.encode()!r}\n\n\ndef _new_cache(")
+    assert "grew by" in monitor.compare(BASELINE, blob)["lines"]["uncounted"]
+
+
+def test_honest_code_and_edits_are_counted():
+    # the repository's inference.py (tests/conftest.py's make_project copies it unchanged)
+    assert monitor.uncountable(BASELINE) == "" and monitor.string_chars(BASELINE) < 100
+    assert monitor.compare(BASELINE, BASELINE)["lines"] == {
+        "old": monitor.code_lines(BASELINE), "new": monitor.code_lines(BASELINE), "delta": 0, "uncounted": ""}
+    import ast
+
+    tree = ast.parse(BASELINE)
+    drafted = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_decode")
+    lines = BASELINE.splitlines(keepends=True)
+    no_function = "".join(lines[:drafted.lineno - 1] + lines[drafted.end_lineno:])
+    no_knob = edit("NUM_DRAFT_TOKENS = 3       # tokens the draft model proposes per step (speculative decoding only)\n",
+                   "")
+    compiled = edit("def _new_cache(", "@mx.compile\ndef _square(x):\n    return x * x\n\n\ndef _new_cache(")
+    regex = edit("import mlx.core as mx\n", "import re\nimport sys\n\nimport mlx.core as mx\n")
+    regex = edit("def _new_cache(", "_WORD = re.compile(r'\\w+')\n_GEN = sys.modules['mlx_lm.generate']\n\n\n"
+                 "def _new_cache(", regex)
+    messages = edit("def _new_cache(", "def _check(x):\n    if x is None:\n        raise ValueError("
+                    "f'a value is needed here, got {x!r}: set the knob or pass it in')\n\n\ndef _new_cache(")
+    for new in (no_function, no_knob, compiled, regex, messages):
+        result = monitor.compare(BASELINE, new)
+        assert result["lines"]["uncounted"] == "", result["lines"]
+        assert "uncounted" not in ids(result)
+    assert monitor.compare(BASELINE, no_function)["lines"]["delta"] < 0
+
+
+def test_code_hash_ignores_comments_and_docstrings_only():
+    same = edit('    """Everything `generate` and `score` need, built once by `load`."""\n', "# no docstring\n")
+    same = edit("TEMP = 0.7                 #", "TEMP = 0.70 ;#", same)
+    assert monitor.code_hash(same) == monitor.code_hash(BASELINE)
+    assert len(monitor.code_hash(BASELINE)) == 64
+    for other in (edit("TEMP = 0.7 ", "TEMP = 0.6 "), edit("    mx.eval(model.parameters())\n", "")):
+        assert monitor.code_hash(other) != monitor.code_hash(BASELINE)
+    assert monitor.code_hash("def broken(:") != monitor.code_hash("def broken(:\n")

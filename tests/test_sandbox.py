@@ -194,6 +194,23 @@ def test_worker_writes_only_its_own_folder(sandboxed, tmp_path, tiny_llama, monk
     assert not list(REPO.glob("sandbox-probe-*")) and not list(tmp_path.glob("sandbox-probe-*"))
 
 
+@pytest.mark.skipif(sys.prefix == sys.base_prefix, reason="needs a virtual environment (the README's .venv)")
+def test_an_environment_inside_a_hidden_folder_stays_usable(sandboxed, tmp_path, tiny_llama):
+    """The README's quick start puts .venv inside the repository, and the repository is
+    hidden from workers: the interpreter's own environment must stay readable (a fresh
+    clone's first run crashed when it was hidden with the rest)."""
+    folder = tmp_path / "w"
+    folder.mkdir()
+    shutil.copy(REPO / "inference.py", folder / "inference.py")
+    worker = Worker(folder / "inference.py", tmp_path / "w.log", hide=[Path(sys.prefix).parent])
+    try:
+        worker.load(tiny_llama, timeout_s=120)
+        out = worker.generate([1, 2, 3], max_tokens=4, stop_at_eos=False, timeout_s=60)
+    finally:
+        worker.close()
+    assert worker.sandbox == "bwrap" and len(out["tokens"]) == 4
+
+
 def test_worker_cannot_see_or_signal_others_or_reach_the_network(sandboxed, tmp_path):
     other, _, other_marker = start(tmp_path, "champion", {})
     listener = socket.socket()

@@ -1,17 +1,26 @@
 """The worker's side of generate()'s contract: (token, logprobs) pairs, read inside the timed
-window, and the speed calls' log-probs kept for the quality checks.
+window, and the speed calls' log-probs kept for the quality checks (the newest KEPT_CALLS only);
+and output without end, which must end as a CRASH with a bounded log.
 
 A stand-in inference.py (no model, a 32-token vocabulary) yields pairs in every accepted form
 and every broken one, picked by its MODE knob; the worker runs it unsandboxed, for speed.
 """
 
+import os
+import secrets
+
 import numpy as np
 import pytest
 
-from harness import sandbox
-from harness.worker import Worker, WorkerCrash, WorkerInvalid
+from harness import sandbox, worker as worker_module
+from harness.bench import Reservoir
+from harness.pipe import KEPT_CALLS
+from harness.worker import Worker, WorkerCrash, WorkerInvalid, read_log_tail
 
 STAND_IN = '''
+import os
+import signal
+
 import mlx.core as mx
 import numpy as np
 
@@ -48,6 +57,13 @@ def generate(pipeline, prompt, *, max_tokens, stop_at_eos):
             yield i, lp.tolist()
         elif MODE == "big_token":
             yield VOCAB + i, lp
+        elif MODE == "flood":  # prints without end (print goes to the log)
+            while True:
+                print("x" * 4095)
+        elif MODE == "flood_killed":  # the same, with SIGXFSZ back to its default (kill)
+            signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+            while True:
+                os.write(2, b"x" * 65536)
         else:
             yield i, lp
 
@@ -65,11 +81,19 @@ def expected(n):
 
 @pytest.fixture
 def start(tmp_path, monkeypatch):
-    """start(mode) -> a loaded Worker running the stand-in in that MODE; all closed at the end."""
+    """start(mode) -> a loaded Worker running the stand-in in that MODE; all closed at the end.
+    Unsandboxed, unless start(mode, sandboxed=True) (bubblewrap: skipped where it cannot start)."""
     monkeypatch.setenv(sandbox.ENV_VAR, "none")
     workers = []
 
-    def _start(mode):
+    def _start(mode, sandboxed=False):
+        if sandboxed:
+            monkeypatch.delenv(sandbox.ENV_VAR)
+            prefix, why = sandbox._bwrap_prefix()
+            if prefix is None:
+                if os.environ.get("CI"):
+                    pytest.fail(f"CI needs a working bubblewrap: {why}")
+                pytest.skip(why)
         folder = tmp_path / f"w{len(workers)}"
         folder.mkdir()
         (folder / "inference.py").write_text(STAND_IN)
@@ -111,11 +135,103 @@ def test_kept_logprobs_come_back_once_and_tasks_keep_nothing(start):
     for call in range(3):
         worker.generate([1, 2], max_tokens=4 + call, stop_at_eos=False, timeout_s=30, keep=call)
     worker.generate([1, 2], max_tokens=3, stop_at_eos=True, timeout_s=30)  # a task call
+    assert worker.kept_calls() == [0, 1, 2]  # the task call kept nothing
     got = worker.timed_logprobs([2, 0], timeout_s=30)
     assert sorted(got) == [0, 2]
     for call, rows in got.items():
         assert rows.dtype == np.float32 and rows.shape == (4 + call, 32)
         np.testing.assert_allclose(rows, expected(4 + call), atol=2e-3)  # float16 in between
+    assert worker.kept_calls() == [1]
     assert worker.timed_logprobs([1], timeout_s=30)[1].shape == (5, 32)
+    with pytest.raises(ValueError, match=r"calls \[0\] are not kept"):
+        worker.timed_logprobs([0], timeout_s=30)  # taken and freed already: the harness's bug
+    assert worker.alive()  # refused before anything was sent
+
+
+def test_released_calls_are_freed_on_both_sides(start):
+    """Every speed call carries a keep id; the parent releases the ones it will never ask
+    for (after they ran), and the worker frees them with the next request. Past KEPT_CALLS
+    + 1 unreleased calls both sides drop the oldest alike (a memory safety net)."""
+    worker = start("pairs")
+    ids = [secrets.token_hex(8) for _ in range(KEPT_CALLS + 4)]
+    for i, call in enumerate(ids):
+        worker.generate([1, 2], max_tokens=3 + i % 3, stop_at_eos=False, timeout_s=30, keep=call)
+        worker.generate([1, 2], max_tokens=2, stop_at_eos=True, timeout_s=30)  # task calls keep nothing
+    newest = ids[-(KEPT_CALLS + 1):]
+    assert worker.kept_calls() == newest  # the safety net dropped the oldest three
+    worker.release(newest[:2])
+    kept = newest[2:]
+    assert worker.kept_calls() == kept
+    with pytest.raises(ValueError, match="not kept"):
+        worker.timed_logprobs([newest[0], kept[0]], timeout_s=30)
+    with pytest.raises(ValueError, match="named twice"):
+        worker.timed_logprobs([kept[0], kept[0]], timeout_s=30)
+    assert worker.alive() and worker.kept_calls() == kept
+    # The kept rows are the ones each call yielded: the digests of the same calls match.
+    got = worker.timed_logprobs(kept[::2], timeout_s=30)
+    for call in kept[::2]:
+        n = 3 + ids.index(call) % 3
+        np.testing.assert_allclose(got[call], expected(n), atol=1e-6)
+    assert worker.kept_calls() == kept[1::2]
+    # The worker itself freed the released rows: asked past the parent's check, it has none.
+    worker.generate([1, 2], max_tokens=2, stop_at_eos=True, timeout_s=30)  # carries the releases
+    worker._digests[newest[0]] = []
     with pytest.raises(WorkerCrash, match="no log-probs kept"):
-        worker.timed_logprobs([0], timeout_s=30)  # taken and freed already
+        worker.timed_logprobs([newest[0]], timeout_s=30)
+
+
+class _Releases:
+    def __init__(self):
+        self.released = []
+
+    def release(self, ids):
+        self.released.extend(ids)
+
+
+def test_reservoir_keeps_every_measured_call_alike():
+    """Whatever its place in the run, each measured call ends up kept with the same chance
+    (KEPT_CALLS / calls), so no call is known to go unchecked while it runs; warm-ups never."""
+    calls, runs = 20, 4000
+    counts = np.zeros(calls)
+    for _ in range(runs):
+        fake = _Releases()
+        reservoir = Reservoir(fake)
+        reservoir.add("warm", measured=False)
+        for i in range(calls):
+            reservoir.add(i, measured=True)
+        assert fake.released[0] == "warm" and len(reservoir.kept) == KEPT_CALLS
+        assert sorted(reservoir.kept + fake.released[1:]) == list(range(calls))  # each call kept or released
+        counts[reservoir.kept] += 1
+    share = counts / runs
+    expected_share = KEPT_CALLS / calls
+    se = (expected_share * (1 - expected_share) / runs) ** 0.5
+    assert np.all(np.abs(share - expected_share) < 5 * se), share
+
+
+@pytest.mark.parametrize("sandboxed", [False, True], ids=["no-sandbox", "bwrap"])
+@pytest.mark.parametrize("mode, words", [
+    ("flood", "raised OSError: [Errno 27] File too large"),  # Python ignores SIGXFSZ: writes fail
+    ("flood_killed", "killed by signal SIGXFSZ"),
+])
+def test_endless_output_is_a_crash_and_the_log_stays_bounded(start, monkeypatch, mode, words, sandboxed):
+    monkeypatch.setattr(worker_module, "LOG_LIMIT_BYTES", 1 << 20)
+    worker = start(mode, sandboxed)
+    with pytest.raises(WorkerCrash) as info:
+        worker.generate([1, 2], max_tokens=5, stop_at_eos=False, timeout_s=60)
+    assert words in str(info.value) and "\n" not in str(info.value)
+    if mode == "flood_killed":  # the log tail explains a crash the pipeline did not report
+        assert info.value.log_tail.endswith("x" * 100) and len(info.value.log_tail) <= 20000
+    assert 0 < os.path.getsize(worker.log_path) <= 1 << 20
+    assert not worker.alive()
+
+
+def test_read_log_tail_reads_only_the_end(tmp_path):
+    path = tmp_path / "w.log"
+    path.write_bytes(b"a" * 50_000 + "\u00e9".encode() + b"z" * 19_999)  # the cut splits the two-byte e-acute
+    tail = read_log_tail(path)
+    assert tail == "\ufffd" + "z" * 19_999
+    assert read_log_tail(path, limit=3) == "zzz"
+    path.write_bytes(b"short\n")
+    assert read_log_tail(path) == "short\n"
+    with pytest.raises(OSError):
+        read_log_tail(tmp_path / "missing.log")
