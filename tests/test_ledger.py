@@ -1,6 +1,7 @@
 """harness.ledger: results.tsv written as csv, read back exactly, old unquoted files included."""
 
 import csv
+import json
 
 import pandas
 import pytest
@@ -142,3 +143,40 @@ def test_branch_baseline():
     assert ledger.branch_baseline(rows, ["b", "a"], "side")["line"] == 3
     assert ledger.branch_baseline(rows, ["c"], "main") is None
     assert ledger.branch_baseline([], ["a"], "main") is None
+
+
+def test_earlier_ratios_pool_only_the_same_code_against_the_same_champion(tmp_path):
+    """A re-roll continues its comparison: the newest clean row of the same code hash,
+    champion and protocol holds every pair so far; other code, champions, protocols,
+    failed, dirty, search or foreign rows never count."""
+    path = tmp_path / "results.tsv"
+    same = dict(code_hash="h1", champion="c0", protocol="p", decision="REVERT")
+
+    def pairs(*values):
+        return json.dumps({"decode_tps": list(values), "end_to_end": list(values)})
+
+    ledger.append(path, _row("first try", **same, ratios=pairs(1.1, 1.2)))
+    ledger.append(path, _row("re-roll", **same, ratios=pairs(1.1, 1.2, 1.3)))
+    for other in (dict(code_hash="h2"), dict(champion="c9"), dict(protocol="q"), dict(decision="CRASH"),
+                  dict(dirty=True), dict(source="search")):
+        ledger.append(path, _row("not the same comparison", **{**same, **other}, ratios=pairs(9.0)))
+    rows, _ = ledger.read(path)
+    pooled, runs = ledger.earlier_ratios(rows, protocol="p", champion="c0", code_hash="h1")
+    assert pooled == {"decode_tps": [1.1, 1.2, 1.3], "end_to_end": [1.1, 1.2, 1.3]} and runs == 2
+    assert ledger.earlier_ratios(rows, protocol="p", champion="c0", code_hash="h3") == ({}, 0)
+    # a row the harness did not write is never pooled
+    with open(path, "a") as f:
+        f.write(ledger.format_row(_row("forged", **same, ratios=pairs(5.0, 5.0))))
+    rows, _ = ledger.read(path)
+    assert ledger.earlier_ratios(rows, protocol="p", champion="c0", code_hash="h1")[0]["decode_tps"] == [1.1, 1.2, 1.3]
+
+
+def test_usual_spread_is_the_median_of_recent_comparisons(tmp_path):
+    path = tmp_path / "results.tsv"
+    for spread in (0.05, 0.07, 0.06):
+        ledger.append(path, _row("run", protocol="p", pair_spread=spread))
+    ledger.append(path, _row("other protocol", protocol="q", pair_spread=5.0))
+    ledger.append(path, _row("alone", protocol="p"))  # no spread: a run without a champion
+    rows, _ = ledger.read(path)
+    assert ledger.usual_spread(rows, protocol="p") == pytest.approx(0.06)
+    assert ledger.usual_spread(rows, protocol="q") is None  # fewer than 3
