@@ -10,7 +10,8 @@ import secrets
 from dataclasses import asdict, dataclass
 
 from harness import stats
-from harness.worker import KEPT_CALLS, WorkerInvalid
+from harness.pipe import KEPT_CALLS
+from harness.worker import WorkerInvalid
 from harness.workload import build_prompt
 
 
@@ -92,24 +93,19 @@ class Reservoir:
 def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress=None, more=None):
     """Warm up, then measure every prompt on each worker in rounds, interleaved.
 
-    While one worker is timed, every other one is stopped (Worker.pause), so an idle
-    worker cannot compete for the CPU or the memory bus; all are running again on return,
-    whether it returns or raises.
+    While one worker is timed, every other one is stopped (Worker.pause), so an idle one
+    cannot compete for the CPU or the memory bus; all run again on return or raise.
 
-    Nothing in a request tells a worker its role or whether the call counts: every call
-    of every worker, warm-ups included, asks it to keep its log-probs under a fresh
-    random id (Sample.call_id), and who goes first is drawn at random. Afterwards each
-    worker holds the log-probs of a random sample of its measured calls (Reservoir).
+    No request tells a worker its role or whether the call counts: every call, warm-ups
+    included, keeps its log-probs under a fresh random id (Sample.call_id; a Reservoir
+    releases all but a random sample), and who goes first is drawn at random.
 
     Args:
         workers: {name: Worker}; with two, calls alternate A B, B A, ... so drift
             and order effects fall on both alike.
-        preset: the workload preset (a settings.Preset): `preset.repeats` rounds, then
-            one more at a time while `more(samples)` says so, up to `preset.max_repeats`.
-        more: callable(samples so far) -> bool, asked after each round from
-            `preset.repeats` on; None: exactly `preset.repeats` rounds.
+        preset: a settings.Preset: `repeats` rounds, then one more at a time while
+            `more(samples so far)` says so, up to `max_repeats` (more=None: `repeats` only).
         progress: optional callable(done, total, label) for a progress bar.
-
     Returns:
         A list of Samples (warm-up calls are not included).
     """

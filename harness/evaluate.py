@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from harness import bench, gates, geometry, gitops, ledger, monitor, quality, sandbox, verdict
+from harness import bench, code_size, gates, geometry, gitops, ledger, monitor, quality, sandbox, verdict
 from harness import settings as settings_mod
 from harness.corpus import load_corpus
 from harness.environment import environment
@@ -244,7 +244,7 @@ def evaluate(ctx, *, inference_path=None, overrides=None, source="agent", apply=
     source = inference_path.read_text(errors="replace")
     changes = change_monitor(ctx, standing, source)
     result["changes"] = changes["vs_baseline"]["summary"]
-    result["code_hash"] = monitor.code_hash(source)
+    result["code_hash"] = code_size.code_hash(source)
     locked = locked_files_changed(ctx, standing)
     out = {"samples": [], "workers": {}, "quality": None, "logs": {}}
     if locked:

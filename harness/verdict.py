@@ -95,21 +95,16 @@ def decide(*, gate_reason, has_champion, dirty, search, min_effect, speedup=None
             champion); while too few pairs bound it (a side is None) nothing is decided.
         pairs: how many paired ratios the interval rests on.
         primary_metric: what `speedup` is the ratio of (decode_tps or prefill_tps).
-        end_to_end_ratio, end_to_end_ci: whole calls, champion time / challenger time, with
-            its 95 % interval. A decode KEEP needs it above 1 + min_effect too: a
-            pipeline that holds tokens back and bursts them looks fast between its first
-            and last token, never over the whole call.
-        lines_vs_champion: code lines added (+) or removed (-) against the champion.
-        lines_uncounted: why that count cannot be trusted ('' when it can), e.g. code run
-            from strings: then fewer lines never win a "simpler" KEEP.
+        end_to_end_ratio, end_to_end_ci: whole calls, champion time / challenger time, and
+            its interval: a decode KEEP needs it above 1 + min_effect too (tokens held back
+            and burst look fast from first to last token, never over the whole call).
+        lines_vs_champion, lines_uncounted: code lines added (+) or removed (-) against the
+            champion; why that count cannot be trusted ('' when it can): see _not_simpler.
     Returns:
         (Decision, reason)
     """
-    speed = ""
-    if speedup is not None:
-        bounds = "too few pairs for an interval" if speedup_ci[0] is None else \
-            f"{pct(speedup_ci[0])}, {pct(speedup_ci[1])}"
-        speed = f"{pct(speedup)} [{bounds}]"
+    speed = "" if speedup is None else f"{pct(speedup)} [" + (
+        "too few pairs for an interval" if speedup_ci[0] is None else f"{pct(speedup_ci[0])}, {pct(speedup_ci[1])}") + "]"
     if search:
         return Decision.MEASURED, "search trial: " + (gate_reason or "quality gates pass")
     if dirty:
@@ -137,19 +132,28 @@ def decide(*, gate_reason, has_champion, dirty, search, min_effect, speedup=None
                                  f"({whole}): a decode win must shorten whole calls too")
     if low > need:
         return Decision.KEEP, f"faster: {speed} beats the noise (needs > {pct(need)})"
-    simpler = ""
-    if (lines_vs_champion or 0) < 0 and lines_uncounted:
-        simpler = f"; not simpler: {lines_vs_champion} lines, but {lines_uncounted}"
-    elif (lines_vs_champion or 0) < 0:
-        # Simplicity wins: fewer lines at a speed the noise can't tell from the champion's
-        # (the interval reaches above 1) and a median no worse than 1 - min_effect.
-        if high > 1 and speedup >= 1 - min_effect:
-            return Decision.KEEP, f"simpler: {lines_vs_champion} lines at equal speed ({speed})"
-        simpler = (f"; not simpler: {lines_vs_champion} lines, but "
-                   + ("the interval is wholly below 1" if high <= 1
-                      else f"the median {pct(speedup)} is below {pct(1 - min_effect)}"))
+    why_not = _not_simpler(speedup, high, min_effect, lines_vs_champion, lines_uncounted)
+    if why_not == "":
+        return Decision.KEEP, f"simpler: {lines_vs_champion} lines at equal speed ({speed})"
+    simpler = f"; not simpler: {lines_vs_champion} lines, but {why_not}" if why_not else ""
     if high < 1:
         return Decision.REVERT, f"slower: {speed}{simpler}"
     if high < need:
         return Decision.REVERT, f"no win of {pct(need)} or more: {speed}{simpler}"
     return Decision.REVERT, f"within noise: {speed} (needs > {pct(need)}){simpler}"
+
+
+def _not_simpler(speedup, high, min_effect, lines_vs_champion, lines_uncounted):
+    """Why fewer lines do not win a "simpler" KEEP; "" when they do, None when there are
+    not fewer lines. Simplicity wins with fewer lines (trusted: no code hidden in data) at
+    a speed the noise can't tell from the champion's (the interval reaches above 1) and a
+    median no worse than 1 - min_effect."""
+    if (lines_vs_champion or 0) >= 0:
+        return None
+    if lines_uncounted:
+        return lines_uncounted
+    if high <= 1:
+        return "the interval is wholly below 1"
+    if speedup < 1 - min_effect:
+        return f"the median {pct(speedup)} is below {pct(1 - min_effect)}"
+    return ""

@@ -30,7 +30,7 @@ import numpy as np
 from harness import sandbox
 from harness.child import row_digest
 from harness.models import cache_dir
-from harness.pipe import (KEPT_CALLS, Channel, PipeTimeout, WorkerCrash, WorkerInvalid, decode_block,
+from harness.pipe import (Channel, PipeTimeout, WorkerCrash, WorkerInvalid, decode_block,
                           decode_reply, keep_recent)
 from harness.settings import HARNESS_HOME
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import monitor
+from harness import code_size, monitor
 
 BASELINE = (Path(__file__).resolve().parent.parent / "inference.py").read_text()
 
@@ -316,15 +316,15 @@ def test_code_run_from_a_string_is_not_counted(wrapper, why):
 def test_unpacking_and_computed_lookups_are_not_counted(code, why):
     result = monitor.compare(BASELINE, BASELINE + "\n" + code)
     assert why in result["lines"]["uncounted"], result["lines"]
-    assert why in monitor.uncountable(BASELINE + "\n" + code)
+    assert why in code_size.uncountable(BASELINE + "\n" + code)
 
 
 def test_strings_that_grow_past_the_limit_are_not_counted():
-    table = "x" * (monitor.STRING_GROWTH_LIMIT + 1)
+    table = "x" * (code_size.STRING_GROWTH_LIMIT + 1)
     new = edit("def _new_cache(", f"_TABLE = {table!r}\n\n\ndef _new_cache(")
-    assert monitor.uncountable(new) == ""  # no code runs it: only the growth says so
+    assert code_size.uncountable(new) == ""  # no code runs it: only the growth says so
     result = monitor.compare(BASELINE, new)
-    assert f"grew by {monitor.STRING_GROWTH_LIMIT + 1} characters" in result["lines"]["uncounted"]
+    assert f"grew by {code_size.STRING_GROWTH_LIMIT + 1} characters" in result["lines"]["uncounted"]
     # against a champion that had the string already, the count is trusted again
     assert monitor.compare(new, new)["lines"]["uncounted"] == ""
     # the limit itself, docstrings and bytes count as said
@@ -339,9 +339,9 @@ def test_strings_that_grow_past_the_limit_are_not_counted():
 
 def test_honest_code_and_edits_are_counted():
     # the repository's inference.py (tests/conftest.py's make_project copies it unchanged)
-    assert monitor.uncountable(BASELINE) == "" and monitor.string_chars(BASELINE) < 100
+    assert code_size.uncountable(BASELINE) == "" and code_size.string_chars(BASELINE) < 100
     assert monitor.compare(BASELINE, BASELINE)["lines"] == {
-        "old": monitor.code_lines(BASELINE), "new": monitor.code_lines(BASELINE), "delta": 0, "uncounted": ""}
+        "old": code_size.code_lines(BASELINE), "new": code_size.code_lines(BASELINE), "delta": 0, "uncounted": ""}
     import ast
 
     tree = ast.parse(BASELINE)
@@ -366,8 +366,8 @@ def test_honest_code_and_edits_are_counted():
 def test_code_hash_ignores_comments_and_docstrings_only():
     same = edit('    """Everything `generate` and `score` need, built once by `load`."""\n', "# no docstring\n")
     same = edit("TEMP = 0.7                 #", "TEMP = 0.70 ;#", same)
-    assert monitor.code_hash(same) == monitor.code_hash(BASELINE)
-    assert len(monitor.code_hash(BASELINE)) == 64
+    assert code_size.code_hash(same) == code_size.code_hash(BASELINE)
+    assert len(code_size.code_hash(BASELINE)) == 64
     for other in (edit("TEMP = 0.7 ", "TEMP = 0.6 "), edit("    mx.eval(model.parameters())\n", "")):
-        assert monitor.code_hash(other) != monitor.code_hash(BASELINE)
-    assert monitor.code_hash("def broken(:") != monitor.code_hash("def broken(:\n")
+        assert code_size.code_hash(other) != code_size.code_hash(BASELINE)
+    assert code_size.code_hash("def broken(:") != code_size.code_hash("def broken(:\n")
