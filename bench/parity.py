@@ -67,7 +67,7 @@ def main():
     prompt = chat_tokens(tokenizer, PROMPT)
 
     with tempfile.TemporaryDirectory() as tmp:
-        worker = Worker(ROOT / "inference.py", Path(tmp) / "worker.log")
+        worker = Worker(ROOT / "inference.py", Path(tmp) / "worker.log", expose=[model_dir])
         worker.load(model_dir, timeout_s=600)
         harness_tps, mlx_tps = [], []
         try:

@@ -7,13 +7,12 @@ has its own real git copy of the project, whose BASELINE run makes its champion:
   * null: a challenger that differs from the champion only by a no-op statement;
   * +10 % and +5 %: a champion that sleeps a fraction of each token's time, against a
     challenger without the sleep.
-The sleep follows the machine's speed (a fraction of the time the last token took). The
-decode loop computes the next token while the loop sleeps, so how much faster the
-challenger truly is, is measured, not assumed: next to each figure the bench prints the
-TRUE effect, the median of every pair's ratio of the primary metric (decode tok/s) over all
-pairs of all that challenger's runs. Measured on a 2-core CPU with the tiny model (128
-tokens a call): a sleep of 1/9 of a token's time (1.111 if nothing overlapped) gave 1.094,
-0.15 gave 1.133. The bench also prints, per target, the fraction that would have hit it
+The sleep follows the machine's speed (a fraction of the time the last token took) and is
+taken with no computation in flight (see SLEEPY_LOOP), so a fraction f should make the
+challenger about 1 + f faster; how much faster it truly is, is measured, not assumed: next
+to each figure the bench prints the TRUE effect, the median of every pair's ratio of the
+primary metric (decode tok/s) over all pairs of all that challenger's runs. The bench also
+prints, per target, the fraction that would have hit it
 (linear in the measured effect, from 30 pairs on): pass it back with --sleep-10/--sleep-5.
 Each challenger sets `_BENCH_TRIAL = i` (one statement, no speed effect): the harness
 pools the pairs of earlier runs of the same code (same syntax tree: comments do not count)
@@ -38,7 +37,7 @@ baseline commit) before every run. --save writes every trial (result fields and 
 after every run, so a killed bench keeps its data.
 
     python bench/power.py [--null-runs 20] [--runs-10 20] [--runs-5 10] [--offline]
-                          [--sleep-10 0.12] [--sleep-5 0.065] [--max-tokens N] [--repeats N]
+                          [--sleep-10 0.10] [--sleep-5 0.05] [--max-tokens N] [--repeats N]
                           [--set KEY=VALUE ...] [--save trials.json]
 """
 
@@ -67,13 +66,31 @@ from harness.verdict import paired_ratios  # noqa: E402
 from tiny_models import build_tiny_model  # noqa: E402
 
 OFFLINE_MODEL = "smollm2-135m-instruct"
-TOKEN_LOOP = "        for token, logprobs in steps:\n            yield token, logprobs\n"
-SLEEPY_LOOP = """        import time
+# The decode loop of inference.py queues step n+1 before it hands over token n, so a sleep
+# there would overlap the next token's computation and slow nothing. The sleepy loop waits
+# for token n, sleeps with nothing in flight (SLEEP_FRACTION of the time the token took),
+# then queues the next step: the sleep adds to every token's time. Champion and challenger
+# both run it; the challenger's SLEEP_FRACTION is 0.
+TOKEN_LOOP = """    for n in range(max_tokens):
+        if n + 1 < max_tokens:  # no step is queued past the last token
+            if history is not None:
+                history = mx.concatenate([history, y])
+            next_y, next_logprobs = _step(pipeline, cache, y, history)
+            mx.async_eval(next_y, next_logprobs)
+        yield y.item(), logprobs
+"""
+SLEEPY_LOOP = """    import time
+    last = time.perf_counter()
+    for n in range(max_tokens):
+        token = y.item()
+        time.sleep((time.perf_counter() - last) * SLEEP_FRACTION)
         last = time.perf_counter()
-        for token, logprobs in steps:
-            time.sleep((time.perf_counter() - last) * SLEEP_FRACTION)
-            last = time.perf_counter()
-            yield token, logprobs
+        if n + 1 < max_tokens:  # no step is queued past the last token
+            if history is not None:
+                history = mx.concatenate([history, y])
+            next_y, next_logprobs = _step(pipeline, cache, y, history)
+            mx.async_eval(next_y, next_logprobs)
+        yield token, logprobs
 """
 # label -> (name in the tables, intended true effect or None for null)
 GROUPS = {"null": ("null", None), "fast10": ("+10 %", 1.10), "fast5": ("+5 %", 1.05)}
@@ -356,9 +373,9 @@ def main():
     parser.add_argument("--runs-5", type=int, help="challengers truly +5 %% faster (default 10; --offline 0)")
     parser.add_argument("--offline", action="store_true",
                         help=f"the offline model {OFFLINE_MODEL}, full preset, harness.yaml as it is")
-    parser.add_argument("--sleep-10", type=float, default=0.12,
+    parser.add_argument("--sleep-10", type=float, default=0.10,
                         help="the +10 %% champion sleeps this fraction of each token's time")
-    parser.add_argument("--sleep-5", type=float, default=0.065,
+    parser.add_argument("--sleep-5", type=float, default=0.05,
                         help="the +5 %% champion sleeps this fraction of each token's time")
     parser.add_argument("--max-tokens", type=int, help="tokens per speed call (default: 128 tiny, the preset's offline)")
     parser.add_argument("--repeats", type=int, help="rounds before the A/B first looks (default: the full preset's)")

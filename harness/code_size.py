@@ -9,6 +9,8 @@ and the re-roll pooling read.
 
 import ast
 import hashlib
+import io
+import tokenize
 
 from harness.knobs import Expr, values
 
@@ -38,10 +40,12 @@ def code_lines(source):
 # never a speed KEEP, so it errs on the side of flagging.
 #
 # Modules that turn data into code (importlib, runpy, code, codeop, marshal, pickle, types,
-# ctypes, zipimport; builtins reaches exec by name) or decompress / decode it (zlib, lzma,
-# bz2, gzip, base64, binascii, codecs). A pipeline has no use for them.
+# ctypes, zipimport; builtins reaches exec by name; pydoc.locate, pkgutil.resolve_name,
+# operator's getters and inspect reach any object by a string) or decompress / decode it
+# (zlib, lzma, bz2, gzip, base64, binascii, codecs). A pipeline has no use for them.
 CODE_MODULES = {"builtins", "importlib", "runpy", "code", "codeop", "marshal", "pickle", "types", "ctypes",
-                "zipimport", "zlib", "lzma", "bz2", "gzip", "base64", "binascii", "codecs"}
+                "zipimport", "pydoc", "pkgutil", "operator", "inspect",
+                "zlib", "lzma", "bz2", "gzip", "base64", "binascii", "codecs"}
 # Names that run a string, or hand out the namespaces where exec and eval live.
 CODE_NAMES = {"exec", "eval", "compile", "__import__", "__builtins__", "globals", "vars", "locals"}
 # Attributes that lead from any object to builtins, globals or code objects (`print.__self__`
@@ -49,9 +53,9 @@ CODE_NAMES = {"exec", "eval", "compile", "__import__", "__builtins__", "globals"
 CODE_ATTRIBUTES = {"exec", "__import__", "__builtins__", "__self__", "__globals__", "__code__",
                    "__dict__", "__subclasses__", "__getattribute__", "__loader__"}
 # A string naming one of those is how `sys.modules["builtins"]` or getattr(f, "__globals__") reach them.
-CODE_STRINGS = CODE_NAMES | CODE_ATTRIBUTES | (CODE_MODULES - {"code", "types"})  # not two ordinary words
+CODE_STRINGS = CODE_NAMES | CODE_ATTRIBUTES | (CODE_MODULES - {"code", "types", "operator"})  # ordinary words
 _ATTRIBUTE_CALLS = {"getattr", "setattr", "delattr", "hasattr"}
-STRING_GROWTH_LIMIT = 200   # more new characters in string constants than this: the count is not trusted
+STRING_GROWTH_LIMIT = 200   # constants grown by more than this (constant_size): the count is not trusted
 
 
 def _docstring_constants(tree):
@@ -60,16 +64,20 @@ def _docstring_constants(tree):
     return {id(node.value) for node in ast.walk(tree) if _is_docstring(node)}
 
 
-def string_chars(source):
-    """Characters in the str and bytes constants of `source` that are not docstrings (f-string
-    parts included); 0 when it does not parse."""
+def constant_size(source):
+    """How much data `source` holds in constants: the characters of its str and bytes
+    constants that are not docstrings (f-string parts included), plus one per number (a
+    table of character codes is data too); 0 when it does not parse."""
     try:
         tree = ast.parse(source)
     except SyntaxError:
         return 0
     skip = _docstring_constants(tree)
-    return sum(len(node.value) for node in ast.walk(tree)
-               if isinstance(node, ast.Constant) and isinstance(node.value, (str, bytes)) and id(node) not in skip)
+    size = 0
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and id(node) not in skip:
+            size += len(node.value) if isinstance(node.value, (str, bytes)) else 1
+    return size
 
 
 def _is_literal_knob(node, knobs):
@@ -125,14 +133,14 @@ def _is_subscripted_by_literal(node, tree):
 
 def uncounted_lines(old_source, new_source):
     """Why the line delta from `old_source` to `new_source` cannot be trusted, or "": the new
-    source is uncountable(), or its string constants grew by more than STRING_GROWTH_LIMIT
-    characters (code moved into data)."""
+    source is uncountable(), or its constants grew by more than STRING_GROWTH_LIMIT
+    (constant_size: code moved into data)."""
     reason = uncountable(new_source)
     if reason:
         return reason
-    grown = string_chars(new_source) - string_chars(old_source)
+    grown = constant_size(new_source) - constant_size(old_source)
     if grown > STRING_GROWTH_LIMIT:
-        return f"its string constants grew by {grown} characters (more than {STRING_GROWTH_LIMIT})"
+        return f"its constants grew by {grown} characters and numbers (more than {STRING_GROWTH_LIMIT})"
     return ""
 
 
@@ -156,3 +164,50 @@ def _is_docstring(node):
     """A statement that is only a string: a docstring (or a string used as a comment)."""
     return (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
             and isinstance(node.value.value, str))
+
+
+def without_comments_and_docstrings(source):
+    """`source` as a worker runs it: comments removed and docstrings blanked (spaces, their
+    line breaks kept), so every line keeps its number for tracebacks. What runs is then
+    fixed by code_hash alone: a pipeline cannot read instructions from its own comments or
+    docstrings (open(__file__), __doc__), and re-runs of the same code may pool their pairs.
+    Source that cannot be tokenized is returned as it is (it will not import either)."""
+    try:
+        tree = ast.parse(source)
+        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    except (SyntaxError, tokenize.TokenError, ValueError):
+        return source
+    lines = source.splitlines(keepends=True)
+
+    def char_col(row, byte_col):  # the AST counts UTF-8 bytes, tokenize characters
+        return len(lines[row - 1].encode()[:byte_col].decode(errors="ignore"))
+
+    docstrings = [(n.value.lineno, char_col(n.value.lineno, n.value.col_offset),
+                   n.value.end_lineno, char_col(n.value.end_lineno, n.value.end_col_offset))
+                  for n in ast.walk(tree) if _is_docstring(n)]
+    edits = []
+    for tok in tokens:
+        if tok.type == tokenize.COMMENT:
+            edits.append((tok.start, tok.end, ""))
+        elif tok.type == tokenize.STRING and any((r0, c0) <= tok.start and tok.end <= (r1, c1)
+                                                 for r0, c0, r1, c1 in docstrings):
+            edits.append((tok.start, tok.end, _blanked_string(tok.string)))
+    for (row, col), (end_row, end_col), text in reversed(edits):
+        head, tail = lines[row - 1][:col], lines[end_row - 1][end_col:]
+        lines[row - 1:end_row] = (head + text + tail).splitlines(keepends=True) or [""]
+    result = "".join(lines)
+    try:
+        same = code_hash(result) == code_hash(source) and result.count("\n") == source.count("\n")
+    except RecursionError:
+        same = False
+    return result if same else source
+
+
+def _blanked_string(literal):
+    """A string literal with the same prefix, quotes and line breaks, its text made spaces."""
+    prefix = len(literal) - len(literal.lstrip("rRbBuUfF"))
+    quote = 3 if literal[prefix:prefix + 3] in ('"""', "'''") else 1
+    body = literal[prefix + quote:len(literal) - quote]
+    kept = "".join(c if c == "\n" or (c == "\\" and body[i + 1:i + 2] == "\n") else " "
+                   for i, c in enumerate(body))
+    return literal[:prefix + quote] + kept + literal[len(literal) - quote:]

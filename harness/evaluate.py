@@ -88,13 +88,15 @@ def make_context(settings, *, quick, model=None, root=ROOT):
 # ---------------------------------------------------------------------------
 # Measuring
 # ---------------------------------------------------------------------------
-def measure(ctx, inference_paths, *, reference, tasks, overrides=None, log_dir, earlier=None):
+def measure(ctx, inference_paths, *, reference, tasks, overrides=None, log_dir, ab=None):
     """Speed for every worker (interleaved; a sequential A/B when there are two), then
     quality for the challenger.
 
     Args:
         inference_paths: {"champion": path, "challenger": path} or just the challenger.
-        earlier: pooled ratios of earlier runs of the same code (ledger.earlier_ratios).
+        ab: what the A/B knows before it starts: {"earlier": pooled ratios of earlier runs
+            of the same code (ledger.earlier_ratios), "fewer_lines": a "simpler" KEEP is
+            possible} (see SequentialRule).
     Returns:
         {"samples", "workers", "quality", "failure", "speed"}; failure is None or
         {"decision": CRASH|INVALID, "reason", "worker", "log_tail"}; speed is
@@ -108,7 +110,7 @@ def measure(ctx, inference_paths, *, reference, tasks, overrides=None, log_dir, 
         stage("speed: " + ("champion and challenger alternating, until the interval decides"
                            if len(workers) > 1 else "challenger alone"))
         out["speed"]["load_avg"] = round(os.getloadavg()[0], 2)
-        rule = SequentialRule(ctx, earlier) if len(workers) > 1 else None
+        rule = SequentialRule(ctx, **(ab or {})) if len(workers) > 1 else None
         started = time.perf_counter()
         out["samples"] = bench.run_workload(workers, ctx.preset, ctx.tokenizer, ctx.corpus_text,
                                             timeout_s=ctx.settings.timeouts.call_s,
@@ -135,14 +137,14 @@ class SequentialRule:
     end past the preset's time budget. Called by
     bench.run_workload with the samples so far; remembers why it said stop."""
 
-    def __init__(self, ctx, earlier):
+    def __init__(self, ctx, earlier=None, fewer_lines=False):
         self.metric, self.min_effect = ctx.settings.verdict.primary_metric, ctx.settings.verdict.min_effect
-        self.budget_s, self.earlier = ctx.preset.budget_s, earlier
+        self.budget_s, self.earlier, self.fewer_lines = ctx.preset.budget_s, earlier, fewer_lines
         self.started, self.stopped = time.perf_counter(), None
 
     def settled(self, samples):
         figures = verdict.comparison(samples, self.metric, min_effect=self.min_effect, earlier=self.earlier)
-        return verdict.settled(figures, min_effect=self.min_effect)
+        return verdict.settled(figures, min_effect=self.min_effect, fewer_lines=self.fewer_lines)
 
     def __call__(self, samples):
         elapsed = time.perf_counter() - self.started
@@ -241,10 +243,12 @@ def evaluate(ctx, *, inference_path=None, overrides=None, source="agent", apply=
     inference_path = Path(inference_path or ctx.root / "inference.py")
     standing = where_we_stand(ctx)
     result = new_result(ctx, standing, source, overrides)
-    source = inference_path.read_text(errors="replace")
-    changes = change_monitor(ctx, standing, source)
+    code = inference_path.read_text(errors="replace")
+    changes = change_monitor(ctx, standing, code)
     result["changes"] = changes["vs_baseline"]["summary"]
-    result["code_hash"] = code_size.code_hash(source)
+    result["code_hash"] = code_size.code_hash(code)  # what runs (comments and docstrings never do)
+    lines = changes["vs_champion"]["lines"] if changes["vs_champion"] else {"delta": None, "uncounted": ""}
+    result["lines_vs_champion"], result["lines_uncounted"] = lines["delta"], lines["uncounted"]
     locked = locked_files_changed(ctx, standing)
     out = {"samples": [], "workers": {}, "quality": None, "logs": {}}
     if locked:
@@ -253,16 +257,15 @@ def evaluate(ctx, *, inference_path=None, overrides=None, source="agent", apply=
         compare = _compares(standing, overrides)
         earlier, earlier_runs = ledger.earlier_ratios(standing.rows, protocol=ctx.protocol, champion=result["champion"],
                                                       code_hash=result["code_hash"]) if compare else ({}, 0)
-        out = measure_run(ctx, standing, inference_path, overrides, compare=compare, earlier=earlier)
+        fewer_lines = (lines["delta"] or 0) < 0 and not lines["uncounted"]
+        out = measure_run(ctx, standing, inference_path, overrides, compare=compare,
+                          ab={"earlier": earlier, "fewer_lines": fewer_lines})
         record_sandbox(result, out["workers"])
         result.update(out["speed"])
         if out["failure"]:
             record_failure(result, out["failure"])
         else:
             figures(ctx, result, out, earlier)
-            vs_champion = changes["vs_champion"]
-            result["lines_vs_champion"] = vs_champion["lines"]["delta"] if vs_champion else None
-            result["lines_uncounted"] = vs_champion["lines"].get("uncounted", "") if vs_champion else ""
             judge(ctx, result, standing, search=bool(overrides))
             explain_noise(result, standing, earlier_runs)
     guard_ledger(ctx, result, standing)
@@ -342,7 +345,7 @@ def change_monitor(ctx, standing, source_now):
     return {"vs_baseline": vs_baseline, "vs_champion": vs_champion}
 
 
-def measure_run(ctx, standing, inference_path, overrides, *, compare, earlier=None):
+def measure_run(ctx, standing, inference_path, overrides, *, compare, ab=None):
     """The reference, then the workers (the champion's inference.py from git when `compare`),
     all in a temporary folder. Returns measure()'s dict plus the workers' log tails."""
     tasks = quality.selected_tasks(ctx.settings, ctx.quick)
@@ -361,7 +364,7 @@ def measure_run(ctx, standing, inference_path, overrides, *, compare, earlier=No
             paths[name].parent.mkdir()
             paths[name].write_bytes(source)
         out = measure(ctx, paths, reference=reference, tasks=tasks, overrides=overrides, log_dir=tmp,
-                      earlier=earlier)
+                      ab=ab)
         names = {Path(p).name: name for name, p in out["log_paths"].items()}
         out["logs"] = {names.get(p.name, p.stem): read_log_tail(p) for p in Path(tmp).glob("*.log")}
     out["reference"] = reference

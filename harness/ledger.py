@@ -313,13 +313,15 @@ def newest_protocol(rows, ancestry):
 def earlier_ratios(rows, *, protocol, champion, code_hash):
     """The paired ratios of earlier runs of the same code (`code_hash`) against the same
     champion commit under `protocol`, pooled: {metric: [ratios]}. Only rows the harness
-    wrote (trusted) and that measured cleanly count; returns ({}, 0) when there are none,
-    else (pooled ratios, how many runs)."""
+    wrote (trusted) that measured cleanly and passed every quality gate count (a run that
+    cut corners is not the code's speed); returns ({}, 0) when there are none, else
+    (pooled ratios, how many runs)."""
     pooled, runs = {}, 0
     for row in rows:
         if not (row.get("trusted", True) and row.get("code_hash") == code_hash and row.get("ratios")
                 and row.get("protocol") == protocol and row.get("champion") == champion
-                and row.get("decision") not in FAILED and row.get("dirty") != "true"
+                and row.get("decision") not in FAILED and row.get("quality_pass") == "true"
+                and row.get("dirty") != "true"
                 and row.get("source") != "search"):
             continue
         try:

@@ -128,7 +128,7 @@ def _build_reference(ctx, tasks, folder, log_dir):
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    worker = Worker(REFERENCE_PIPELINE, Path(log_dir) / "reference.log")
+    worker = Worker(REFERENCE_PIPELINE, Path(log_dir) / "reference.log", expose=[ctx.model_dir])
     try:
         worker.load(ctx.model_dir, timeout_s=ctx.settings.timeouts.load_s)
         # Score as many tokens as the largest preset needs; smaller ones use a prefix.
@@ -270,7 +270,7 @@ def measure_timed_calls(ctx, samples, logprobs, log_dir):
     """
     timed = {"kl": [], "top1": [], "own_pit": [], "ref_pit": [], "own_pit_var": [], "ref_pit_var": [],
              "ref_nll": [], "ref_entropy": []}
-    worker = Worker(REFERENCE_PIPELINE, Path(log_dir) / "reference.log")
+    worker = Worker(REFERENCE_PIPELINE, Path(log_dir) / "reference.log", expose=[ctx.model_dir])
     try:
         worker.load(ctx.model_dir, timeout_s=ctx.settings.timeouts.load_s)
         progress = Progress("quality: timed calls", unit="calls")

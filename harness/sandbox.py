@@ -109,14 +109,29 @@ def private_env(folder, env):
 
 def bwrap_command(command, folder, hide=(), prefix=None, expose=()):
     """The bubblewrap argv: `prefix` (bwrap and its flags; default: the full set), each of
-    `hide` under an empty tmpfs, each of `expose` bound back read-only, `folder` writable,
-    then `command`. (Later mounts go on top of earlier ones: hide first, then re-expose.)"""
+    `hide` under an empty tmpfs (made read-only at the end), each of `expose` bound back
+    read-only, `folder` writable, then `command`. (Later mounts go on top of earlier ones:
+    hide first, then re-expose.)"""
     argv = list(prefix or ["bwrap", *_BWRAP_BASE, *_BWRAP_NO_USERNS])
-    for path in hide:
+
+    def inside(path, others):
+        return any(path != other and Path(path).is_relative_to(other) for other in others)
+
+    # A hidden folder inside another hidden one is hidden already, unless an exposed folder
+    # brought it back: then it is hidden again on top of that.
+    outer = [path for path in hide if not inside(path, hide)]
+    inner = [path for path in hide if inside(path, hide) and inside(path, expose)]
+    for path in outer:
         argv += ["--tmpfs", path]  # an empty, private folder in its place
     for path in expose:
         argv += ["--ro-bind", path, path]
+    for path in inner:
+        argv += ["--tmpfs", path]
     argv += ["--bind", folder, folder]
+    for path in outer + inner:
+        # then read-only: the folder stays its one writable place (the mounts made inside a
+        # hidden tmpfs above are mounts of their own and keep their modes)
+        argv += ["--remount-ro", path]
     return [*argv, "--chdir", folder, "--", *command]
 
 
@@ -404,6 +419,23 @@ def peak_rss(pids):
         except (OSError, ValueError, IndexError):
             pass
     return peak
+
+
+HAS_PROC = os.path.isdir("/proc/self")  # Linux: memory and processes read from /proc
+
+
+def resident_bytes(pids):
+    """The resident memory (VmRSS, bytes) of `pids` together, now; 0 where /proc cannot tell."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
 
 
 @functools.lru_cache(maxsize=None)

@@ -58,21 +58,29 @@ def min_detectable_effect(speedup, low, min_effect):
     return speedup * (1 + min_effect) / low
 
 
-def settled(comparison_figures, *, min_effect):
+def settled(comparison_figures, *, min_effect, fewer_lines=False):
     """True once more pairs cannot change the decision's direction: the speedup's
     interval lies wholly above the KEEP line 1 + min_effect (and, for decode, so does the
-    whole-call ratio's, or that one lies wholly below), or wholly below it."""
+    whole-call ratio's, or that one lies wholly below), or wholly below it. With
+    `fewer_lines` (a "simpler" KEEP is possible): also once it is surely no slower than
+    1 - min_effect (whole calls too, for decode), and wholly below only under that."""
     low, high = comparison_figures["speedup_ci"]
     if low is None:
         return False
-    need = 1 + min_effect
-    if high < need:
+    need, floor = 1 + min_effect, 1 - min_effect
+    whole_low, whole_high = comparison_figures["end_to_end_ci"]
+    decode = comparison_figures["primary_metric"] == "decode_tps"
+    if fewer_lines:
+        if low >= floor and (not decode or (whole_low is not None and whole_low >= floor)):
+            return True
+        if high < floor:
+            return True
+    elif high < need:
         return True
     if low <= need:
         return False
-    if comparison_figures["primary_metric"] != "decode_tps":
+    if not decode:
         return True
-    whole_low, whole_high = comparison_figures["end_to_end_ci"]
     return whole_low is not None and (whole_low > need or whole_high < need)
 
 
@@ -125,17 +133,18 @@ def decide(*, gate_reason, has_champion, dirty, search, min_effect, speedup=None
                                    f"the full preset decides")
     need = 1 + min_effect
     low, high = speedup_ci
-    if low > need and primary_metric == "decode_tps" and not (end_to_end_ci[0] or 0) > need:
-        whole = (f"{pct(end_to_end_ratio)} [{pct(end_to_end_ci[0])}, {pct(end_to_end_ci[1])}]"
-                 if end_to_end_ci[0] is not None else pct(end_to_end_ratio))
-        return Decision.REVERT, (f"decode looks {speed} faster, but whole calls are not surely faster "
-                                 f"({whole}): a decode win must shorten whole calls too")
-    if low > need:
+    whole_low = end_to_end_ci[0] if primary_metric == "decode_tps" else None
+    if low > need and (primary_metric != "decode_tps" or (whole_low or 0) > need):
         return Decision.KEEP, f"faster: {speed} beats the noise (needs > {pct(need)})"
-    why_not = _not_simpler(speedup, high, min_effect, lines_vs_champion, lines_uncounted)
+    why_not = _not_simpler(low, whole_low, primary_metric, min_effect, lines_vs_champion, lines_uncounted)
     if why_not == "":
-        return Decision.KEEP, f"simpler: {lines_vs_champion} lines at equal speed ({speed})"
+        return Decision.KEEP, f"simpler: {lines_vs_champion} lines, surely no slower than {pct(1 - min_effect)} ({speed})"
     simpler = f"; not simpler: {lines_vs_champion} lines, but {why_not}" if why_not else ""
+    if low > need:
+        whole = (f"{pct(end_to_end_ratio)} [{pct(end_to_end_ci[0])}, {pct(end_to_end_ci[1])}]"
+                 if whole_low is not None else pct(end_to_end_ratio))
+        return Decision.REVERT, (f"decode looks {speed} faster, but whole calls are not surely faster "
+                                 f"({whole}): a decode win must shorten whole calls too{simpler}")
     if high < 1:
         return Decision.REVERT, f"slower: {speed}{simpler}"
     if high < need:
@@ -143,17 +152,18 @@ def decide(*, gate_reason, has_champion, dirty, search, min_effect, speedup=None
     return Decision.REVERT, f"within noise: {speed} (needs > {pct(need)}){simpler}"
 
 
-def _not_simpler(speedup, high, min_effect, lines_vs_champion, lines_uncounted):
+def _not_simpler(low, whole_low, primary_metric, min_effect, lines_vs_champion, lines_uncounted):
     """Why fewer lines do not win a "simpler" KEEP; "" when they do, None when there are
-    not fewer lines. Simplicity wins with fewer lines (trusted: no code hidden in data) at
-    a speed the noise can't tell from the champion's (the interval reaches above 1) and a
-    median no worse than 1 - min_effect."""
+    not fewer lines. Simplicity wins with fewer lines (trusted: no code hidden in data)
+    that are surely no slower than 1 - min_effect: the interval's lower end at or above it
+    (for decode, the whole calls' too) — a non-inferiority test, not a point median."""
     if (lines_vs_champion or 0) >= 0:
         return None
     if lines_uncounted:
         return lines_uncounted
-    if high <= 1:
-        return "the interval is wholly below 1"
-    if speedup < 1 - min_effect:
-        return f"the median {pct(speedup)} is below {pct(1 - min_effect)}"
+    floor = 1 - min_effect
+    if low < floor:
+        return f"the interval reaches below {pct(floor)}"
+    if primary_metric == "decode_tps" and (whole_low is None or whole_low < floor):
+        return f"whole calls may be slower than {pct(floor)}"
     return ""

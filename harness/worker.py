@@ -29,6 +29,7 @@ import numpy as np
 # callers may keep importing them from here.
 from harness import sandbox
 from harness.child import row_digest
+from harness.code_size import without_comments_and_docstrings
 from harness.models import cache_dir
 from harness.pipe import (Channel, PipeTimeout, WorkerCrash, WorkerInvalid, decode_block,
                           decode_reply, keep_recent)
@@ -45,6 +46,8 @@ LAUNCHER = "import sys; sys.path.append(sys.argv.pop(1)); from harness.child imp
 # more than any honest log; a pipeline cannot write bigger files in its folder either.
 LOG_LIMIT_BYTES = 64 << 20
 LOG_TAIL_BYTES = 20000  # how much of a log the harness reads back (read_log_tail)
+RSS_SAMPLE_S = 0.05     # how often the parent looks at a worker's resident memory during a call
+EXIT_GRACE_S = 1.0      # how long a worker whose pipe closed may take to exit before it is killed
 
 
 def read_log_tail(path, limit=LOG_TAIL_BYTES):
@@ -101,7 +104,9 @@ class Worker:
         self._hide, self._expose = list(hide), list(expose)
         self._folder = Path(tempfile.mkdtemp(prefix="mlx-hillclimb-worker-"))
         self.inference_path = self._folder / Path(inference_path).name
-        shutil.copyfile(inference_path, self.inference_path)
+        # What runs is fixed by its syntax tree: no comment or docstring is there to read.
+        source = Path(inference_path).read_text(errors="surrogateescape")
+        self.inference_path.write_text(without_comments_and_docstrings(source), errors="surrogateescape")
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
@@ -109,7 +114,7 @@ class Worker:
             req_w, resp_r = self._start()
         except BaseException:
             self._log.close()
-            shutil.rmtree(self._folder, ignore_errors=True)
+            remove_folder(self._folder)
             raise
         Worker._running.add(self.proc.pid)
         self._channel = Channel(send_fd=req_w, recv_fd=resp_r)
@@ -136,7 +141,10 @@ class Worker:
                        str(self.inference_path)]
             # The reference's log-probs are hidden (a pipeline could replay them), and so are
             # the folders that would tell it its role; the harness package stays readable.
-            box = sandbox.wrap(command, folder, hide=[cache_dir() / "reference", *self._hide],
+            # The system's temp folder too: other workers' folders are there (the other role's
+            # inference.py, other runs' leftovers); this worker's own is bound back writable.
+            box = sandbox.wrap(command, folder, hide=[cache_dir() / "reference", tempfile.gettempdir(),
+                                                      *self._hide],
                                # the interpreter's environment (a venv inside the repository) too
                                expose=[HARNESS_HOME / "harness", sys.prefix, *self._expose],
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -179,6 +187,11 @@ class Worker:
             self.kill()
             raise WorkerInvalid(f"{what}: {exc}") from None
         except (EOFError, OSError):
+            # its pipe closed: let it finish dying (bwrap passes on how its child died)
+            # before kill() would write over that with SIGKILL
+            until = time.perf_counter() + EXIT_GRACE_S
+            while not self._reap(block=False) and time.perf_counter() < until:
+                time.sleep(0.01)
             raise self._crash(f"the worker exited during {what}") from None
 
     def _recv(self, deadline, what):
@@ -244,6 +257,7 @@ class Worker:
         """
         tokens, times, digests = [], [], []
         self._limit_s = timeout_s
+        watch = RssWatch(self._members(sandbox.process_table(), strays=False) if sandbox.HAS_PROC else ())
         start = time.perf_counter()
         deadline = start + timeout_s
         self._released, released = [], self._released
@@ -266,7 +280,9 @@ class Worker:
                 tokens.append(token)
                 times.append(now - start)
                 digests.append(message.get("d"))
+                watch.sample(now)
             else:
+                self._peak_rss = max(self._peak_rss, watch.peak)
                 if keep is not None:  # evicts what the worker evicts (the same keep_recent)
                     keep_recent(self._digests, keep, digests)
                 return {"tokens": tokens, "times": times,
@@ -352,7 +368,7 @@ class Worker:
         self._channel.close()
         if not self._log.closed:
             self._log.close()
-        shutil.rmtree(self._folder, ignore_errors=True)
+        remove_folder(self._folder)
 
     def pause(self):
         """Stop (SIGSTOP) every process of the worker, so it cannot use the CPU while another
@@ -430,9 +446,12 @@ class Worker:
         for call in call_ids:
             head = self._recv(deadline, "logprobs")
             rows = head.get("rows")
-            if head.get("call") != call or isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+            # The call yielded one digest per token: exactly that many rows may come (a worker
+            # announcing more would have the harness read without end).
+            if head.get("call") != call or rows != len(self._digests[call]) or isinstance(rows, bool):
                 self.kill()
-                raise WorkerInvalid(f"logprobs: expected call {call!r}'s header, got {str(head)[:80]}")
+                raise WorkerInvalid(f"logprobs: expected call {call!r}'s header with {len(self._digests[call])} "
+                                    f"rows, got {str(head)[:80]}")
             blocks, got = [], 0
             while not blocks or got < rows:  # even 0 rows come as one (0, vocab) block
                 shape = tuple(self._recv(deadline, "logprobs").get("shape") or ())
@@ -461,6 +480,36 @@ class Worker:
             self.kill()
             raise WorkerInvalid(f"logprobs of speed call {call!r} are not the ones generate() yielded "
                                 f"while it was timed")
+
+
+class RssWatch:
+    """The worker's resident memory, sampled by the parent while a call runs (at most every
+    RSS_SAMPLE_S, as tokens arrive): unlike the peak figures the process keeps about itself
+    (VmHWM, ru_maxrss, MLX's counter), nothing in the worker can reset what was seen here."""
+
+    def __init__(self, pids):
+        self.pids, self.peak, self._last = pids, 0, 0.0
+
+    def sample(self, now):
+        if now - self._last >= RSS_SAMPLE_S:
+            self._last = now
+            self.peak = max(self.peak, sandbox.resident_bytes(self.pids))
+
+
+def remove_folder(folder):
+    """Remove `folder` and everything in it, also what the pipeline made read-only (a folder
+    without write permission would otherwise outlive the run for a user who is not root)."""
+    def writable_then_retry(function, path, _):
+        for target in (os.path.dirname(path), path):
+            try:
+                os.chmod(target, 0o700, follow_symlinks=False)
+            except (OSError, NotImplementedError):
+                pass
+        try:
+            function(path)
+        except OSError:
+            pass
+    shutil.rmtree(folder, onerror=writable_then_retry)
 
 
 def _renumbered(fd):

@@ -31,12 +31,17 @@ CASES = [
      end_to_end_ci=[1.005, 1.04]), "REVERT", ["whole calls"]),
     ("prefill win, whole decode calls unchanged", dict(primary_metric="prefill_tps", speedup=1.2,
      speedup_ci=[1.1, 1.3], end_to_end_ratio=1.0, end_to_end_ci=[0.97, 1.03]), "KEEP", ["faster"]),
-    ("simpler at equal speed", dict(speedup=0.995, speedup_ci=[0.95, 1.04], lines_vs_champion=-12), "KEEP",
-     ["simpler", "-12 lines"]),
-    ("fewer lines, median too slow", dict(speedup=0.986, speedup_ci=[0.96, 1.128], lines_vs_champion=-12),
-     "REVERT", ["within noise", "not simpler", "-1.4 %", "below -1.0 %"]),
+    ("simpler, surely no slower", dict(speedup=1.0, speedup_ci=[0.992, 1.008], lines_vs_champion=-12), "KEEP",
+     ["simpler", "-12 lines", "surely no slower than -1.0 %"]),
+    ("simpler on a noisy interval (a point median is not enough)", dict(
+        speedup=0.991, speedup_ci=[0.574, 1.588], lines_vs_champion=-3), "REVERT",
+     ["within noise", "not simpler", "reaches below -1.0 %"]),
+    ("fewer lines, whole calls may be slower", dict(speedup=1.0, speedup_ci=[0.995, 1.005], end_to_end_ratio=1.0,
+     end_to_end_ci=[0.95, 1.05], lines_vs_champion=-5), "REVERT", ["not simpler", "whole calls may be slower"]),
     ("fewer lines, surely slower", dict(speedup=0.95, speedup_ci=[0.93, 0.98], lines_vs_champion=-3),
-     "REVERT", ["slower", "not simpler", "wholly below 1"]),
+     "REVERT", ["slower", "not simpler", "reaches below"]),
+    ("fewer lines, decode burst but whole calls no slower", dict(speedup=1.5, speedup_ci=[1.3, 1.7],
+     end_to_end_ratio=1.0, end_to_end_ci=[0.995, 1.004], lines_vs_champion=-4), "KEEP", ["simpler"]),
     ("slower", dict(speedup=0.9, speedup_ci=[0.85, 0.95]), "REVERT", ["slower: -10.0 %"]),
     ("within noise", dict(speedup=1.01, speedup_ci=[0.97, 1.05]), "REVERT", ["within noise"]),
     ("too few pairs", dict(speedup=1.3, speedup_ci=[None, None], pairs=4), "MEASURED",
@@ -71,6 +76,18 @@ SETTLED = [
     ("surely no win of 1 %", [0.95, 1.005], [0.95, 1.005], "decode_tps", True),
     ("straddles the KEEP line", [0.98, 1.04], [0.98, 1.04], "decode_tps", False),
 ]
+SETTLED_FEWER_LINES = [
+    ("surely no slower", [0.995, 1.004], [0.992, 1.01], True),
+    ("surely no slower, whole calls unsure", [0.995, 1.004], [0.95, 1.01], False),
+    ("no win, but may still prove no slower", [0.97, 1.005], [0.97, 1.005], False),
+    ("surely slower than the floor", [0.9, 0.98], [0.9, 0.98], True),
+]
+
+
+@pytest.mark.parametrize("what, ci, whole, expected", SETTLED_FEWER_LINES, ids=[c[0] for c in SETTLED_FEWER_LINES])
+def test_settled_with_fewer_lines(what, ci, whole, expected):
+    figures = {"speedup_ci": ci, "end_to_end_ci": whole, "primary_metric": "decode_tps"}
+    assert settled(figures, min_effect=0.01, fewer_lines=True) is expected
 
 
 @pytest.mark.parametrize("what, ci, whole, metric, expected", SETTLED, ids=[c[0] for c in SETTLED])

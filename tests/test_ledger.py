@@ -148,9 +148,9 @@ def test_branch_baseline():
 def test_earlier_ratios_pool_only_the_same_code_against_the_same_champion(tmp_path):
     """A re-roll continues its comparison: the newest clean row of the same code hash,
     champion and protocol holds every pair so far; other code, champions, protocols,
-    failed, dirty, search or foreign rows never count."""
+    failed, gate-failing, dirty, search or foreign rows never count."""
     path = tmp_path / "results.tsv"
-    same = dict(code_hash="h1", champion="c0", protocol="p", decision="REVERT")
+    same = dict(code_hash="h1", champion="c0", protocol="p", decision="REVERT", quality_pass=True)
 
     def pairs(*values):
         return json.dumps({"decode_tps": list(values), "end_to_end": list(values)})
@@ -158,7 +158,7 @@ def test_earlier_ratios_pool_only_the_same_code_against_the_same_champion(tmp_pa
     ledger.append(path, _row("first try", **same, ratios=pairs(1.1, 1.2)))
     ledger.append(path, _row("re-roll", **same, ratios=pairs(1.1, 1.2, 1.3)))
     for other in (dict(code_hash="h2"), dict(champion="c9"), dict(protocol="q"), dict(decision="CRASH"),
-                  dict(dirty=True), dict(source="search")):
+                  dict(dirty=True), dict(source="search"), dict(quality_pass=False)):
         ledger.append(path, _row("not the same comparison", **{**same, **other}, ratios=pairs(9.0)))
     rows, _ = ledger.read(path)
     pooled, runs = ledger.earlier_ratios(rows, protocol="p", champion="c0", code_hash="h1")

@@ -312,6 +312,9 @@ def test_code_run_from_a_string_is_not_counted(wrapper, why):
     ("import pickle\n_load = pickle.loads\n", "pickle"),
     ("def _pick(name):\n    return getattr(mx, name)\n", "computed attribute name"),
     ("import sys\n_m = sys.modules[chr(98) + 'uiltins']\n", "sys.modules"),
+    ("import pydoc\n_run = pydoc.locate('builtins.' + 'exec')\n", "pydoc"),
+    ("from pkgutil import resolve_name\n_run = resolve_name('builtins:' + 'exec')\n", "pkgutil"),
+    ("import operator\n_get = operator.attrgetter('ex' + 'ec')\n", "operator"),
 ])
 def test_unpacking_and_computed_lookups_are_not_counted(code, why):
     result = monitor.compare(BASELINE, BASELINE + "\n" + code)
@@ -325,6 +328,9 @@ def test_strings_that_grow_past_the_limit_are_not_counted():
     assert code_size.uncountable(new) == ""  # no code runs it: only the growth says so
     result = monitor.compare(BASELINE, new)
     assert f"grew by {code_size.STRING_GROWTH_LIMIT + 1} characters" in result["lines"]["uncounted"]
+    # a table of numbers is data as well (character codes run through exec by another door)
+    codes = edit("def _new_cache(", f"_CODES = {list(range(code_size.STRING_GROWTH_LIMIT + 1))!r}\n\n\ndef _new_cache(")
+    assert "grew by" in monitor.compare(BASELINE, codes)["lines"]["uncounted"]
     # against a champion that had the string already, the count is trusted again
     assert monitor.compare(new, new)["lines"]["uncounted"] == ""
     # the limit itself, docstrings and bytes count as said
@@ -339,7 +345,7 @@ def test_strings_that_grow_past_the_limit_are_not_counted():
 
 def test_honest_code_and_edits_are_counted():
     # the repository's inference.py (tests/conftest.py's make_project copies it unchanged)
-    assert code_size.uncountable(BASELINE) == "" and code_size.string_chars(BASELINE) < 100
+    assert code_size.uncountable(BASELINE) == "" and code_size.constant_size(BASELINE) < 100
     assert monitor.compare(BASELINE, BASELINE)["lines"] == {
         "old": code_size.code_lines(BASELINE), "new": code_size.code_lines(BASELINE), "delta": 0, "uncounted": ""}
     import ast
@@ -371,3 +377,22 @@ def test_code_hash_ignores_comments_and_docstrings_only():
     for other in (edit("TEMP = 0.7 ", "TEMP = 0.6 "), edit("    mx.eval(model.parameters())\n", "")):
         assert code_size.code_hash(other) != code_size.code_hash(BASELINE)
     assert code_size.code_hash("def broken(:") != code_size.code_hash("def broken(:\n")
+
+
+def test_a_worker_runs_its_code_without_comments_or_docstrings():
+    """What a worker loads is fixed by the syntax tree (code_hash): no comment or docstring
+    is left to carry instructions (open(__file__), __doc__), and every line keeps its number."""
+    source = ('"""Module doc: run me."""\nimport os  # turbo\n\n\ndef f():\n    r\'\'\'exec\n    this\'\'\'\n'
+              '    return "# kept: not a comment", 1 # trailing\n')
+    ran = code_size.without_comments_and_docstrings(source)
+    assert "turbo" not in ran and "run me" not in ran and "exec" not in ran and "trailing" not in ran
+    assert '"# kept: not a comment"' in ran
+    assert ran.count("\n") == source.count("\n")
+    assert code_size.code_hash(ran) == code_size.code_hash(source)
+    namespace = {}
+    exec(compile(ran, "inference.py", "exec"), namespace)
+    assert namespace["__doc__"].strip() == "" and namespace["f"].__doc__.strip() == ""
+    assert namespace["f"]() == ("# kept: not a comment", 1)
+    real = BASELINE
+    assert code_size.code_hash(code_size.without_comments_and_docstrings(real)) == code_size.code_hash(real)
+    assert code_size.without_comments_and_docstrings("def broken(:\n") == "def broken(:\n"

@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import textwrap
 import time
 import types
@@ -178,18 +179,30 @@ def test_worker_writes_only_its_own_folder(sandboxed, tmp_path, tiny_llama, monk
                str(tiny_llama / "config.json")]
     creates = [str(tmp_path), str(REPO), str(tiny_llama), "/tmp"]
     # tmp_path / "w" holds the file the caller handed over: not the worker's folder
+    # another worker's folder, where the other role's inference.py lies (a red team read it)
+    sibling = Path(tempfile.mkdtemp(prefix="mlx-hillclimb-worker-")) / "inference.py"
+    sibling.write_text("GEN = 2\n")
     worker, folder, _ = start(tmp_path, "w", {"append": appends, "create": creates + [str(tmp_path / "w"), "."],
-                                              "read": [str(secret)]})
+                                              "read": [str(secret), str(sibling)]})
     try:
         assert worker.sandbox == "bwrap" and worker.info["sandbox"] == "bwrap"
         got = report(folder)
     finally:
         worker.close()
+        shutil.rmtree(sibling.parent)
     assert not folder.exists()  # the private folder goes with the worker
-    assert set(got["append"].values()) == {"OSError"}, got["append"]  # EROFS
+    # the system's temp folder (other workers' folders, this test's files) is hidden; the
+    # rest is read-only (EROFS)
+    temp = tempfile.gettempdir()
+    assert {path: kind for path, kind in got["append"].items() if not path.startswith(temp)} == {
+        path: "OSError" for path in appends if not path.startswith(temp)}, got["append"]
+    assert {path: kind for path, kind in got["append"].items() if path.startswith(temp)} == {
+        path: "FileNotFoundError" for path in appends if path.startswith(temp)}, got["append"]
     assert got["create"].pop(".") == "ok"
-    assert set(got["create"].values()) == {"OSError"}, got["create"]
-    assert got["read"] == {str(secret): "FileNotFoundError"}  # the reference cache is hidden
+    assert set(got["create"].values()) <= {"OSError", "FileNotFoundError"}, got["create"]
+    assert got["create"]["/tmp"] == "OSError"  # hidden, and read-only too
+    # the reference cache and the other worker's folder are hidden
+    assert got["read"] == {str(secret): "FileNotFoundError", str(sibling): "FileNotFoundError"}
     assert got["env"]["TMPDIR"] == str(folder.resolve())
     assert not list(REPO.glob("sandbox-probe-*")) and not list(tmp_path.glob("sandbox-probe-*"))
 
@@ -202,7 +215,7 @@ def test_an_environment_inside_a_hidden_folder_stays_usable(sandboxed, tmp_path,
     folder = tmp_path / "w"
     folder.mkdir()
     shutil.copy(REPO / "inference.py", folder / "inference.py")
-    worker = Worker(folder / "inference.py", tmp_path / "w.log", hide=[Path(sys.prefix).parent])
+    worker = Worker(folder / "inference.py", tmp_path / "w.log", hide=[Path(sys.prefix).parent], expose=[tiny_llama])
     try:
         worker.load(tiny_llama, timeout_s=120)
         out = worker.generate([1, 2, 3], max_tokens=4, stop_at_eos=False, timeout_s=60)

@@ -20,6 +20,7 @@ from harness.worker import Worker, WorkerCrash, WorkerInvalid, read_log_tail
 STAND_IN = '''
 import os
 import signal
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -60,6 +61,25 @@ def generate(pipeline, prompt, *, max_tokens, stop_at_eos):
         elif MODE == "flood":  # prints without end (print goes to the log)
             while True:
                 print("x" * 4095)
+        elif MODE == "announce_more" and i == 0:  # the kept rows' header will promise endless rows
+            import sys
+            child = sys.modules["harness.child"]
+
+            def endless(channel, request, kept):
+                channel.send({"call": request["calls"][0], "rows": 10 ** 12})
+                while True:
+                    channel.send_block(np.zeros((1000, VOCAB), np.float32))
+            child._send_logprobs = endless
+            yield i, lp
+        elif MODE == "ballast":  # holds 300 MB while timed, then resets the peaks it keeps itself
+            ballast = np.ones(300_000_000 // 8)
+            for j in range(max_tokens):
+                time.sleep(0.1)
+                yield j, logprobs_for(j)
+            del ballast
+            with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM and ru_maxrss
+                f.write("5")
+            return
         elif MODE == "flood_killed":  # the same, with SIGXFSZ back to its default (kill)
             signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
             while True:
@@ -223,6 +243,25 @@ def test_endless_output_is_a_crash_and_the_log_stays_bounded(start, monkeypatch,
         assert info.value.log_tail.endswith("x" * 100) and len(info.value.log_tail) <= 20000
     assert 0 < os.path.getsize(worker.log_path) <= 1 << 20
     assert not worker.alive()
+
+
+def test_kept_rows_come_only_as_many_as_the_call_had_tokens(start):
+    """A worker that announces more rows than its call yielded tokens is cut off at the
+    header: the harness would otherwise read blocks without end (a MemoryError, no row)."""
+    worker = start("announce_more")
+    worker.generate([1, 2], max_tokens=3, stop_at_eos=False, timeout_s=30, keep="a")
+    with pytest.raises(WorkerInvalid, match="header with 3 rows"):
+        worker.timed_logprobs(["a"], timeout_s=30)
+    assert not worker.alive()
+
+
+@pytest.mark.skipif(not sandbox.HAS_PROC, reason="Linux: the parent reads the worker's memory in /proc")
+@pytest.mark.parametrize("sandboxed", [False, True], ids=["no-sandbox", "bwrap"])
+def test_memory_seen_by_the_parent_cannot_be_reset_by_the_worker(start, sandboxed):
+    worker = start("ballast", sandboxed)
+    worker.generate([1, 2], max_tokens=4, stop_at_eos=False, timeout_s=60)
+    worker.close()
+    assert worker.max_rss_bytes > 250_000_000  # the 300 MB it held while timed
 
 
 def test_read_log_tail_reads_only_the_end(tmp_path):
