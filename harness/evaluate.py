@@ -134,8 +134,8 @@ def measure(ctx, inference_paths, *, reference, tasks, overrides=None, log_dir, 
 class SequentialRule:
     """When a sequential A/B adds another round: until the speedup's confidence sequence
     settles (verdict.settled) or another round (as long as the average one so far) would
-    end past the preset's time budget. Called by
-    bench.run_workload with the samples so far; remembers why it said stop."""
+    end past the preset's time budget. bench.run_workload calls it with the samples so
+    far; it remembers why it said stop."""
 
     def __init__(self, ctx, earlier=None, fewer_lines=False):
         self.metric, self.min_effect = ctx.settings.verdict.primary_metric, ctx.settings.verdict.min_effect
