@@ -45,6 +45,7 @@ def code_lines(source):
 # (zlib, lzma, bz2, gzip, base64, binascii, codecs). A pipeline has no use for them.
 CODE_MODULES = {"builtins", "importlib", "runpy", "code", "codeop", "marshal", "pickle", "types", "ctypes",
                 "zipimport", "pydoc", "pkgutil", "operator", "inspect",
+                "timeit", "doctest", "trace", "profile", "cProfile", "pdb", "unittest",  # they run strings
                 "zlib", "lzma", "bz2", "gzip", "base64", "binascii", "codecs"}
 # Names that run a string, or hand out the namespaces where exec and eval live.
 CODE_NAMES = {"exec", "eval", "compile", "__import__", "__builtins__", "globals", "vars", "locals"}
@@ -56,6 +57,7 @@ CODE_ATTRIBUTES = {"exec", "__import__", "__builtins__", "__self__", "__globals_
 CODE_STRINGS = CODE_NAMES | CODE_ATTRIBUTES | (CODE_MODULES - {"code", "types", "operator"})  # ordinary words
 _ATTRIBUTE_CALLS = {"getattr", "setattr", "delattr", "hasattr"}
 STRING_GROWTH_LIMIT = 200   # constants grown by more than this (constant_size): the count is not trusted
+LONGEST_NAME = 48           # a longer identifier is data (a red team hex-encoded the pipeline in one)
 
 
 def _docstring_constants(tree):
@@ -98,6 +100,9 @@ def uncountable(source):
     docstrings = _docstring_constants(tree)
     knobs = values(source, tree)
     for node in ast.walk(tree):
+        name = _identifier(node)
+        if name and len(name) > LONGEST_NAME:
+            return f"it has an identifier of {len(name)} characters (more than {LONGEST_NAME}: data, not a name)"
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.split(".")[0] in CODE_MODULES:
@@ -121,6 +126,22 @@ def uncountable(source):
             if not _is_subscripted_by_literal(node, tree):
                 return "it looks up sys.modules by a computed name"
     return ""
+
+
+def _identifier(node):
+    """The name `node` introduces or uses, if any (variables, attributes, functions, classes,
+    arguments, imports' aliases)."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return node.name
+    if isinstance(node, ast.arg):
+        return node.arg
+    if isinstance(node, ast.alias):
+        return node.asname or node.name
+    return None
 
 
 def _is_subscripted_by_literal(node, tree):

@@ -53,12 +53,82 @@ class Sandbox:
     """A command ready for subprocess.Popen, and how it is confined.
 
     kind: "bwrap", "sandbox-exec" or "none"; command: the argv to run; env: the
-    environment to run it with; why: for "none", the reason no sandbox runs.
+    environment to run it with; why: for "none", the reason no sandbox runs;
+    pass_fds: descriptors the command reads at start (Popen(pass_fds=...)); the caller
+    closes them once the process has started (close()).
     """
     kind: str
     command: list
     env: dict = field(default_factory=dict)
     why: str = ""
+    pass_fds: tuple = ()
+
+    def close(self):
+        """Close pass_fds in this process (the started process has its own copies)."""
+        for fd in self.pass_fds:
+            os.close(fd)
+
+
+# ---------------------------------------------------------------------------
+# seccomp: no covert channel between two sandboxes through shared files
+# ---------------------------------------------------------------------------
+# Both workers see the same read-only files (the same inodes), and a red team passed the
+# role between them with locks (flock on a read-only file crosses mount and PID
+# namespaces): a "sleeper" champion learned that a newer challenger ran beside it. The
+# filter refuses (EPERM) the system calls that let a process see what another does to a
+# shared file: locks (flock; fcntl's lock, lease and directory-notify commands), inotify
+# and fanotify, and mincore (which pages of a file are in memory).
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+_DENIED = {  # architecture -> the system call numbers refused outright
+    "x86_64": {"flock": 73, "inotify_init": 253, "inotify_init1": 294, "fanotify_init": 300, "mincore": 27},
+    "aarch64": {"flock": 32, "inotify_init1": 26, "fanotify_init": 262, "mincore": 232},
+}
+_FCNTL = {"x86_64": 72, "aarch64": 25}
+# F_GETLK F_SETLK F_SETLKW, F_OFD_GETLK F_OFD_SETLK F_OFD_SETLKW, F_SETLEASE F_GETLEASE F_NOTIFY
+_FCNTL_DENIED = (5, 6, 7, 36, 37, 38, 1024, 1025, 1026)
+
+
+def seccomp_program(machine=None):
+    """The seccomp BPF program (bytes, for bwrap --seccomp) for this machine's architecture,
+    or None for one it does not know. Calls from another architecture's ABI (x32, i386 on
+    x86_64) are refused altogether, so the numbers above cannot be dodged."""
+    import platform
+    import struct
+
+    machine = _ARCH_ALIAS.get(machine or platform.machine(), machine or platform.machine())
+    if machine not in _DENIED:
+        return None
+    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
+    allow, deny = 0x7FFF0000, 0x00050000 | 1  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
+    # (code, jump-if-true target, jump-if-false target, k); targets: "next", "allow" or "deny"
+    steps = [(ld, None, None, 4), (jeq, "next", "deny", _AUDIT_ARCH[machine]), (ld, None, None, 0)]
+    if machine == "x86_64":
+        steps.append((jge, "deny", "next", 0x40000000))  # the x32 ABI's numbers
+    steps += [(jeq, "deny", "next", number) for number in _DENIED[machine].values()]
+    steps += [(jeq, "next", "allow", _FCNTL[machine]), (ld, None, None, 24)]  # fcntl's cmd (args[1], low half)
+    steps += [(jeq, "deny", "next", cmd) for cmd in _FCNTL_DENIED]
+    steps += [(ret, None, None, allow), (ret, None, None, deny)]
+    where = {"allow": len(steps) - 2, "deny": len(steps) - 1}
+
+    def offset(i, target):
+        return 0 if target in (None, "next") else where[target] - i - 1
+
+    return b"".join(struct.pack("<HBBI", code, offset(i, jt), offset(i, jf), k)
+                    for i, (code, jt, jf, k) in enumerate(steps))
+
+
+_ARCH_ALIAS = {"amd64": "x86_64", "arm64": "aarch64"}
+
+
+def _seccomp_fd():
+    """A descriptor holding seccomp_program(), for bwrap --seccomp; None when there is none."""
+    program = seccomp_program()
+    if program is None or not hasattr(os, "memfd_create"):
+        return None
+    fd = os.memfd_create("mlx-hillclimb-seccomp")
+    os.write(fd, program)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
 
 
 def setting():
@@ -91,7 +161,10 @@ def wrap(command, folder, *, hide=(), expose=(), env=None):
         prefix, why = _bwrap_prefix()
         if prefix is None:
             return Sandbox("none", list(command), env, why)
-        return Sandbox("bwrap", bwrap_command(command, folder, hide, prefix, expose), env)
+        fd = _seccomp_fd()
+        seccomp = ["--seccomp", str(fd)] if fd is not None else []
+        return Sandbox("bwrap", bwrap_command(command, folder, hide, [*prefix, *seccomp], expose), env,
+                       pass_fds=(fd,) if fd is not None else ())
     if sys.platform == "darwin":
         program, why = _sandbox_exec()
         if program is None:

@@ -386,7 +386,10 @@ def _run_tests(code: str, tests: list[str], timeout_s: float) -> tuple[bool, str
     # An empty scratch directory, the sandbox's one writable folder, as cwd: relative-path
     # file operations in the answer land there, not in the repository.
     with tempfile.TemporaryDirectory(prefix="task-code-") as scratch:
-        box = sandbox.wrap([sys.executable, "-I", "-c", _RUNNER], scratch, hide=[cache_dir() / "reference"])
+        # no reference, and no temp folder (the workers' folders are there); the scratch
+        # folder inside it is bound back writable
+        box = sandbox.wrap([sys.executable, "-I", "-c", _RUNNER], scratch,
+                           hide=[cache_dir() / "reference", tempfile.gettempdir()], expose=[sys.prefix])
         returncode, stdout = _run_confined(box, job, scratch, timeout_s)
     if returncode is None:
         return False, f"timed out after {_short_number(timeout_s)}s"
@@ -409,9 +412,13 @@ def _run_confined(box: sandbox.Sandbox, job: str, folder: str, timeout_s: float)
     with its first process; unsandboxed, its process group and descendants are killed
     (a daemon that left them is a stray of the harness, killed with the next worker).
     """
-    with subprocess.Popen(box.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, text=True, cwd=folder, env=box.env,
-                          start_new_session=True) as proc:
+    try:
+        proc = subprocess.Popen(box.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True, cwd=folder, env=box.env,
+                                start_new_session=True, pass_fds=box.pass_fds)
+    finally:
+        box.close()
+    with proc:
         stdout = None
         try:
             stdout, _ = proc.communicate(job, timeout=timeout_s)

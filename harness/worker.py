@@ -12,6 +12,7 @@ harness's memory. The parent owns every clock. The child runs in an OS sandbox
 everything it started at the end.
 """
 
+import contextlib
 import os
 import resource
 import secrets
@@ -20,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -60,6 +62,13 @@ def read_log_tail(path, limit=LOG_TAIL_BYTES):
         size = f.seek(0, os.SEEK_END)
         f.seek(max(0, size - limit))
         return f.read(limit).decode("utf-8", errors="replace")
+
+
+def worker_env():
+    """The environment a worker starts with: the harness's, less what names the repository or
+    the run's folders (MLX_HILLCLIMB_REPO, PWD, OLDPWD: paths a pipeline has no use for)."""
+    hidden = {"MLX_HILLCLIMB_REPO", "PWD", "OLDPWD"}
+    return {**{k: v for k, v in os.environ.items() if k not in hidden}, "PYTHONUNBUFFERED": "1"}
 
 
 def _file_size_limit():
@@ -147,16 +156,14 @@ class Worker:
                                                       *self._hide],
                                # the interpreter's environment (a venv inside the repository) too
                                expose=[HARNESS_HOME / "harness", sys.prefix, *self._expose],
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                               env=worker_env())
             self.sandbox, self.sandbox_why = box.kind, box.why
             if box.kind == "none":
                 sandbox.become_subreaper()  # so a double-forked daemon comes back to the harness
-            self.proc = subprocess.Popen(
-                box.command, cwd=str(folder), stdin=subprocess.DEVNULL, stdout=self._log,
-                stderr=subprocess.STDOUT, pass_fds=(req_r, resp_w), env=box.env,
-                start_new_session=True,  # its own process group: Ctrl-C reaches the parent only
-                # in the child before it execs (bwrap or the worker): inherited by all it starts
-                preexec_fn=_file_size_limit())
+            try:
+                self.proc = self._popen(box, folder, (req_r, resp_w))
+            finally:
+                box.close()
         except BaseException:
             os.close(req_w)
             os.close(resp_r)
@@ -165,6 +172,15 @@ class Worker:
             os.close(req_r)
             os.close(resp_w)
         return req_w, resp_r
+
+    def _popen(self, box, folder, fds):
+        """Start the sandboxed command with its log as stdout and stderr and `fds` open."""
+        return subprocess.Popen(
+            box.command, cwd=str(folder), stdin=subprocess.DEVNULL, stdout=self._log,
+            stderr=subprocess.STDOUT, pass_fds=(*fds, *box.pass_fds), env=box.env,
+            start_new_session=True,  # its own process group: Ctrl-C reaches the parent only
+            # in the child before it execs (bwrap or the worker): inherited by all it starts
+            preexec_fn=_file_size_limit())
 
     # -- messages (a failure kills the worker, so it cannot linger half-way through a call)
     def _send(self, message, deadline, what):
@@ -255,9 +271,12 @@ class Worker:
         ids released since the last call go with this request. The worker checks every
         yielded pair either way.
         """
+        with self._watching():
+            return self._generate(prompt, max_tokens, stop_at_eos, timeout_s, seed, keep)
+
+    def _generate(self, prompt, max_tokens, stop_at_eos, timeout_s, seed, keep):
         tokens, times, digests = [], [], []
         self._limit_s = timeout_s
-        watch = RssWatch(self._members(sandbox.process_table(), strays=False) if sandbox.HAS_PROC else ())
         start = time.perf_counter()
         deadline = start + timeout_s
         self._released, released = [], self._released
@@ -280,9 +299,7 @@ class Worker:
                 tokens.append(token)
                 times.append(now - start)
                 digests.append(message.get("d"))
-                watch.sample(now)
             else:
-                self._peak_rss = max(self._peak_rss, watch.peak)
                 if keep is not None:  # evicts what the worker evicts (the same keep_recent)
                     keep_recent(self._digests, keep, digests)
                 return {"tokens": tokens, "times": times,
@@ -290,6 +307,10 @@ class Worker:
 
     def score(self, tokens, *, timeout_s):
         """Yield float32 arrays (rows, vocab) of next-token log-probabilities, chunk by chunk."""
+        with self._watching():
+            yield from self._score(tokens, timeout_s)
+
+    def _score(self, tokens, timeout_s):
         self._limit_s = timeout_s
         deadline = time.perf_counter() + timeout_s
         self._send({"op": "score", "tokens": tokens}, deadline, "score()")
@@ -412,6 +433,17 @@ class Worker:
             found |= sandbox.strays(table, Worker._running)
         return found
 
+    @contextlib.contextmanager
+    def _watching(self):
+        """Sample the worker's resident memory on a thread while a call runs (RssWatch)."""
+        watch = RssWatch(self._members(sandbox.process_table(), strays=False) if sandbox.HAS_PROC else ())
+        watch.start()
+        try:
+            yield
+        finally:
+            watch.stop()
+            self._peak_rss = max(self._peak_rss, watch.peak)
+
     def kept_calls(self):
         """The keep ids whose log-probs the worker still holds, oldest call first: the
         generate(..., keep=id) calls not released, less those timed_logprobs() took."""
@@ -483,17 +515,29 @@ class Worker:
 
 
 class RssWatch:
-    """The worker's resident memory, sampled by the parent while a call runs (at most every
-    RSS_SAMPLE_S, as tokens arrive): unlike the peak figures the process keeps about itself
-    (VmHWM, ru_maxrss, MLX's counter), nothing in the worker can reset what was seen here."""
+    """The worker's resident memory, sampled by the parent on a thread every RSS_SAMPLE_S
+    from request to reply: unlike the peaks the process keeps about itself (VmHWM,
+    ru_maxrss, MLX's counter), nothing in the worker can reset what was seen here."""
 
     def __init__(self, pids):
-        self.pids, self.peak, self._last = pids, 0, 0.0
+        self.pids, self.peak = tuple(pids), 0
+        self._stop, self._thread = threading.Event(), None
 
-    def sample(self, now):
-        if now - self._last >= RSS_SAMPLE_S:
-            self._last = now
+    def start(self):
+        if self.pids:
+            self._thread = threading.Thread(target=self._run, name="rss-watch", daemon=True)
+            self._thread.start()
+
+    def _run(self):
+        while True:
             self.peak = max(self.peak, sandbox.resident_bytes(self.pids))
+            if self._stop.wait(RSS_SAMPLE_S):
+                return
+
+    def stop(self):
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
 
 
 def remove_folder(folder):

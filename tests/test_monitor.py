@@ -315,6 +315,8 @@ def test_code_run_from_a_string_is_not_counted(wrapper, why):
     ("import pydoc\n_run = pydoc.locate('builtins.' + 'exec')\n", "pydoc"),
     ("from pkgutil import resolve_name\n_run = resolve_name('builtins:' + 'exec')\n", "pkgutil"),
     ("import operator\n_get = operator.attrgetter('ex' + 'ec')\n", "operator"),
+    ("import timeit\n_run = timeit.timeit\n", "timeit"),
+    ("def _" + "6" * 60 + "():\n    pass\n", "identifier of 61 characters"),
 ])
 def test_unpacking_and_computed_lookups_are_not_counted(code, why):
     result = monitor.compare(BASELINE, BASELINE + "\n" + code)

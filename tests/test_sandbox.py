@@ -6,10 +6,12 @@ Most workers here run a stand-in pipeline (no model: it probes and reports), so 
 takes a second or two; one runs the real inference.py on the tiny model.
 """
 
+import errno
 import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -414,3 +416,55 @@ def test_sandbox_setting(monkeypatch, tmp_path):
     monkeypatch.delenv(sandbox.ENV_VAR)
     monkeypatch.setattr(sys, "platform", "sunos5")
     assert sandbox.wrap(["true"], tmp_path).kind == "none"
+
+
+LOCK_PROBE = """
+import ctypes, fcntl, json, sys
+f = open(sys.executable, "rb")  # a file every sandbox shares (read-only, same inode)
+out = {}
+for name, call in [("flock", lambda: fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)),
+                   ("lockf", lambda: fcntl.lockf(f, fcntl.LOCK_SH | fcntl.LOCK_NB)),
+                   ("notify", lambda: fcntl.fcntl(f, 1026, 0)),  # F_NOTIFY
+                   ("getfd", lambda: fcntl.fcntl(f, fcntl.F_GETFD))]:
+    try:
+        call()
+        out[name] = "ok"
+    except OSError as exc:
+        out[name] = exc.errno
+libc = ctypes.CDLL(None, use_errno=True)
+out["inotify"] = "ok" if libc.inotify_init1(0) >= 0 else ctypes.get_errno()
+print(json.dumps(out))
+"""
+
+
+def test_sandboxes_cannot_signal_each_other_through_shared_files(sandboxed, tmp_path):
+    """A red team passed the role between champion and challenger with a lock on a file both
+    can read: locks, leases, directory and inotify notifications are refused (EPERM) in the
+    sandbox; other fcntl calls work."""
+    box = sandbox.wrap([sys.executable, "-I", "-c", LOCK_PROBE], tmp_path)
+    try:
+        proc = subprocess.run(box.command, cwd=tmp_path, env=box.env, pass_fds=box.pass_fds,
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        box.close()
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got == {"flock": errno.EPERM, "lockf": errno.EPERM, "notify": errno.EPERM, "getfd": "ok",
+                   "inotify": errno.EPERM}, got
+    # outside the sandbox the same calls work: it is the filter that refuses them
+    plain = subprocess.run([sys.executable, "-I", "-c", LOCK_PROBE], capture_output=True, text=True, timeout=60)
+    assert json.loads(plain.stdout)["flock"] == "ok"
+
+
+def test_seccomp_program_knows_its_architectures():
+    import struct
+
+    for machine in ("x86_64", "aarch64", "arm64", "amd64"):
+        program = sandbox.seccomp_program(machine)
+        steps = [struct.unpack("<HBBI", program[i:i + 8]) for i in range(0, len(program), 8)]
+        assert steps[0] == (0x20, 0, 0, 4)  # loads the architecture first
+        assert steps[-2] == (0x06, 0, 0, 0x7FFF0000) and steps[-1] == (0x06, 0, 0, 0x00050001)  # allow, EPERM
+        for i, (code, jt, jf, _) in enumerate(steps):
+            if code & 0x07 == 0x05:  # a jump lands inside the program
+                assert i + 1 + max(jt, jf) < len(steps)
+    assert sandbox.seccomp_program("riscv64") is None

@@ -80,6 +80,13 @@ def generate(pipeline, prompt, *, max_tokens, stop_at_eos):
             with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM and ru_maxrss
                 f.write("5")
             return
+        elif MODE == "ballast_first" and i == 0:  # holds 300 MB only before its first token
+            ballast = np.ones(300_000_000 // 8)
+            time.sleep(0.3)
+            del ballast
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            yield i, lp
         elif MODE == "flood_killed":  # the same, with SIGXFSZ back to its default (kill)
             signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
             while True:
@@ -257,11 +264,20 @@ def test_kept_rows_come_only_as_many_as_the_call_had_tokens(start):
 
 @pytest.mark.skipif(not sandbox.HAS_PROC, reason="Linux: the parent reads the worker's memory in /proc")
 @pytest.mark.parametrize("sandboxed", [False, True], ids=["no-sandbox", "bwrap"])
-def test_memory_seen_by_the_parent_cannot_be_reset_by_the_worker(start, sandboxed):
-    worker = start("ballast", sandboxed)
+@pytest.mark.parametrize("mode", ["ballast", "ballast_first"])
+def test_memory_seen_by_the_parent_cannot_be_reset_by_the_worker(start, sandboxed, mode):
+    """Held while tokens come, or only before the first one: the parent sees it either way."""
+    worker = start(mode, sandboxed)
     worker.generate([1, 2], max_tokens=4, stop_at_eos=False, timeout_s=60)
     worker.close()
     assert worker.max_rss_bytes > 250_000_000  # the 300 MB it held while timed
+
+
+def test_a_worker_is_not_told_where_the_repository_is(monkeypatch):
+    monkeypatch.setenv("MLX_HILLCLIMB_REPO", "/somewhere/repo")
+    monkeypatch.setenv("OLDPWD", "/somewhere/run")
+    env = worker_module.worker_env()
+    assert not {"MLX_HILLCLIMB_REPO", "PWD", "OLDPWD"} & set(env) and env["PYTHONUNBUFFERED"] == "1"
 
 
 def test_read_log_tail_reads_only_the_end(tmp_path):
