@@ -154,7 +154,10 @@ def wrap(command, folder, *, hide=(), expose=(), env=None):
     folder = str(Path(folder).resolve())
     env = private_env(folder, os.environ if env is None else env)
     hide = [str(Path(p).resolve()) for p in hide if Path(p).is_dir()]
-    expose = [str(Path(p).resolve()) for p in expose if p and Path(p).exists()]
+    # an exposed folder reached through a symlink (a .venv linked into the repository) is
+    # bound at its real place and at the linked one, where the command may name it
+    expose = sorted({str(q) for p in expose if p and Path(p).exists()
+                     for q in (Path(p).resolve(), Path(os.path.abspath(p)))})
     if setting() == "none":
         return Sandbox("none", list(command), env, f"{ENV_VAR}=none is set")
     if sys.platform.startswith("linux"):
@@ -197,7 +200,7 @@ def bwrap_command(command, folder, hide=(), prefix=None, expose=()):
     for path in outer:
         argv += ["--tmpfs", path]  # an empty, private folder in its place
     for path in expose:
-        argv += ["--ro-bind", path, path]
+        argv += ["--ro-bind", str(Path(path).resolve()), path]
     for path in inner:
         argv += ["--tmpfs", path]
     argv += ["--bind", folder, folder]

@@ -468,3 +468,23 @@ def test_seccomp_program_knows_its_architectures():
             if code & 0x07 == 0x05:  # a jump lands inside the program
                 assert i + 1 + max(jt, jf) < len(steps)
     assert sandbox.seccomp_program("riscv64") is None
+
+
+def test_an_exposed_folder_is_reachable_through_its_symlink(sandboxed, tmp_path):
+    """A .venv symlinked into a hidden repository is named by the symlink's path (sys.executable):
+    it is bound there as well as at its real place."""
+    real, link = tmp_path / "real-venv", tmp_path / "repo" / ".venv"
+    real.mkdir()
+    (real / "marker.txt").write_text("here")
+    link.parent.mkdir()
+    link.symlink_to(real)
+    folder = tmp_path / "w"
+    folder.mkdir()
+    code = f"print(open({str(link / 'marker.txt')!r}).read(), open({str(real / 'marker.txt')!r}).read())"
+    box = sandbox.wrap([sys.executable, "-I", "-c", code], folder, hide=[tmp_path], expose=[link])
+    try:
+        proc = subprocess.run(box.command, cwd=folder, env=box.env, pass_fds=box.pass_fds,
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        box.close()
+    assert proc.stdout.split() == ["here", "here"], proc.stderr
