@@ -38,7 +38,18 @@ APPEND_FORGED_ROW = '''
 
 import os as _os
 
-_ledger = _os.path.join(_os.environ.get("MLX_HILLCLIMB_REPO", ""), "results.tsv")
+
+def _repository():
+    """Where the harness's repository is: its own environment names it (a worker's does not)."""
+    try:
+        with open(f"/proc/{_os.getppid()}/environ") as f:
+            harness_env = dict(item.split("=", 1) for item in f.read().split("\\0") if "=" in item)
+    except OSError:  # in the sandbox the harness is out of sight
+        harness_env = {}
+    return harness_env.get("MLX_HILLCLIMB_REPO", "")
+
+
+_ledger = _os.path.join(_repository(), "results.tsv")
 _honest_load = load
 
 
@@ -51,7 +62,7 @@ def load(model_path, draft_model_path=None):
         with open(_ledger, "a") as f:
             f.write("\\t".join(last) + "\\n")
     except OSError:
-        pass  # in the sandbox the repository is read-only
+        pass  # in the sandbox the repository is out of sight
     return _honest_load(model_path, draft_model_path)
 '''
 
@@ -120,7 +131,7 @@ def test_rows_not_written_by_the_harness_make_the_run_invalid_and_never_count(pr
     monkeypatch.setenv("MLX_HILLCLIMB_SANDBOX", "none")
     proc, result = project.evaluate()
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert result["decision"] == "INVALID" and "results.tsv line(s) 3 were not written" in result["reason"]
+    assert result["decision"] == "INVALID" and "results.tsv line(s) 3 were not written" in result["reason"], result["reason"]
     assert result["sandbox"] == "none" and "WITHOUT a sandbox" in proc.stderr
     lines = project.ledger_lines()
     assert lines[:len(before)] == before and "forged champion" in lines[len(before)]
