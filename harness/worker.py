@@ -542,18 +542,24 @@ class RssWatch:
 
 def remove_folder(folder):
     """Remove `folder` and everything in it, also what the pipeline made read-only (a folder
-    without write permission would otherwise outlive the run for a user who is not root)."""
+    without write permission would otherwise outlive the run for a user who is not root).
+    Permissions are only ever changed inside `folder`, never on it or above it."""
+    root = os.path.abspath(folder)
+
     def writable_then_retry(function, path, _):
+        if not os.path.exists(root):
+            return  # gone already
         for target in (os.path.dirname(path), path):
-            try:
-                os.chmod(target, 0o700, follow_symlinks=False)
-            except (OSError, NotImplementedError):
-                pass
+            if os.path.abspath(target).startswith(root + os.sep):
+                try:
+                    os.chmod(target, 0o700, follow_symlinks=False)
+                except (OSError, NotImplementedError):
+                    pass
         try:
             function(path)
         except OSError:
             pass
-    shutil.rmtree(folder, onerror=writable_then_retry)
+    shutil.rmtree(root, onerror=writable_then_retry)
 
 
 def _renumbered(fd):

@@ -290,3 +290,19 @@ def test_read_log_tail_reads_only_the_end(tmp_path):
     assert read_log_tail(path) == "short\n"
     with pytest.raises(OSError):
         read_log_tail(tmp_path / "missing.log")
+
+
+def test_remove_folder_changes_nothing_above_the_folder(tmp_path):
+    """A folder already gone, or one the pipeline made read-only inside: removed, and the
+    permissions of the folders above it stay as they were (the temp folder once became 0700)."""
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    parent.chmod(0o755)
+    folder = parent / "worker"
+    (folder / "locked").mkdir(parents=True)
+    (folder / "locked" / "file").write_text("x")
+    (folder / "locked").chmod(0o500)
+    worker_module.remove_folder(folder)
+    assert not folder.exists() and (parent.stat().st_mode & 0o777) == 0o755
+    worker_module.remove_folder(folder)  # gone already: nothing to do, nothing changed
+    assert (parent.stat().st_mode & 0o777) == 0o755
