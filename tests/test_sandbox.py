@@ -196,7 +196,8 @@ def test_worker_writes_only_its_own_folder(sandboxed, tmp_path, tiny_llama, monk
     # the system's temp folder (other workers' folders, this test's files; a clone made
     # there) is hidden, less the harness package; the rest is read-only (EROFS)
     def hidden(path):
-        return path.startswith(tempfile.gettempdir()) and not path.startswith(str(HARNESS_HOME / "harness"))
+        return (Path(path).is_relative_to(tempfile.gettempdir())
+                and not Path(path).is_relative_to(HARNESS_HOME / "harness"))
     assert got["append"] == {path: "FileNotFoundError" if hidden(path) else "OSError" for path in appends}
     assert got["create"].pop(".") == "ok"
     assert set(got["create"].values()) <= {"OSError", "FileNotFoundError"}, got["create"]
