@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -48,7 +47,6 @@ LAUNCHER = "import sys; sys.path.append(sys.argv.pop(1)); from harness.child imp
 # more than any honest log; a pipeline cannot write bigger files in its folder either.
 LOG_LIMIT_BYTES = 64 << 20
 LOG_TAIL_BYTES = 20000  # how much of a log the harness reads back (read_log_tail)
-RSS_SAMPLE_S = 0.05     # how often the parent looks at a worker's resident memory during a call
 EXIT_GRACE_S = 1.0      # how long a worker whose pipe closed may take to exit before it is killed
 
 
@@ -435,8 +433,8 @@ class Worker:
 
     @contextlib.contextmanager
     def _watching(self):
-        """Sample the worker's resident memory on a thread while a call runs (RssWatch)."""
-        watch = RssWatch(self._members(sandbox.process_table(), strays=False) if sandbox.HAS_PROC else ())
+        """Sample the worker's resident memory on a thread while a call runs (sandbox.RssWatch)."""
+        watch = sandbox.RssWatch(self._members(sandbox.process_table(), strays=False) if sandbox.HAS_PROC else ())
         watch.start()
         try:
             yield
@@ -512,32 +510,6 @@ class Worker:
             self.kill()
             raise WorkerInvalid(f"logprobs of speed call {call!r} are not the ones generate() yielded "
                                 f"while it was timed")
-
-
-class RssWatch:
-    """The worker's resident memory, sampled by the parent on a thread every RSS_SAMPLE_S
-    from request to reply: unlike the peaks the process keeps about itself (VmHWM,
-    ru_maxrss, MLX's counter), nothing in the worker can reset what was seen here."""
-
-    def __init__(self, pids):
-        self.pids, self.peak = tuple(pids), 0
-        self._stop, self._thread = threading.Event(), None
-
-    def start(self):
-        if self.pids:
-            self._thread = threading.Thread(target=self._run, name="rss-watch", daemon=True)
-            self._thread.start()
-
-    def _run(self):
-        while True:
-            self.peak = max(self.peak, sandbox.resident_bytes(self.pids))
-            if self._stop.wait(RSS_SAMPLE_S):
-                return
-
-    def stop(self):
-        self._stop.set()
-        if self._thread:
-            self._thread.join()
 
 
 def remove_folder(folder):
