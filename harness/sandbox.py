@@ -42,7 +42,9 @@ ENV_VAR = "MLX_HILLCLIMB_SANDBOX"  # "none": run unsandboxed (the run reports `s
 #       by process group, so it costs nothing there.
 #   --die-with-parent: the sandbox is SIGKILLed when the harness (the thread that started
 #       it; the harness is single-threaded) dies, and killing the outer bwrap kills it too.
-_BWRAP_BASE = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+#   /proc/loadavg reads empty (/dev/null; --dev-bind, as a plain bind is nodev and cannot open
+#       it): its load and task counts are the whole machine's and show what the other worker does.
+_BWRAP_BASE = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--dev-bind", "/dev/null", "/proc/loadavg",
                "--unshare-pid", "--unshare-net", "--unshare-ipc", "--die-with-parent",
                "--new-session", "--cap-drop", "ALL"]
 # No nested user (hence PID) namespaces, where bwrap supports it (0.8.0 and later).
@@ -73,20 +75,37 @@ class Sandbox:
 # ---------------------------------------------------------------------------
 # seccomp: no covert channel between two sandboxes through shared files
 # ---------------------------------------------------------------------------
-# Both workers see the same read-only files (the same inodes), and a red team passed the
-# role between them with locks (flock on a read-only file crosses mount and PID
-# namespaces): a "sleeper" champion learned that a newer challenger ran beside it. The
-# filter refuses (EPERM) the system calls that let a process see what another does to a
-# shared file: locks (flock; fcntl's lock, lease and directory-notify commands), inotify
-# and fanotify, and mincore (which pages of a file are in memory).
+# Both workers see the same read-only files (the same inodes) and the same kernel, and red
+# teams passed the role between them: with locks on a file both read (a "sleeper" champion
+# learned that a newer challenger ran beside it), then through the page cache (each timed
+# 4 KiB reads of files the other reads, and evicted pages with posix_fadvise). The filter
+# refuses (EPERM) the calls that let a process see or change what another's use of a shared
+# file or kernel object leaves behind:
+#   flock; fcntl's lock, lease and directory-notify commands: locks and notices cross sandboxes.
+#   inotify, fanotify: events from another process's opens and reads.
+#   mincore, cachestat: which pages of a file are in memory.
+#   fadvise64 (aarch64: fadvise64_64), readahead, process_madvise, madvise's MADV_COLD and
+#       MADV_PAGEOUT: evict a file's cached pages (or load them); other madvise advice stays
+#       allowed (numpy and MLX use it).
+#   preadv2, pwritev2: RWF_NOWAIT reads fail when a page is not cached (nothing here uses them).
+#   io_uring_setup/enter/register: a ring does fadvise, madvise and nowait reads unfiltered.
+#   add_key, request_key, keyctl: the kernel's key quotas are counted per user, not per sandbox.
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 _DENIED = {  # architecture -> the system call numbers refused outright
-    "x86_64": {"flock": 73, "inotify_init": 253, "inotify_init1": 294, "fanotify_init": 300, "mincore": 27},
-    "aarch64": {"flock": 32, "inotify_init1": 26, "fanotify_init": 262, "mincore": 232},
+    "x86_64": {"flock": 73, "inotify_init": 253, "inotify_init1": 294, "fanotify_init": 300, "mincore": 27,
+               "cachestat": 451, "fadvise64": 221, "readahead": 187, "process_madvise": 440,
+               "preadv2": 327, "pwritev2": 328, "io_uring_setup": 425, "io_uring_enter": 426,
+               "io_uring_register": 427, "add_key": 248, "request_key": 249, "keyctl": 250},
+    "aarch64": {"flock": 32, "inotify_init1": 26, "fanotify_init": 262, "mincore": 232,
+                "cachestat": 451, "fadvise64_64": 223, "readahead": 213, "process_madvise": 440,
+                "preadv2": 286, "pwritev2": 287, "io_uring_setup": 425, "io_uring_enter": 426,
+                "io_uring_register": 427, "add_key": 217, "request_key": 218, "keyctl": 219},
 }
 _FCNTL = {"x86_64": 72, "aarch64": 25}
 # F_GETLK F_SETLK F_SETLKW, F_OFD_GETLK F_OFD_SETLK F_OFD_SETLKW, F_SETLEASE F_GETLEASE F_NOTIFY
 _FCNTL_DENIED = (5, 6, 7, 36, 37, 38, 1024, 1025, 1026)
+_MADVISE = {"x86_64": 28, "aarch64": 233}
+_MADVISE_DENIED = (20, 21)  # MADV_COLD, MADV_PAGEOUT
 
 
 def seccomp_program(machine=None):
@@ -101,15 +120,20 @@ def seccomp_program(machine=None):
         return None
     ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
     allow, deny = 0x7FFF0000, 0x00050000 | 1  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
-    # (code, jump-if-true target, jump-if-false target, k); targets: "next", "allow" or "deny"
+    # (code, jump-if-true target, jump-if-false target, k); targets: "next", "allow", "deny" or "fcntl"
     steps = [(ld, None, None, 4), (jeq, "next", "deny", _AUDIT_ARCH[machine]), (ld, None, None, 0)]
     if machine == "x86_64":
         steps.append((jge, "deny", "next", 0x40000000))  # the x32 ABI's numbers
     steps += [(jeq, "deny", "next", number) for number in _DENIED[machine].values()]
-    steps += [(jeq, "next", "allow", _FCNTL[machine]), (ld, None, None, 24)]  # fcntl's cmd (args[1], low half)
+    steps += [(jeq, "fcntl", "next", _FCNTL[machine]), (jeq, "next", "allow", _MADVISE[machine]),
+              (ld, None, None, 32)]  # madvise's advice (args[2], low half: the kernel takes an int)
+    steps += [(jeq, "deny", "next", advice) for advice in _MADVISE_DENIED]
+    steps += [(ret, None, None, allow)]
+    where = {"fcntl": len(steps)}
+    steps += [(ld, None, None, 24)]  # fcntl's cmd (args[1], low half)
     steps += [(jeq, "deny", "next", cmd) for cmd in _FCNTL_DENIED]
     steps += [(ret, None, None, allow), (ret, None, None, deny)]
-    where = {"allow": len(steps) - 2, "deny": len(steps) - 1}
+    where.update(allow=len(steps) - 2, deny=len(steps) - 1)
 
     def offset(i, target):
         return 0 if target in (None, "next") else where[target] - i - 1

@@ -455,18 +455,119 @@ def test_sandboxes_cannot_signal_each_other_through_shared_files(sandboxed, tmp_
     assert json.loads(plain.stdout)["flock"] == "ok"
 
 
+CACHE_PROBE = """
+import json, mmap, os, sys
+f = open(sys.executable, "rb")  # a file every sandbox shares (read-only, same inode)
+fd, out = f.fileno(), {}
+region = mmap.mmap(fd, 4096, prot=mmap.PROT_READ)
+for name, call in [("fadvise", lambda: os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)),
+                   ("nowait", lambda: os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT)),
+                   ("pread", lambda: os.pread(fd, 4096, 0)),
+                   ("pageout", lambda: region.madvise(21)),  # MADV_PAGEOUT
+                   ("cold", lambda: region.madvise(20)),  # MADV_COLD
+                   ("dontneed", lambda: region.madvise(mmap.MADV_DONTNEED)),
+                   ("willneed", lambda: region.madvise(mmap.MADV_WILLNEED)),
+                   ("loadavg", lambda: out.update(loadavg_text=open("/proc/loadavg").read()))]:
+    try:
+        call()
+        out[name] = "ok"
+    except OSError as exc:
+        out[name] = exc.errno
+print(json.dumps(out))
+"""
+
+
+def test_sandboxes_cannot_probe_or_evict_each_others_page_cache(sandboxed, tmp_path):
+    """A red team passed a signal through the page cache: one worker evicted pages of a shared
+    file (posix_fadvise DONTNEED), the other timed reads of them. Eviction (fadvise, madvise
+    MADV_COLD / MADV_PAGEOUT) and cache-residency probes (preadv2 RWF_NOWAIT) are refused in the
+    sandbox; plain reads and other madvise advice work; /proc/loadavg reads empty."""
+    box = sandbox.wrap([sys.executable, "-I", "-c", CACHE_PROBE], tmp_path)
+    try:
+        proc = subprocess.run(box.command, cwd=tmp_path, env=box.env, pass_fds=box.pass_fds,
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        box.close()
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got == {"fadvise": errno.EPERM, "nowait": errno.EPERM, "pread": "ok", "pageout": errno.EPERM,
+                   "cold": errno.EPERM, "dontneed": "ok", "willneed": "ok", "loadavg": "ok",
+                   "loadavg_text": ""}, got
+    # outside the sandbox the same calls work: it is the filter that refuses them
+    plain = json.loads(subprocess.run([sys.executable, "-I", "-c", CACHE_PROBE], capture_output=True,
+                                      text=True, timeout=60).stdout)
+    assert (plain["fadvise"], plain["pageout"], plain["loadavg_text"] != "") == ("ok", "ok", True), plain
+
+
+SYSCALL_PROBE = """
+import ctypes, json, sys
+libc = ctypes.CDLL(None, use_errno=True)
+out = {}
+for name, number in json.loads(sys.argv[1]).items():  # null arguments: harmless if a call ran
+    ctypes.set_errno(0)
+    out[name] = ctypes.get_errno() if libc.syscall(number, 0, 0, 0, 0, 0, 0) == -1 else "ok"
+print(json.dumps(out))
+"""
+
+
+def test_every_refused_call_is_refused_in_the_sandbox(sandboxed, tmp_path):
+    """Each system call in the refused list (io_uring, the key ring, readahead, cachestat...)
+    fails with EPERM before the kernel looks at its arguments."""
+    numbers = sandbox._DENIED[sandbox._ARCH_ALIAS.get(os.uname().machine, os.uname().machine)]
+    box = sandbox.wrap([sys.executable, "-I", "-c", SYSCALL_PROBE, json.dumps(numbers)], tmp_path)
+    try:
+        proc = subprocess.run(box.command, cwd=tmp_path, env=box.env, pass_fds=box.pass_fds,
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        box.close()
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {name: errno.EPERM for name in numbers}
+
+
+def run_bpf(program, arch, nr, args=()):
+    """What the classic-BPF seccomp `program` returns for one call (a tiny interpreter: the
+    program uses only absolute word loads, jeq, jge and ret)."""
+    import struct
+
+    data = struct.pack("<iIQ6Q", nr, arch, 0, *(list(args) + [0] * 6)[:6])
+    steps = [struct.unpack("<HBBI", program[i:i + 8]) for i in range(0, len(program), 8)]
+    i = acc = 0
+    while True:
+        code, jt, jf, k = steps[i]
+        if code == 0x06:
+            return k
+        if code == 0x20:
+            acc, i = struct.unpack_from("<I", data, k)[0], i + 1
+        else:
+            assert code in (0x15, 0x35), code
+            i += 1 + (jt if (acc == k if code == 0x15 else acc >= k) else jf)
+
+
 def test_seccomp_program_knows_its_architectures():
     import struct
 
+    allow, eperm = 0x7FFF0000, 0x00050001
     for machine in ("x86_64", "aarch64", "arm64", "amd64"):
         program = sandbox.seccomp_program(machine)
         steps = [struct.unpack("<HBBI", program[i:i + 8]) for i in range(0, len(program), 8)]
         assert steps[0] == (0x20, 0, 0, 4)  # loads the architecture first
-        assert steps[-2] == (0x06, 0, 0, 0x7FFF0000) and steps[-1] == (0x06, 0, 0, 0x00050001)  # allow, EPERM
+        assert steps[-2] == (0x06, 0, 0, allow) and steps[-1] == (0x06, 0, 0, eperm)
         for i, (code, jt, jf, _) in enumerate(steps):
             if code & 0x07 == 0x05:  # a jump lands inside the program
                 assert i + 1 + max(jt, jf) < len(steps)
     assert sandbox.seccomp_program("riscv64") is None
+    # what each architecture's program decides (aarch64's cannot be run here: it is interpreted)
+    read, madvise, fcntl = {"x86_64": 0, "aarch64": 63}, sandbox._MADVISE, sandbox._FCNTL
+    for machine, arch in sandbox._AUDIT_ARCH.items():
+        program = sandbox.seccomp_program(machine)
+        assert all(run_bpf(program, arch, nr) == eperm for nr in sandbox._DENIED[machine].values())
+        assert run_bpf(program, arch, read[machine]) == allow
+        assert run_bpf(program, arch ^ 0x80000000, read[machine]) == eperm  # another ABI
+        for advice, verdict in [(20, eperm), (21, eperm), (21 + (1 << 32), eperm), (3, allow), (4, allow)]:
+            assert run_bpf(program, arch, madvise[machine], (0, 4096, advice)) == verdict, advice
+        for cmd, verdict in [(1, allow), (2, allow), (6, eperm), (1026, eperm)]:
+            assert run_bpf(program, arch, fcntl[machine], (0, cmd)) == verdict, cmd
+    assert run_bpf(sandbox.seccomp_program("x86_64"), 0xC000003E, 0x40000000) == eperm  # x32
 
 
 def test_an_exposed_folder_is_reachable_through_its_symlink(sandboxed, tmp_path):
