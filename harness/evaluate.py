@@ -26,6 +26,10 @@ from harness.worker import Worker, WorkerCrash, WorkerInvalid, read_log_tail
 ROOT = settings_mod.ROOT
 # A run's per-pair spread this many times the protocol's usual one says the machine was busy.
 BUSY_SPREAD_FACTOR = 2.0
+# A KEEP whose champion ran this much slower than in its own runs is not trusted: a champion
+# that slows itself when it senses a newer challenger (a covert channel between the two
+# workers) would hand out KEEPs; load alone swings the speed here by 15-25 %.
+CHAMPION_PACE_FLOOR = 0.7
 
 
 @dataclass
@@ -267,6 +271,7 @@ def evaluate(ctx, *, inference_path=None, overrides=None, source="agent", apply=
         else:
             figures(ctx, result, out, earlier)
             judge(ctx, result, standing, search=bool(overrides))
+            check_champion_pace(ctx, result, standing)
             explain_noise(result, standing, earlier_runs)
     guard_ledger(ctx, result, standing)
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
@@ -381,6 +386,20 @@ def judge(ctx, result, standing, *, search):
                                       "end_to_end_ci", "lines_vs_champion", "lines_uncounted") if k in result})
 
 
+def check_champion_pace(ctx, result, standing):
+    """A KEEP won against a champion that ran below CHAMPION_PACE_FLOOR of its own earlier
+    speed (ledger.own_speed) becomes INVALID: re-run on a quiet machine."""
+    metric = ctx.settings.verdict.primary_metric
+    now = result.get("champion_speed")
+    own = ledger.own_speed(standing.rows, protocol=ctx.protocol, commit=result["champion"], metric=metric)
+    result["champion_pace"] = now / own if now and own else None
+    if result["decision"] == Decision.KEEP and result["champion_pace"] and result["champion_pace"] < CHAMPION_PACE_FLOOR:
+        result.update(decision=Decision.INVALID, reason=(
+            f"the champion ran at {now:.1f} {metric}, {(1 - result['champion_pace']) * 100:.0f} % below its own {own:.1f} "
+            f"in earlier runs: a busy machine, or a champion slowed while measured; re-run on a quiet machine "
+            f"(was: KEEP, {result['reason']})"))
+
+
 def explain_noise(result, standing, earlier_runs):
     """Add to the reason what the noise was: pooled earlier runs, and a busy machine (this
     run's per-pair spread far above the usual one of this protocol's earlier comparisons)."""
@@ -446,7 +465,9 @@ def figures(ctx, result, out, earlier=None):
     if theirs:
         result.update(verdict.comparison(samples, ctx.settings.verdict.primary_metric,
                                          min_effect=ctx.settings.verdict.min_effect, earlier=earlier))
-        champ_peak = bench.speed_figures(theirs)["peak_memory_gb"]
+        champ = bench.speed_figures(theirs)
+        result["champion_speed"] = champ[ctx.settings.verdict.primary_metric]
+        champ_peak = champ["peak_memory_gb"]
         champ_rss = workers.get("champion", {}).get("max_rss_bytes")
         champ_peak = max(champ_peak or 0, (champ_rss or 0) / 1e9) or None
         if champ_peak and result.get("peak_memory_gb"):

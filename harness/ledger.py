@@ -334,6 +334,23 @@ def earlier_ratios(rows, *, protocol, champion, code_hash):
     return pooled, runs
 
 
+def own_speed(rows, *, protocol, commit, metric):
+    """The median `metric` (decode_tps or prefill_tps) of `commit`'s own clean runs under
+    `protocol` (trusted, not dirty, gates passed), or None: what the champion ran at when it
+    was measured as the challenger itself."""
+    figures = []
+    for row in rows:
+        if (row.get("commit") == commit and row.get("protocol") == protocol and row.get("trusted", True)
+                and row.get("dirty") != "true" and row.get("quality_pass") == "true"
+                and row.get("decision") not in FAILED and row.get("source") != "search"):
+            try:
+                figures.append(float(row.get(metric) or "nan"))
+            except ValueError:
+                continue
+    figures = [f for f in figures if f == f and f > 0]
+    return statistics.median(figures) if figures else None
+
+
 def usual_spread(rows, *, protocol, newest=20):
     """The median per-pair spread of this protocol's newest `newest` comparisons the harness
     wrote (None with fewer than 3): what this machine's noise usually is."""

@@ -180,3 +180,34 @@ def test_usual_spread_is_the_median_of_recent_comparisons(tmp_path):
     rows, _ = ledger.read(path)
     assert ledger.usual_spread(rows, protocol="p") == pytest.approx(0.06)
     assert ledger.usual_spread(rows, protocol="q") is None  # fewer than 3
+
+
+def test_own_speed_is_the_median_of_the_commits_clean_runs(tmp_path):
+    path = tmp_path / "results.tsv"
+    same = dict(commit="c0", protocol="p", quality_pass=True)
+    for tps in (10.0, 12.0, 11.0):
+        ledger.append(path, _row("run", **same, decode_tps=tps))
+    for other in (dict(commit="c9"), dict(protocol="q"), dict(decision="CRASH"), dict(dirty=True),
+                  dict(source="search"), dict(quality_pass=False)):
+        ledger.append(path, _row("not the champion's own clean run", **{**same, **other}, decode_tps=1.0))
+    rows, _ = ledger.read(path)
+    assert ledger.own_speed(rows, protocol="p", commit="c0", metric="decode_tps") == pytest.approx(11.0)
+    assert ledger.own_speed(rows, protocol="p", commit="c1", metric="decode_tps") is None
+
+
+def test_a_keep_against_a_champion_far_below_its_own_pace_is_invalid(tmp_path):
+    from types import SimpleNamespace
+
+    from harness import evaluate
+
+    path = tmp_path / "results.tsv"
+    ledger.append(path, _row("champion kept", commit="c0", protocol="p", quality_pass=True, decode_tps=10.0))
+    rows, _ = ledger.read(path)
+    ctx = SimpleNamespace(protocol="p", settings=SimpleNamespace(verdict=SimpleNamespace(primary_metric="decode_tps")))
+    standing = SimpleNamespace(rows=rows)
+    for decision, now, expected in (("KEEP", 5.0, "INVALID"), ("KEEP", 8.0, "KEEP"), ("REVERT", 5.0, "REVERT")):
+        result = {"decision": ledger.Decision(decision), "reason": "faster", "champion": "c0", "champion_speed": now}
+        evaluate.check_champion_pace(ctx, result, standing)
+        assert result["decision"] == expected and result["champion_pace"] == pytest.approx(now / 10.0)
+        if expected == "INVALID":
+            assert "50 % below its own 10.0" in result["reason"] and "was: KEEP" in result["reason"]
