@@ -72,6 +72,10 @@ def cmd_evaluate(args):
 
 
 def main(argv=None):
+    # inference.py may hold an int literal of any size: the harness reads it (the change
+    # monitor, the code hash, the run file) and must not fail on one over Python's 4300-digit
+    # limit for writing ints in decimal (no row would be written). Workers keep the limit.
+    sys.set_int_max_str_digits(0)
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv and not argv[0].startswith("-") else "evaluate"
     if command in PRISTINE_COMMANDS and REPO_ENV not in os.environ:

@@ -11,6 +11,8 @@ Started by harness.worker.Worker as
 import hashlib
 import importlib
 import importlib.util
+import linecache
+import os
 import sys
 import traceback
 
@@ -34,10 +36,26 @@ def _error(exc):
 
 
 def _import_inference(path):
+    """Import inference.py from `path`, leaving no source behind to read.
+
+    The file is compiled, removed, and only then run: no pipeline code runs while it exists,
+    so nothing the code does not say can be read back from it (whitespace, layout: a red team
+    kept a payload in blank lines, read it with open(__file__) and imported it, uncounted).
+    The code object keeps the file name and line numbers for tracebacks; __file__ still names
+    the file (its folder is the worker's own), and the spec's loader finds nothing there.
+    linecache is emptied too: a warning shown while compiling would have cached every line.
+    """
+    with open(path, "rb") as f:
+        source = f.read()
+    try:
+        code = compile(source, path, "exec", dont_inherit=True)
+    finally:
+        os.unlink(path)
+        linecache.clearcache()
     spec = importlib.util.spec_from_file_location("inference", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules["inference"] = module
-    spec.loader.exec_module(module)
+    exec(code, module.__dict__)  # noqa: S102 - what import would do, from the compiled code
     for name in ("load", "generate", "score"):
         if not callable(getattr(module, name, None)):
             raise AttributeError(f"inference.py has no function {name}()")

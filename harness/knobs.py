@@ -12,6 +12,7 @@ here, so "what is a knob" and "are two values the same" mean one thing everywher
     settable(source) -> {name: value}         the knobs the search can set and patch
     same(a, b), show(value), literal(value)   compare, show to people, write as source
     patched_source(source, params), make_patch(source, params)
+    parse(source) -> ast.parse(source), huge ints made BigInt (written in hex, never in decimal)
 """
 
 import ast
@@ -22,10 +23,45 @@ import re
 from dataclasses import dataclass
 
 KNOB_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+# Python refuses to write an int of more than 4300 digits in decimal (ValueError: a 5000-digit
+# hex literal once crashed the harness: no row), and takes quadratic time to where allowed. The
+# harness writes any int of more than BIG_INT_BITS bits (about 1200 digits) in hex instead.
+BIG_INT_BITS = 4096
 
 
 class Expr(str):
     """A knob value that is not a literal: its source text (compared as text)."""
+
+
+class BigInt(int):
+    """A huge int constant in a tree from parse(): ast.dump and ast.unparse write it in hex."""
+
+    def __repr__(self):
+        return hex(self)
+
+
+def is_big_int(value):
+    """An int (not a bool) of more than BIG_INT_BITS bits: shown in hex, never in decimal."""
+    return isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > BIG_INT_BITS
+
+
+def has_big_int(value):
+    """`value`, or a list, tuple, set or dict in it, holds an is_big_int()."""
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return any(has_big_int(v) for v in value)
+    if isinstance(value, dict):
+        return any(has_big_int(k) or has_big_int(v) for k, v in value.items())
+    return is_big_int(value)
+
+
+def parse(source):
+    """ast.parse(source) with every huge int constant a BigInt, so that ast.dump and
+    ast.unparse of the tree never write it in decimal. Raises SyntaxError."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and is_big_int(node.value):
+            node.value = BigInt(node.value)
+    return tree
 
 
 class KnobError(ValueError):
@@ -109,10 +145,10 @@ def _lines(source):
 def read(source, tree=None):
     """Every knob of `source` (an inference.py) as {name: Assignment}, in file order.
 
-    `tree` is `ast.parse(source)` when the caller has parsed it already.
+    `tree` is `parse(source)` when the caller has parsed it already.
     Raises SyntaxError when `source` does not parse.
     """
-    tree = ast.parse(source) if tree is None else tree
+    tree = parse(source) if tree is None else tree
     lines = _lines(source)
     found = {}
     for name, node in assignments(tree):
@@ -129,7 +165,7 @@ def read(source, tree=None):
 def values(source, tree=None):
     """{name: value} of every knob of `source` (Expr for non-literals). Raises SyntaxError.
 
-    `tree` is `ast.parse(source)` when the caller has parsed it already.
+    `tree` is `parse(source)` when the caller has parsed it already.
     """
     return {name: a.value for name, a in read(source, tree).items()}
 
@@ -151,13 +187,14 @@ def is_number(value):
 def same(a, b):
     """Whether `a` and `b` are the same knob value.
 
-    Numbers compare as numbers, so 1 == 1.0 (rewriting 64 as 64.0 is no change).
+    Numbers compare as numbers, exactly, so 1 == 1.0 (rewriting 64 as 64.0 is no change;
+    an int too large for a float is still compared).
     Everything else must also have the same type: True is not 1, None is not 0,
     "4" is not 4, a list is not a tuple, an Expr is not the string it spells.
     Lists, tuples and dicts compare element by element with these rules.
     """
     if is_number(a) and is_number(b):
-        return float(a) == float(b)
+        return a == b
     if type(a) is not type(b):
         return False
     if isinstance(a, (list, tuple)):
@@ -169,16 +206,32 @@ def same(a, b):
 
 def show(value):
     """A knob value as people read it, on one line: literals as Python writes them,
-    expressions as written."""
-    text = str(value) if isinstance(value, Expr) else repr(value)
+    expressions as written; huge ints in hex (is_big_int)."""
+    text = str(value) if isinstance(value, Expr) else _repr(value)
     return " ".join(text.split())
+
+
+def _repr(value):
+    """repr(value), but huge ints (is_big_int) in hex, also inside lists, tuples, sets and dicts."""
+    if not has_big_int(value):
+        return repr(value)
+    if is_big_int(value):
+        return hex(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_repr(k)}: {_repr(v)}" for k, v in value.items()) + "}"
+    items = ", ".join(_repr(v) for v in value)
+    if isinstance(value, list):
+        return f"[{items}]"
+    if isinstance(value, tuple):
+        return f"({items}{',' if len(value) == 1 else ''})"
+    return f"{type(value).__name__}({{{items}}})" if isinstance(value, frozenset) else f"{{{items}}}"
 
 
 def literal(value):
     """`value` as Python source, strings in double quotes like inference.py's."""
     if isinstance(value, str):
         return json.dumps(value)
-    return repr(value)
+    return _repr(value)
 
 
 # ---------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from harness.code_size import code_lines, uncounted_lines
-from harness.knobs import Expr, assignments, is_knob_statement, is_number, same, show, values
+from harness.knobs import Expr, assignments, has_big_int, is_knob_statement, is_number, parse, same, show, values
 
 ARGMAX_TEMP = 1e-6          # a temperature at or below this samples like argmax
 LOW_PRECISION = ("float16", "bfloat16")
@@ -198,7 +198,7 @@ def facts(source):
     """Parse `source` into Facts; a source that does not parse gets Facts with `error` set."""
     out = Facts(lines=code_lines(source))
     try:
-        tree = ast.parse(source)
+        tree = parse(source)  # huge ints as BigInt: ast.dump / ast.unparse write them in hex
     except SyntaxError as exc:
         out.error = f"line {exc.lineno}: {exc.msg}"
         return out
@@ -345,7 +345,8 @@ def _knob_changes(old, new):
         for side, f in (("old", old), ("new", new)):
             if name in f.knobs:
                 value = f.knobs[name]
-                entry[side] = str(value) if isinstance(value, Expr) else value
+                # as text what JSON could only write in decimal (the run file): see knobs.BIG_INT_BITS
+                entry[side] = str(value) if isinstance(value, Expr) else show(value) if has_big_int(value) else value
                 entry[f"{side}_text"] = show(value)
         changes.append(entry)
     return changes
@@ -371,7 +372,9 @@ def _knob_short(k):
 def summary_line(result):
     """One line for the results.tsv `changes` column, e.g. `TEMP 0.7->0; +0 lines; warnings: argmax`."""
     parts = []
-    if result.get("error"):
+    if result.get("failed"):
+        parts.append(result["failed"])
+    elif result.get("error"):
         parts.append(f"does not parse ({result['error']})")
     if result["knobs"]:
         parts.append(", ".join(_knob_short(k) for k in result["knobs"]))
@@ -384,7 +387,8 @@ def summary_line(result):
         parts.append("no code changes")
     # The line delta and the warnings end the cell and are never cut: the morning summary
     # reads them back (harness/summary.py); the description before them is cut to fit.
-    tail = [f"{result['lines']['delta']:+d} lines"]
+    delta = result["lines"]["delta"]
+    tail = [f"{delta:+d} lines" if delta is not None else "? lines"]
     if result["warnings"]:
         tail.append("warnings: " + ", ".join(w["id"] for w in result["warnings"]))
     head, tail = " ".join("; ".join(parts).split()), "; ".join(tail)
@@ -397,6 +401,10 @@ def summary_line(result):
 def compare(old_source, new_source):
     """What changed from `old_source` to `new_source` (two versions of inference.py).
 
+    Never raises: should the monitor fail on some source, the result says so in `failed`
+    (one line, "change monitor failed: ..."), which is also why the line count is not
+    trusted (lines.uncounted: no "simpler" credit); the run goes on and its row is written.
+
     Returns plain data:
         knobs:     [{"name", "change" (changed|added|removed), "old", "new", "old_text", "new_text"}]
         functions: {"added": [...], "removed": [...], "changed": [...]} top-level defs and classes
@@ -407,14 +415,40 @@ def compare(old_source, new_source):
         warnings:  [{"id", "message"}] from RULES
         summary:   one line for results.tsv
         error:     "" or where a source does not parse (then only lines are compared)
+        failed:    "" or "change monitor failed: <why>" (then nothing else was compared)
     """
+    try:
+        return _compare(old_source, new_source)
+    except Exception as exc:  # noqa: BLE001 - a report, never the end of the run
+        return _failed(old_source, new_source, exc)
+
+
+def _failed(old_source, new_source, exc):
+    """compare()'s result when it raised `exc`: the failure in one line, the line counts if
+    they can still be had, and the count not trusted."""
+    why = " ".join(f"change monitor failed: {type(exc).__name__}: {exc}".split())[:200]
+    lines = {"old": None, "new": None, "delta": None, "uncounted": why}
+    try:
+        old, new = code_lines(old_source), code_lines(new_source)
+        lines.update(old=old, new=new, delta=new - old)
+    except Exception:  # noqa: BLE001
+        pass
+    result = {"knobs": [], "functions": {"added": [], "removed": [], "changed": []},
+              "module": {"added": [], "removed": []}, "lines": lines,
+              "warnings": [{"id": "monitor", "message": why + " (no 'simpler' credit)"}],
+              "error": "", "failed": why}
+    result["summary"] = summary_line(result)
+    return result
+
+
+def _compare(old_source, new_source):
     old, new = facts(old_source), facts(new_source)
     result = {
         "knobs": [], "functions": {"added": [], "removed": [], "changed": []},
         "module": {"added": [], "removed": []},
         "lines": {"old": old.lines, "new": new.lines, "delta": new.lines - old.lines,
                   "uncounted": uncounted_lines(old_source, new_source)},
-        "warnings": [], "error": "",
+        "warnings": [], "error": "", "failed": "",
     }
     if old.error or new.error:
         which = "new" if new.error else "old"
@@ -445,6 +479,8 @@ RULE_WIDTH = 60
 
 def _section(title, result):
     lines = ["=" * RULE_WIDTH, title, "=" * RULE_WIDTH]
+    if result.get("failed"):
+        lines.append(f"  {result['failed']}")
     if result.get("error"):
         lines.append(f"  does not parse: {result['error']}")
     for k in result["knobs"]:
@@ -461,10 +497,11 @@ def _section(title, result):
     for kind in ("added", "removed"):
         lines.extend(f"  module code {kind}: {text}" for text in result["module"][kind])
     if not (result["knobs"] or any(result["functions"].values()) or any(result["module"].values())
-            or result.get("error")):
+            or result.get("error") or result.get("failed")):
         lines.append("  no code changes")
     n = result["lines"]
-    lines.append(f"  lines: {n['old']} -> {n['new']} ({n['delta']:+d})"
+    delta = "?" if n["delta"] is None else f"{n['delta']:+d}"
+    lines.append(f"  lines: {n['old']} -> {n['new']} ({delta})"
                  + (f", not counted: {n['uncounted']}" if n.get("uncounted") else ""))
     lines.append("")
     if result["warnings"]:
@@ -483,8 +520,11 @@ def format_report(vs_baseline, vs_champion=None):
         vs_champion: compare(champion source, current source), or None when there is no
             champion or it is the baseline itself.
     """
-    lines = _section("CHANGES FROM BASELINE", vs_baseline)
-    if vs_champion is not None:
-        lines += _section("CHANGES FROM CHAMPION", vs_champion)
+    try:
+        lines = _section("CHANGES FROM BASELINE", vs_baseline)
+        if vs_champion is not None:
+            lines += _section("CHANGES FROM CHAMPION", vs_champion)
+    except Exception as exc:  # noqa: BLE001 - the report must not end the run
+        lines = ["=" * RULE_WIDTH, " ".join(f"change monitor failed: {type(exc).__name__}: {exc}".split())[:200]]
     lines.append("=" * RULE_WIDTH)
     return "\n".join(lines)

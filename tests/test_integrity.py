@@ -226,3 +226,19 @@ def test_endless_output_is_a_crash_with_a_bounded_log(project):
     run = json.loads((project.root / result["run_file"]).read_text())
     assert 0 < sum(len(log) for log in run["worker_logs"].values()) <= 2 * 20000
     assert len(proc.stderr) < LOG_LIMIT_BYTES // 100  # the harness printed a tail, not the flood
+
+
+def test_a_huge_int_literal_is_judged_and_logged_like_any_change(project):
+    """An int literal of 5000 hex digits once stopped prepare.py (Python will not write it in
+    decimal: exit 1, no row). The run is judged, its row written, its line count not trusted."""
+    project.evaluate()
+    big = "0x" + "f" * 5000
+    project.edit_inference("TOP_K = 0 ", f"BIG_TABLE = {big}\nTOP_K = 0 ")
+    project.commit("a huge int literal")
+    proc, result = project.evaluate()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert result["decision"] in ("KEEP", "REVERT"), result
+    assert "grew by" in result["lines_uncounted"], result
+    assert len(project.ledger_lines()) == 3 and "+BIG_TABLE=0xfff" in project.ledger_lines()[-1]
+    run = json.loads((project.root / result["run_file"]).read_text())
+    assert run["changes"]["vs_champion"]["knobs"][0]["new"].startswith("0xfff")

@@ -79,3 +79,23 @@ def test_patch_two_knobs_on_one_line_and_unicode_before_them():
     assert knobs.values(new) == {"A": 100, "B": "xy", "S": "é", "T": 4}
     diff = knobs.make_patch(source, {"T": 4})
     assert diff.startswith("--- a/inference.py\n+++ b/inference.py\n") and "+S = 'é'; T = 4" in diff
+
+
+def test_huge_ints_are_shown_in_hex_and_compared_exactly():
+    """Python will not write an int of over 4300 digits in decimal (a ValueError once took the
+    harness down): past knobs.BIG_INT_BITS the knobs are shown, written and dumped in hex."""
+    import ast
+
+    big = "0x" + "f" * 5000
+    source = f"A = {big}\nB = ({big}, -{big}, 'x')\nC = {{1: [{big}]}}\nD = {{{big}}}\nE = 12\n"
+    found = knobs.values(source)
+    assert knobs.show(found["A"]) == big and knobs.literal(found["A"]) == big
+    assert knobs.show(found["B"]) == f"({big}, -{big}, 'x')" and knobs.show(found["C"]) == f"{{1: [{big}]}}"
+    assert knobs.show(found["D"]) == f"{{{big}}}" and knobs.show((found["A"],)) == f"({big},)"
+    assert knobs.show(found["E"]) == "12" and not knobs.has_big_int(found["E"])
+    assert knobs.same(found["A"], int(big, 16)) and not knobs.same(found["A"], found["A"] - 1)
+    assert not knobs.same(found["A"], 1e308) and knobs.same(2 ** 60, float(2 ** 60))
+    tree = knobs.parse(source)
+    assert ast.unparse(tree).startswith(f"A = {big}\n") and "Constant(value=0xfff" in ast.dump(tree)
+    patched = knobs.patched_source(source, {"E": int(big, 16)})
+    assert patched.endswith(f"E = {big}\n")

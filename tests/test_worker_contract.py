@@ -30,6 +30,19 @@ VOCAB = 32
 
 
 def load(model_path, draft_model_path=None):
+    if MODE == "read_self":  # compiled, then removed before any of it ran: nothing to read back
+        import linecache
+        assert "inference.py" not in os.listdir(os.path.dirname(__file__)), "the file is still there"
+        assert linecache.getline(__file__, 2) == "", "linecache still has the source"
+        try:
+            __spec__.loader.get_source("inference")
+        except ImportError:
+            pass
+        else:
+            raise AssertionError("the loader still finds the source")
+        open(__file__).read()
+    if MODE == "raise_in_load":
+        raise RuntimeError("raised in load")
     return None
 
 
@@ -115,7 +128,7 @@ def start(tmp_path, monkeypatch):
 
     def _start(mode, sandboxed=False):
         if sandboxed:
-            monkeypatch.delenv(sandbox.ENV_VAR)
+            monkeypatch.delenv(sandbox.ENV_VAR, raising=False)
             prefix, why = sandbox._bwrap_prefix()
             if prefix is None:
                 if os.environ.get("CI"):
@@ -155,6 +168,51 @@ def test_anything_but_a_pair_is_invalid_and_names_the_contract(start, mode, word
     assert "\n" not in message
     for word in words:
         assert word in message, message
+
+
+@pytest.mark.parametrize("sandboxed", [False, True], ids=["no-sandbox", "bwrap"])
+def test_a_pipeline_finds_no_source_to_read_and_tracebacks_keep_their_lines(start, sandboxed):
+    """The worker compiles inference.py and removes it before any of it runs: what the code
+    does not say (whitespace lines, layout) cannot be read back through open(__file__) and
+    run uncounted (a red team's "simpler"). Tracebacks still name the file and the line."""
+    with pytest.raises(WorkerCrash) as info:
+        start("read_self", sandboxed)
+    assert "load() raised FileNotFoundError" in str(info.value), info.value.log_tail
+    with pytest.raises(WorkerCrash) as info:
+        start("raise_in_load", sandboxed)
+    line = STAND_IN.splitlines().index('        raise RuntimeError("raised in load")') + 1
+    assert f'inference.py", line {line}, in load' in info.value.log_tail, info.value.log_tail
+
+
+def test_import_leaves_no_source_behind(tmp_path, monkeypatch):
+    """harness.child._import_inference in this process: the file is gone, linecache holds
+    none of it (a warning shown while compiling would have cached every line), __file__ and
+    tracebacks still name it."""
+    import linecache
+    import sys
+    import traceback
+
+    from harness import child
+
+    path = tmp_path / "inference.py"
+    path.write_text("import linecache\n\t \t  \n\ndef load(model_path, draft_model_path=None):\n"
+                    "    raise RuntimeError('boom')\n\n\ndef generate(*args, **kwargs):\n    pass\n\n\n"
+                    "def score(*args):\n    pass\n\n\nSEEN = linecache.getline(__file__, 2)\n")
+    assert linecache.getline(str(path), 2) == "\t \t  \n"  # as if a warning had been shown
+    monkeypatch.setitem(sys.modules, "inference", None)
+    module = child._import_inference(str(path))
+    assert not path.exists() and module.SEEN == "" and module.__file__ == str(path)
+    with pytest.raises(ImportError):
+        module.__spec__.loader.get_source("inference")
+    with pytest.raises(RuntimeError) as info:
+        module.load("no-model")
+    last = traceback.extract_tb(info.value.__traceback__)[-1]
+    assert (last.filename, last.lineno, last.name) == (str(path), 5, "load")
+    broken = tmp_path / "broken.py"
+    broken.write_text("def load(:\n")
+    with pytest.raises(SyntaxError) as info:
+        child._import_inference(str(broken))
+    assert info.value.lineno == 1 and not broken.exists()
 
 
 def test_kept_logprobs_come_back_once_and_tasks_keep_nothing(start):
