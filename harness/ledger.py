@@ -54,7 +54,7 @@ COLUMNS = [
     "sandbox",             # the OS sandbox the pipeline ran in: bwrap | sandbox-exec | none
     "pairs",               # paired ratios the speedup rests on (earlier runs' pooled ones included)
     "pair_spread",         # robust standard deviation of the pairs' log ratios
-    "min_detectable_effect",  # the smallest median speedup these pairs could have KEPT
+    "min_detectable_effect",  # the smallest speedup these pairs could have KEPT
     "load_avg",            # the machine's 1-minute load average when the speed calls began
     "speed_s",             # seconds the speed calls took
     "stopped",             # why the A/B stopped: decided | budget | max_repeats

@@ -133,7 +133,7 @@ def experiments_section(data):
     out = [_table(summary.EXPERIMENT_HEADER, rows, numeric={0, 5, 6, 7, 8, 9, 10})
            if rows else "<p>No experiments yet.</p>",
            '<p class="note">* the champion; x (greyed) reset away after its verdict; lines: code '
-           "lines against the baseline; speedup: median paired ratio against the champion of the "
+           "lines against the baseline; speedup: geometric mean of the paired ratios against the champion of the "
            "time with its 95 % interval.</p>"]
     if seen:
         out.append("<h3>Tradeoff warnings</h3><ul>" + "".join(

@@ -28,55 +28,88 @@ def median_ci(values, *, level=0.95, resamples=BOOTSTRAP_RESAMPLES):
     return med, float(low), float(high)
 
 
-def median_confidence_sequence(values, *, level=0.95, prior=1.0):
-    """(low, high): bounds for the median of the distribution `values` are drawn from that
-    hold at `level` at every number of values at once, so a run may look after every new
-    value and stop whenever it likes (a confidence sequence; Howard & Ramdas 2022,
-    "Sequential estimation of quantiles with applications to A/B-testing and best-arm
-    identification", Bernoulli 28(3)).
+# ---------------------------------------------------------------------------
+# The verdict's confidence sequence: the paired ratios' capped geometric mean
+# ---------------------------------------------------------------------------
+RATIO_CAP = 1.5      # a pair's ratio counts as at most x1.5 and at least /1.5 (one disturbed call sways little)
+MIN_PAIRS = 8        # no decision on fewer pairs, whatever the interval says
+_TRUNCATION = 0.9    # bets stake at most this share of the capital (Waudby-Smith & Ramdas's c)
+_GRID = np.linspace(0.0005, 0.9995, 1999)  # candidate means on the [0, 1] scale
 
-    For a candidate median m, each value falls below m with probability 1/2; the
-    likelihood ratio of a Beta(prior, prior) mixture of other probabilities against 1/2
-    is a nonnegative martingale, so by Ville's inequality it ever exceeds 1/(1 - level)
-    with probability at most 1 - level. The bounds are the order statistics where it
-    stays below that. Assumes independent values from a continuous distribution; no
-    shape, no variance. A side is None while too few values bound it (8 or more are
-    needed for a finite 95 % interval).
+
+def capped_log_sequence(log_values, *, level=0.95, cap=RATIO_CAP):
+    """(low, high): bounds for the mean of the log values capped to +-log(cap) (for paired
+    ratios: the log of their capped geometric mean) that hold at `level` at every number of
+    values at once, so a run may look after every new value and stop whenever it likes (a
+    confidence sequence). (None, None) without values.
+
+    Betting: for a candidate mean m, a bettor stakes, before each value, a share of its
+    capital on the value lying above m (and another on below), sized from the values before
+    it (the "aGRAPA" bet); under mean m its capital is a nonnegative martingale, so by
+    Ville's inequality it ever reaches 1/(1 - level) with probability at most 1 - level.
+    The bounds are the means where it stays below that (Waudby-Smith & Ramdas 2024,
+    "Estimating means of bounded random variables by betting", JRSS-B 86(1); the hedged
+    capital process of their Theorem 3). Assumes independent values; no shape, no
+    variance: the cap bounds them. Uses the magnitudes, so it needs about half the pairs
+    of a sign-based median sequence for the same effect.
     """
-    x = np.sort(np.asarray([v for v in values if v is not None], dtype=float))
-    n = x.size
-    threshold = math.log(1.0 / (1.0 - level))
-
-    def log_evidence(below):  # log of the mixture martingale with `below` of n under m
-        return (n * math.log(2.0) + _log_beta(prior + below, prior + n - below) - _log_beta(prior, prior))
-
-    outside = 0  # values that may lie on the far side of a bound: the martingale stays below the threshold
-    while outside < n / 2 and log_evidence(outside) >= threshold:
-        outside += 1
-    if outside == 0:
+    bound = math.log(cap)
+    x = np.clip(np.asarray([v for v in log_values if v is not None], dtype=float), -bound, bound)
+    if x.size == 0:
         return None, None
-    return float(x[outside - 1]), float(x[n - outside])
+    y = (x + bound) / (2 * bound)  # on [0, 1]
+    t = np.arange(1, y.size + 1)
+    before = np.concatenate([[0.0], np.cumsum(y)[:-1]])
+    mean_before = (0.5 + before) / t  # predictable: from the values before each one
+    mean_after = (0.5 + np.cumsum(y)) / (t + 1)
+    var_before = (0.01 + np.concatenate([[0.0], np.cumsum((y - mean_after) ** 2)[:-1]])) / t
+    m = _GRID[:, None]
+    gap = mean_before[None, :] - m
+    stake = gap / (var_before[None, :] + gap * gap)
+    up = np.clip(stake, 0, _TRUNCATION / m)
+    down = np.clip(-stake, 0, _TRUNCATION / (1 - m))
+    log_up = np.log1p(up * (y - m)).sum(axis=1)
+    log_down = np.log1p(-down * (y - m)).sum(axis=1)
+    log_capital = np.logaddexp(log_up, log_down) - math.log(2)
+    inside = _GRID[log_capital < math.log(1 / (1 - level))]
+    if inside.size == 0:  # the true mean lies between two candidates: widen to them
+        inside = _GRID[[int(np.argmin(log_capital))]]
+    step = _GRID[1] - _GRID[0]
+    low, high = max(inside.min() - step, 0.0), min(inside.max() + step, 1.0)
+    return float(low * 2 * bound - bound), float(high * 2 * bound - bound)
 
 
-def fewest_for_sequence(level=0.95):
-    """The fewest values for which median_confidence_sequence gives finite bounds (8 at 95 %)."""
-    n = 1
-    while median_confidence_sequence(range(n), level=level)[0] is None:
-        n += 1
-    return n
-
-
-def _log_beta(a, b):
-    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
-
-
-def median_with_sequence(values, *, level=0.95):
-    """(median, low, high): the median of `values` and its confidence sequence's bounds
-    (see median_confidence_sequence); (None, None, None) without values."""
-    x = [v for v in values if v is not None]
-    if not x:
+def ratio_with_sequence(ratios, *, level=0.95, cap=RATIO_CAP):
+    """(estimate, low, high) for positive paired ratios: their geometric mean with each
+    ratio capped to [1/cap, cap], and that figure's confidence sequence
+    (capped_log_sequence). low and high are None while there are fewer than MIN_PAIRS
+    ratios; (None, None, None) without any."""
+    logs = [math.log(r) for r in ratios if r is not None and r > 0]
+    if not logs:
         return None, None, None
-    return (float(np.median(x)), *median_confidence_sequence(x, level=level))
+    bound = math.log(cap)
+    estimate = math.exp(float(np.mean(np.clip(logs, -bound, bound))))
+    if len(logs) < MIN_PAIRS:
+        return estimate, None, None
+    low, high = capped_log_sequence(logs, level=level, cap=cap)
+    return estimate, math.exp(low), math.exp(high)
+
+
+def shift_to_reach(ratios, line, *, level=0.95, cap=RATIO_CAP):
+    """The smallest factor every ratio could be multiplied by with the sequence's lower
+    bound still at or above `line` (below 1 when these pairs already reach it, with room to
+    spare); None with too few ratios or when no factor up to cap**2 does: how far these
+    pairs were from deciding."""
+    if ratio_with_sequence(ratios, level=level, cap=cap)[1] is None:
+        return None
+    reaches = lambda f: ratio_with_sequence([r * f for r in ratios], level=level, cap=cap)[1] >= line  # noqa: E731
+    low, high = (1 / cap ** 2, 1.0) if reaches(1.0) else (1.0, cap ** 2)
+    if not reaches(high):
+        return None
+    for _ in range(20):
+        mid = math.sqrt(low * high)
+        low, high = (low, mid) if reaches(mid) else (mid, high)
+    return high
 
 
 def robust_spread(values):

@@ -28,7 +28,8 @@ def paired_ratios(samples, metric):
 
 def comparison(samples, primary_metric, *, min_effect, earlier=None):
     """The paired figures of a champion-vs-challenger run: speedup of the primary metric
-    with its 95 % confidence sequence, the whole-call ratio with its own, the prefill
+    (the capped geometric mean of the paired ratios, stats.ratio_with_sequence) with its
+    95 % confidence sequence, the whole-call ratio with its own, the prefill
     ratio, and how noisy the pairs were.
 
     `earlier` ({"decode_tps"|"prefill_tps"|"end_to_end": [ratios]}) are the pairs of
@@ -38,24 +39,23 @@ def comparison(samples, primary_metric, *, min_effect, earlier=None):
     earlier = earlier or {}
     ratios = list(earlier.get(primary_metric, [])) + paired_ratios(samples, primary_metric)
     whole = list(earlier.get("end_to_end", [])) + paired_ratios(samples, "end_to_end")
-    speedup, low, high = stats.median_with_sequence(ratios)
-    e2e, e2e_low, e2e_high = stats.median_with_sequence(whole)
+    speedup, low, high = stats.ratio_with_sequence(ratios)
+    e2e, e2e_low, e2e_high = stats.ratio_with_sequence(whole)
     spread = stats.robust_spread([math.log(r) for r in ratios if r > 0])
     return {"speedup": speedup, "speedup_ci": [low, high], "primary_metric": primary_metric, "pairs": len(ratios),
             "pooled_pairs": len(earlier.get(primary_metric, [])),
             "prefill_ratio": stats.median_ci(paired_ratios(samples, "prefill_tps"))[0],
             "end_to_end_ratio": e2e, "end_to_end_ci": [e2e_low, e2e_high],
-            "pair_spread": spread, "min_detectable_effect": min_detectable_effect(speedup, low, min_effect),
+            "pair_spread": spread, "min_detectable_effect": min_detectable_effect(ratios, speedup, min_effect),
             "ratios": {primary_metric: ratios, "end_to_end": whole}}
 
 
-def min_detectable_effect(speedup, low, min_effect):
-    """The smallest median speedup these pairs could have shown as a KEEP: every ratio
-    scaled until the interval's lower bound reaches the KEEP line 1 + min_effect (1.12:
-    a KEEP needed +12 %). None while the interval is unbounded (too few pairs)."""
-    if speedup is None or low is None or low <= 0:
-        return None
-    return speedup * (1 + min_effect) / low
+def min_detectable_effect(ratios, speedup, min_effect):
+    """The smallest speedup these pairs could have shown as a KEEP: every ratio scaled until
+    the interval's lower bound reaches the KEEP line 1 + min_effect (1.12: a KEEP needed
+    +12 %). None while the interval is unbounded (too few pairs)."""
+    factor = stats.shift_to_reach(ratios, 1 + min_effect)
+    return speedup * factor if factor and speedup else None
 
 
 def settled(comparison_figures, *, min_effect, fewer_lines=False):
@@ -98,7 +98,7 @@ def decide(*, gate_reason, has_champion, dirty, search, min_effect, speedup=None
         gate_reason: "" when every quality gate passed, else the failed gates.
         has_champion: a champion exists on this branch and protocol.
         dirty: inference.py had uncommitted changes; search: a search trial.
-        speedup, speedup_ci: the primary metric's median paired ratio and its 95 % confidence
+        speedup, speedup_ci: the primary metric's paired ratios' capped geometric mean and its 95 % confidence
             sequence (None when the challenger was measured alone, i.e. HEAD is the
             champion); while too few pairs bound it (a side is None) nothing is decided.
         pairs: how many paired ratios the interval rests on.
@@ -128,8 +128,8 @@ def decide(*, gate_reason, has_champion, dirty, search, min_effect, speedup=None
     if speedup is None:
         return Decision.MEASURED, "HEAD is the champion itself: commit a change to compare"
     if speedup_ci[0] is None:
-        return Decision.MEASURED, (f"too few pairs to decide: {pairs} (a 95 % interval needs "
-                                   f"{stats.fewest_for_sequence()}); this preset measures ({speed}), "
+        return Decision.MEASURED, (f"too few pairs to decide: {pairs} (a decision needs "
+                                   f"{stats.MIN_PAIRS}); this preset measures ({speed}), "
                                    f"the full preset decides")
     need = 1 + min_effect
     low, high = speedup_ci

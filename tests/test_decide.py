@@ -100,17 +100,18 @@ def test_comparison_pools_earlier_pairs_in_front():
     samples = []
     for repeat in range(3):
         for prompt in ("a", "b"):
-            for worker, seconds in (("champion", 1.1), ("challenger", 1.0)):
+            for worker, seconds in (("champion", 1.4), ("challenger", 1.0)):
                 samples.append(Sample(worker=worker, prompt=prompt, kind="decode", repeat=repeat, nonce="n",
                                       prompt_tokens=4, n_tokens=11, ttft_s=0.1, total_s=0.1 + seconds,
                                       decode_s=seconds, decode_tps=10 / seconds, prefill_tps=40.0,
                                       peak_memory_bytes=None, prompt_ids=[], tokens=[]))
     alone = comparison(samples, "decode_tps", min_effect=0.01)
     assert alone["pairs"] == 6 and alone["speedup_ci"] == [None, None] and alone["pooled_pairs"] == 0
-    earlier = {"decode_tps": [1.1] * 4, "end_to_end": [1.09] * 4}
+    earlier = {"decode_tps": [1.4] * 4, "end_to_end": [1.36] * 4}
     pooled = comparison(samples, "decode_tps", min_effect=0.01, earlier=earlier)
     assert pooled["pairs"] == 10 and pooled["pooled_pairs"] == 4
-    assert pooled["ratios"]["decode_tps"][:4] == [1.1] * 4
+    assert pooled["ratios"]["decode_tps"][:4] == [1.4] * 4
     assert pooled["speedup_ci"][0] > 1.01 and settled(pooled, min_effect=0.01)
-    # the KEEP needed the median this far above the line: here the interval is a point
-    assert pooled["min_detectable_effect"] == pytest.approx(1.01)
+    assert pooled["speedup"] == pytest.approx(1.4)
+    # these pairs decided with room to spare: a smaller speedup would have been kept too
+    assert 1.01 < pooled["min_detectable_effect"] < pooled["speedup"]
