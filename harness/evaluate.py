@@ -457,7 +457,7 @@ def figures(ctx, result, out, earlier=None):
     # the harness saw it hold (its peak resident memory).
     if result["max_rss_gb"]:
         result["peak_memory_gb"] = max(result["peak_memory_gb"] or 0, result["max_rss_gb"])
-    result["bytes_per_token"] = bytes_per_token(ctx, workers.get("challenger", {}), mine)
+    result["bytes_per_token"] = geometry.bytes_per_token(ctx.model_dir, workers.get("challenger", {}), mine)
     bandwidth = _bandwidth_gbs()
     if result["bytes_per_token"] and bandwidth:
         result["roofline_fraction"] = result["decode_tps"] * result["bytes_per_token"] / (bandwidth * 1e9)
@@ -486,18 +486,6 @@ def figures(ctx, result, out, earlier=None):
         "quality_score": score, "quality_adjusted_tps": (result["decode_tps"] or 0) * score,
         "quality_pass": all(g["passed"] for g in gate_list), "gates": gate_list,
     })
-
-
-def bytes_per_token(ctx, info, samples):
-    """Bytes read per decoded token: every weight once, plus the KV cache at the calls'
-    mean context length (keys and values, all layers, in the activations' dtype)."""
-    if not info.get("weight_bytes"):
-        return None
-    if not samples:
-        return info["weight_bytes"]
-    per_position = geometry.model_geometry(ctx.model_dir).kv_bytes_per_position(info.get("float_itemsize", 4))
-    context = sum(s.prompt_tokens + s.n_tokens / 2 for s in samples) / len(samples)
-    return int(info["weight_bytes"] + per_position * context)
 
 
 def _bandwidth_gbs():

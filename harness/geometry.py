@@ -3,6 +3,7 @@
     model_geometry(model_dir) -> Geometry   config.json, parsed once per directory
     weight_bytes(model_dir, compute_dtype)   the safetensors headers
     dtype_bytes(compute_dtype)               4 for "float32", 2 for "float16"/"bfloat16"
+    bytes_per_token(model_dir, info, samples) bytes read per decoded token (the roofline)
 
 Multimodal configs keep the language model's settings under `text_config`; its keys
 win over the top-level ones, since the text model is what generates and scores.
@@ -108,3 +109,16 @@ def weight_bytes(model_dir, compute_dtype="float32"):
             tag = tensor["dtype"]
             total += math.prod(tensor["shape"]) * (size if tag in FLOAT_TAGS else DTYPE_BYTES.get(tag, 4))
     return total
+
+
+def bytes_per_token(model_dir, info, samples):
+    """Bytes read per decoded token: every weight once (`info["weight_bytes"]`, as the worker
+    reported it), plus the KV cache at the speed calls' mean context length (keys and
+    values, all layers, in the activations' dtype). None without the weights' size."""
+    if not info.get("weight_bytes"):
+        return None
+    if not samples:
+        return info["weight_bytes"]
+    per_position = model_geometry(model_dir).kv_bytes_per_position(info.get("float_itemsize", 4))
+    context = sum(s.prompt_tokens + s.n_tokens / 2 for s in samples) / len(samples)
+    return int(info["weight_bytes"] + per_position * context)

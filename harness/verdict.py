@@ -98,9 +98,8 @@ def decide(*, gate_reason, has_champion, dirty, search, min_effect, speedup=None
         gate_reason: "" when every quality gate passed, else the failed gates.
         has_champion: a champion exists on this branch and protocol.
         dirty: inference.py had uncommitted changes; search: a search trial.
-        speedup, speedup_ci: the primary metric's paired ratios' capped geometric mean and its 95 % confidence
-            sequence (None when the challenger was measured alone, i.e. HEAD is the
-            champion); while too few pairs bound it (a side is None) nothing is decided.
+        speedup, speedup_ci: the paired ratios' capped geometric mean and its 95 % confidence sequence
+            (None: measured alone, HEAD is the champion; a side None: too few pairs, no decision).
         pairs: how many paired ratios the interval rests on.
         primary_metric: what `speedup` is the ratio of (decode_tps or prefill_tps).
         end_to_end_ratio, end_to_end_ci: whole calls, champion time / challenger time, and
