@@ -86,6 +86,9 @@ CODE_STRINGS = (CODE_NAMES | CODE_ATTRIBUTES | CODE_MODULES | {"sys"}) - PLAIN_W
 IMPORT_PATHS = {"path", "meta_path", "path_hooks", "path_importer_cache"}
 _ATTRIBUTE_CALLS = {"getattr", "setattr", "delattr", "hasattr"}
 STRING_GROWTH_LIMIT = 200   # constants grown by more than this (constant_size): the count is not trusted
+# A removed statement takes at least this many nodes with it (`import x`: 2, `x = 1`: 4);
+# statements folded into one expression (a tuple of side effects, walrus, `and` chains) do not.
+NODES_PER_REMOVED_STATEMENT = 2
 TREE_GROWTH_LIMIT = 200     # syntax-tree nodes grown by more than this with no more statements: the same
 LONGEST_NAME = 48           # a longer identifier is data (a red team hex-encoded the pipeline in one)
 
@@ -277,9 +280,13 @@ def uncounted_lines(old_source, new_source):
     if grown > STRING_GROWTH_LIMIT:
         return f"its constants grew by {grown} characters, digits and numbers (more than {STRING_GROWTH_LIMIT})"
     nodes = tree_size(new_source) - tree_size(old_source)
-    if nodes > TREE_GROWTH_LIMIT and code_lines(new_source) <= code_lines(old_source):
+    fewer = code_lines(old_source) - code_lines(new_source)
+    if nodes > TREE_GROWTH_LIMIT and fewer >= 0:
         return (f"its syntax tree grew by {nodes} nodes (more than {TREE_GROWTH_LIMIT}) with no more "
                 f"statements (data in expressions)")
+    if fewer > 0 and -nodes < NODES_PER_REMOVED_STATEMENT * fewer:
+        return (f"{fewer} fewer statements, but the syntax tree changed by only {nodes:+d} nodes (a removed "
+                f"statement takes {NODES_PER_REMOVED_STATEMENT} or more: code packed into expressions)")
     return ""
 
 

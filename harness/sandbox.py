@@ -42,9 +42,12 @@ ENV_VAR = "MLX_HILLCLIMB_SANDBOX"  # "none": run unsandboxed (the run reports `s
 #       by process group, so it costs nothing there.
 #   --die-with-parent: the sandbox is SIGKILLed when the harness (the thread that started
 #       it; the harness is single-threaded) dies, and killing the outer bwrap kills it too.
-#   /proc/loadavg reads empty (/dev/null; --dev-bind, as a plain bind is nodev and cannot open
-#       it): its load and task counts are the whole machine's and show what the other worker does.
-_BWRAP_BASE = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--dev-bind", "/dev/null", "/proc/loadavg",
+#   /proc/loadavg, stat, meminfo and vmstat read empty (/dev/null; --dev-bind, as a plain bind
+#       is nodev and cannot open it): their load, task, memory and paging counts are the whole
+#       machine's and show what the other worker does.
+_MACHINE_COUNTERS = ("loadavg", "stat", "meminfo", "vmstat")  # whole-machine counts, read empty
+_BWRAP_BASE = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+               *[arg for name in _MACHINE_COUNTERS for arg in ("--dev-bind", "/dev/null", f"/proc/{name}")],
                "--unshare-pid", "--unshare-net", "--unshare-ipc", "--die-with-parent",
                "--new-session", "--cap-drop", "ALL"]
 # No nested user (hence PID) namespaces, where bwrap supports it (0.8.0 and later).
@@ -90,16 +93,18 @@ class Sandbox:
 #   preadv2, pwritev2: RWF_NOWAIT reads fail when a page is not cached (nothing here uses them).
 #   io_uring_setup/enter/register: a ring does fadvise, madvise and nowait reads unfiltered.
 #   add_key, request_key, keyctl: the kernel's key quotas are counted per user, not per sandbox.
+#   sysinfo: the machine's thread count, free memory and load (a red team signalled with 120
+#       idle threads: sleeper KEEP +22.9 %); glibc's sysconf(_SC_PHYS_PAGES) then guesses.
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 _DENIED = {  # architecture -> the system call numbers refused outright
     "x86_64": {"flock": 73, "inotify_init": 253, "inotify_init1": 294, "fanotify_init": 300, "mincore": 27,
                "cachestat": 451, "fadvise64": 221, "readahead": 187, "process_madvise": 440,
                "preadv2": 327, "pwritev2": 328, "io_uring_setup": 425, "io_uring_enter": 426,
-               "io_uring_register": 427, "add_key": 248, "request_key": 249, "keyctl": 250},
+               "io_uring_register": 427, "add_key": 248, "request_key": 249, "keyctl": 250, "sysinfo": 99},
     "aarch64": {"flock": 32, "inotify_init1": 26, "fanotify_init": 262, "mincore": 232,
                 "cachestat": 451, "fadvise64_64": 223, "readahead": 213, "process_madvise": 440,
                 "preadv2": 286, "pwritev2": 287, "io_uring_setup": 425, "io_uring_enter": 426,
-                "io_uring_register": 427, "add_key": 217, "request_key": 218, "keyctl": 219},
+                "io_uring_register": 427, "add_key": 217, "request_key": 218, "keyctl": 219, "sysinfo": 179},
 }
 _FCNTL = {"x86_64": 72, "aarch64": 25}
 # F_GETLK F_SETLK F_SETLKW, F_OFD_GETLK F_OFD_SETLK F_OFD_SETLKW, F_SETLEASE F_GETLEASE F_NOTIFY

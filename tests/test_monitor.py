@@ -502,3 +502,16 @@ def test_a_worker_runs_its_code_without_comments_or_docstrings():
     real = BASELINE
     assert code_size.code_hash(code_size.without_comments_and_docstrings(real)) == code_size.code_hash(real)
     assert code_size.without_comments_and_docstrings("def broken(:\n") == "def broken(:\n"
+
+
+def test_statements_packed_into_expressions_do_not_count_as_fewer_lines():
+    old = ("def f(xs):\n    total = 0\n    count = 0\n    for x in xs:\n        total += x\n"
+           "        count += 1\n    print(total)\n    print(count)\n    return total / count\n")
+    packed = ("def f(xs):\n    s = {'t': 0, 'c': 0}\n"
+              "    [(s.__setitem__('t', s['t'] + x), s.__setitem__('c', s['c'] + 1)) for x in xs]\n"
+              "    return (print(s['t']), print(s['c']), s['t'] / s['c'])[2]\n")
+    assert code_size.code_lines(packed) < code_size.code_lines(old)
+    assert "packed into expressions" in code_size.uncounted_lines(old, packed)
+    honest = old.replace("    print(total)\n    print(count)\n", "")  # really deleted
+    assert code_size.code_lines(honest) < code_size.code_lines(old)
+    assert code_size.uncounted_lines(old, honest) == ""

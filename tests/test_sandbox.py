@@ -467,7 +467,10 @@ for name, call in [("fadvise", lambda: os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_
                    ("cold", lambda: region.madvise(20)),  # MADV_COLD
                    ("dontneed", lambda: region.madvise(mmap.MADV_DONTNEED)),
                    ("willneed", lambda: region.madvise(mmap.MADV_WILLNEED)),
-                   ("loadavg", lambda: out.update(loadavg_text=open("/proc/loadavg").read()))]:
+                   ("loadavg", lambda: out.update(loadavg_text=open("/proc/loadavg").read()
+                                                  + open("/proc/meminfo").read() + open("/proc/stat").read()
+                                                  + open("/proc/vmstat").read())),
+                   ("threads", lambda: out.update(threads=os.getloadavg()))]:
     try:
         call()
         out[name] = "ok"
@@ -481,7 +484,9 @@ def test_sandboxes_cannot_probe_or_evict_each_others_page_cache(sandboxed, tmp_p
     """A red team passed a signal through the page cache: one worker evicted pages of a shared
     file (posix_fadvise DONTNEED), the other timed reads of them. Eviction (fadvise, madvise
     MADV_COLD / MADV_PAGEOUT) and cache-residency probes (preadv2 RWF_NOWAIT) are refused in the
-    sandbox; plain reads and other madvise advice work; /proc/loadavg reads empty."""
+    sandbox; plain reads and other madvise advice work. The machine's counters are hidden too
+    (another red team signalled with the host's thread count): /proc/loadavg, meminfo, stat
+    and vmstat read empty, and sysinfo (os.getloadavg) is refused."""
     box = sandbox.wrap([sys.executable, "-I", "-c", CACHE_PROBE], tmp_path)
     try:
         proc = subprocess.run(box.command, cwd=tmp_path, env=box.env, pass_fds=box.pass_fds,
@@ -492,7 +497,7 @@ def test_sandboxes_cannot_probe_or_evict_each_others_page_cache(sandboxed, tmp_p
     got = json.loads(proc.stdout)
     assert got == {"fadvise": errno.EPERM, "nowait": errno.EPERM, "pread": "ok", "pageout": errno.EPERM,
                    "cold": errno.EPERM, "dontneed": "ok", "willneed": "ok", "loadavg": "ok",
-                   "loadavg_text": ""}, got
+                   "loadavg_text": "", "threads": None}, got  # getloadavg: "unobtainable" (sysinfo refused)
     # outside the sandbox the same calls work: it is the filter that refuses them
     plain = json.loads(subprocess.run([sys.executable, "-I", "-c", CACHE_PROBE], capture_output=True,
                                       text=True, timeout=60).stdout)
