@@ -138,6 +138,20 @@ def tree_size(source):
         return 0
 
 
+def _rebound_names(tree):
+    """Names bound more than once, augmented (`A += "x"`) or declared global anywhere: their
+    value is not the literal they start with (a red team built "__globals__" that way)."""
+    counts, changed = {}, set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            counts[node.id] = counts.get(node.id, 0) + 1
+        elif isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
+            changed.add(node.target.id)
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            changed.update(node.names)
+    return changed | {name for name, n in counts.items() if n > 1}
+
+
 def _is_literal_knob(node, knobs):
     """`node` is an UPPER_CASE knob name whose value is a plain string literal (getattr(mx, COMPUTE_DTYPE))."""
     return (isinstance(node, ast.Name) and node.id in knobs
@@ -154,7 +168,9 @@ def uncountable(source):
         tree = parse(source)
     except SyntaxError as exc:
         return f"it does not parse (line {exc.lineno})"
-    seen = _Seen(docstrings=_docstring_constants(tree), knobs=values(source, tree),
+    rebound = _rebound_names(tree)
+    knobs = {name: value for name, value in values(source, tree).items() if name not in rebound}
+    seen = _Seen(docstrings=_docstring_constants(tree), knobs=knobs,
                  called={id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)},
                  sys_names=_sys_names(tree), tree=tree)
     for node in ast.walk(tree):

@@ -42,12 +42,36 @@ ENV_VAR = "MLX_HILLCLIMB_SANDBOX"  # "none": run unsandboxed (the run reports `s
 #       by process group, so it costs nothing there.
 #   --die-with-parent: the sandbox is SIGKILLed when the harness (the thread that started
 #       it; the harness is single-threaded) dies, and killing the outer bwrap kills it too.
-#   /proc/loadavg, stat, meminfo and vmstat read empty (/dev/null; --dev-bind, as a plain bind
-#       is nodev and cannot open it): their load, task, memory and paging counts are the whole
-#       machine's and show what the other worker does.
-_MACHINE_COUNTERS = ("loadavg", "stat", "meminfo", "vmstat")  # whole-machine counts, read empty
+#   The machine's counters are hidden: whole-machine load, task, memory, paging, interrupt,
+#       file and pty counts show what the other worker does (red teams signalled with the
+#       thread count and the aio context count). /proc files read empty (/dev/null;
+#       --dev-bind, as a plain bind is nodev and cannot open it), /proc/sys, /proc/pressure and
+#       /sys are empty (tmpfs; /sys keeps only the CPU lists os.cpu_count reads), and /dev/ptmx
+#       opens /dev/null (the pty count is global).
+_PROC_COUNTERS = ("loadavg", "stat", "meminfo", "vmstat", "zoneinfo", "buddyinfo", "pagetypeinfo", "slabinfo",
+                  "vmallocinfo", "key-users", "keys", "uptime", "interrupts", "softirqs", "diskstats",
+                  "timer_list", "kallsyms", "schedstat", "sched_debug", "swaps", "locks")
+_EMPTY_FOLDERS = ("/proc/sys", "/proc/pressure", "/proc/irq", "/proc/driver", "/sys")
+_SYS_KEPT = ("/sys/devices/system/cpu/online", "/sys/devices/system/cpu/possible", "/sys/devices/system/cpu/present")
+
+
+def _machine_counters_hidden():
+    """bwrap arguments that hide this machine's counters (those that exist here)."""
+    args = []
+    for name in _PROC_COUNTERS:
+        if os.path.exists(f"/proc/{name}"):
+            args += ["--dev-bind", "/dev/null", f"/proc/{name}"]
+    for folder in _EMPTY_FOLDERS:
+        if os.path.isdir(folder):
+            args += ["--tmpfs", folder]
+    for path in _SYS_KEPT:
+        if os.path.exists(path):
+            args += ["--ro-bind", path, path]
+    return args + ["--dev-bind", "/dev/null", "/dev/ptmx"]
+
+
 _BWRAP_BASE = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-               *[arg for name in _MACHINE_COUNTERS for arg in ("--dev-bind", "/dev/null", f"/proc/{name}")],
+               *_machine_counters_hidden(),
                "--unshare-pid", "--unshare-net", "--unshare-ipc", "--die-with-parent",
                "--new-session", "--cap-drop", "ALL"]
 # No nested user (hence PID) namespaces, where bwrap supports it (0.8.0 and later).
@@ -93,6 +117,7 @@ class Sandbox:
 #   preadv2, pwritev2: RWF_NOWAIT reads fail when a page is not cached (nothing here uses them).
 #   io_uring_setup/enter/register: a ring does fadvise, madvise and nowait reads unfiltered.
 #   add_key, request_key, keyctl: the kernel's key quotas are counted per user, not per sandbox.
+#   io_setup and the other aio calls: the machine's aio context count (/proc/sys/fs/aio-nr).
 #   sysinfo: the machine's thread count, free memory and load (a red team signalled with 120
 #       idle threads: sleeper KEEP +22.9 %); glibc's sysconf(_SC_PHYS_PAGES) then guesses.
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
@@ -100,11 +125,13 @@ _DENIED = {  # architecture -> the system call numbers refused outright
     "x86_64": {"flock": 73, "inotify_init": 253, "inotify_init1": 294, "fanotify_init": 300, "mincore": 27,
                "cachestat": 451, "fadvise64": 221, "readahead": 187, "process_madvise": 440,
                "preadv2": 327, "pwritev2": 328, "io_uring_setup": 425, "io_uring_enter": 426,
-               "io_uring_register": 427, "add_key": 248, "request_key": 249, "keyctl": 250, "sysinfo": 99},
+               "io_uring_register": 427, "add_key": 248, "request_key": 249, "keyctl": 250, "sysinfo": 99,
+               "io_setup": 206, "io_destroy": 207, "io_getevents": 208, "io_submit": 209, "io_cancel": 210},
     "aarch64": {"flock": 32, "inotify_init1": 26, "fanotify_init": 262, "mincore": 232,
                 "cachestat": 451, "fadvise64_64": 223, "readahead": 213, "process_madvise": 440,
                 "preadv2": 286, "pwritev2": 287, "io_uring_setup": 425, "io_uring_enter": 426,
-                "io_uring_register": 427, "add_key": 217, "request_key": 218, "keyctl": 219, "sysinfo": 179},
+                "io_uring_register": 427, "add_key": 217, "request_key": 218, "keyctl": 219, "sysinfo": 179,
+                "io_setup": 0, "io_destroy": 1, "io_submit": 2, "io_cancel": 3, "io_getevents": 4},
 }
 _FCNTL = {"x86_64": 72, "aarch64": 25}
 # F_GETLK F_SETLK F_SETLKW, F_OFD_GETLK F_OFD_SETLK F_OFD_SETLKW, F_SETLEASE F_GETLEASE F_NOTIFY

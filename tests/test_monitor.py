@@ -515,3 +515,14 @@ def test_statements_packed_into_expressions_do_not_count_as_fewer_lines():
     honest = old.replace("    print(total)\n    print(count)\n", "")  # really deleted
     assert code_size.code_lines(honest) < code_size.code_lines(old)
     assert code_size.uncounted_lines(old, honest) == ""
+
+
+def test_a_knob_rebuilt_at_run_time_is_not_a_literal_name():
+    """A red team built "__globals__" in a knob (ATTR = "__glo"; ATTR += "bals__") and reached
+    exec through getattr(f, ATTR): a knob counts as a literal name only if bound once."""
+    built = 'ATTR = "__glo"\nATTR += "bals__"\n\ndef f():\n    return getattr(f, ATTR)\n'
+    assert "computed attribute name" in code_size.uncountable(built)
+    rebound = 'ATTR = "float16"\nATTR = ATTR.replace("float16", "__glob")\nimport mlx.core as mx\nx = getattr(mx, ATTR)\n'
+    assert "computed attribute name" in code_size.uncountable(rebound)
+    plain = 'COMPUTE_DTYPE = "float16"\nimport mlx.core as mx\nx = getattr(mx, COMPUTE_DTYPE)\n'
+    assert code_size.uncountable(plain) == ""
