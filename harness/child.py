@@ -248,8 +248,26 @@ def _serve(channel, inference_path):
             channel.send(_error(exc))
 
 
+# Per-user kernel counts are shared by every process of the user, both workers' sandboxes
+# included: a red team passed the role through the pending-signal count (one worker queued
+# signals until the user's allowance ran out, the other saw sigqueue fail) and won a KEEP.
+# Capped inside the sandbox (a cap set before bwrap would become the shared allowance), each
+# worker can hold only a sliver of the allowance, so neither can exhaust it for the other.
+SHARED_COUNT_LIMITS = {"RLIMIT_SIGPENDING": 256, "RLIMIT_MSGQUEUE": 0}
+
+
+def _cap_shared_counts():
+    import resource
+
+    for name, cap in SHARED_COUNT_LIMITS.items():
+        limit = getattr(resource, name, None)  # Linux only
+        if limit is not None:
+            resource.setrlimit(limit, (cap, cap))
+
+
 def main():
     """Entry point of `python -m harness.worker REQUEST_FD REPLY_FD INFERENCE_PATH`."""
+    _cap_shared_counts()
     req_fd, resp_fd, inference_path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     channel = Channel(send_fd=resp_fd, recv_fd=req_fd)
     # The pipeline must not touch the protocol pipes through sys.stdout.

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import bench, sandbox, tasks
+from harness import bench, child, sandbox, tasks
 from harness.settings import HARNESS_HOME
 from harness.worker import Worker
 
@@ -595,3 +595,50 @@ def test_an_exposed_folder_is_reachable_through_its_symlink(sandboxed, tmp_path)
     finally:
         box.close()
     assert proc.stdout.split() == ["here", "here"], proc.stderr
+
+
+SIGNAL_FILL = """
+import ctypes, os, signal, sys, time
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGRTMIN})  # before any library starts a thread
+sys.path.insert(0, sys.argv[3])
+from harness.child import _cap_shared_counts
+if sys.argv[2] == "capped":
+    _cap_shared_counts()
+libc = ctypes.CDLL(None, use_errno=True)
+class Value(ctypes.Union):
+    _fields_ = [("i", ctypes.c_int), ("p", ctypes.c_void_p)]
+if sys.argv[1] == "probe":
+    time.sleep(2)
+queued = 0
+while queued < 200000 and libc.sigqueue(os.getpid(), int(signal.SIGRTMIN), Value(1)) == 0:
+    queued += 1
+print(queued, flush=True)
+if sys.argv[1] == "hold":
+    time.sleep(4)
+"""
+
+
+def test_one_sandbox_cannot_exhaust_a_per_user_count_for_the_other(sandboxed, tmp_path):
+    """A red team passed the role through the user's pending-signal allowance, which both
+    sandboxes share: one queued signals until it ran out, the other saw sigqueue fail. The
+    worker caps its own share first (child.SHARED_COUNT_LIMITS): uncapped the holder takes
+    nearly all and the prober gets almost none; capped both get their full share."""
+    def queued(mode):
+        boxes, procs = [], []
+        for role in ("hold", "probe"):
+            folder = tmp_path / f"{mode}-{role}"
+            folder.mkdir()
+            box = sandbox.wrap([sys.executable, "-I", "-c", SIGNAL_FILL, role, mode, str(HARNESS_HOME)], folder)
+            procs.append(subprocess.Popen(box.command, env=box.env, pass_fds=box.pass_fds, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
+            box.close()
+        return [int(p.communicate(timeout=60)[0]) for p in procs]
+
+    cap = child.SHARED_COUNT_LIMITS
+    held, probed = queued("capped")
+    assert held == probed == cap["RLIMIT_SIGPENDING"]
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_SIGPENDING)[0] > 20 * cap["RLIMIT_SIGPENDING"]:
+        held, probed = queued("uncapped")
+        assert held > 10 * cap["RLIMIT_SIGPENDING"] and probed < held / 2  # the channel the cap closes
