@@ -249,11 +249,14 @@ def _serve(channel, inference_path):
 
 
 # Per-user kernel counts are shared by every process of the user, both workers' sandboxes
-# included: a red team passed the role through the pending-signal count (one worker queued
-# signals until the user's allowance ran out, the other saw sigqueue fail) and won a KEEP.
-# Capped inside the sandbox (a cap set before bwrap would become the shared allowance), each
-# worker can hold only a sliver of the allowance, so neither can exhaust it for the other.
-SHARED_COUNT_LIMITS = {"RLIMIT_SIGPENDING": 256, "RLIMIT_MSGQUEUE": 0}
+# included: red teams passed the role through the pending-signal count (one worker queued
+# signals until the user's allowance ran out, the other saw sigqueue fail; a KEEP won), the
+# pipe-buffer pages (1100 pipes held: the other's new pipes got 8 KiB, not 64 KiB) and the
+# epoll watches. Capped inside the sandbox (a cap set before bwrap would become the shared
+# allowance), each worker holds only a share. Descriptors stay at 4096 (mlx_lm raises its own
+# limit to 2048/4096 on import), which still lets one worker hold 2048 pipes: the pipe-page
+# and epoll allowances are NOT closed by this (see the README's threat model).
+SHARED_COUNT_LIMITS = {"RLIMIT_SIGPENDING": 256, "RLIMIT_MSGQUEUE": 0, "RLIMIT_NOFILE": 4096}
 
 
 def _cap_shared_counts():
@@ -262,6 +265,8 @@ def _cap_shared_counts():
     for name, cap in SHARED_COUNT_LIMITS.items():
         limit = getattr(resource, name, None)  # Linux only
         if limit is not None:
+            hard = resource.getrlimit(limit)[1]
+            cap = cap if hard == resource.RLIM_INFINITY else min(cap, hard)  # never above what it has
             resource.setrlimit(limit, (cap, cap))
 
 

@@ -134,8 +134,9 @@ _DENIED = {  # architecture -> the system call numbers refused outright
                 "io_setup": 0, "io_destroy": 1, "io_submit": 2, "io_cancel": 3, "io_getevents": 4},
 }
 _FCNTL = {"x86_64": 72, "aarch64": 25}
-# F_GETLK F_SETLK F_SETLKW, F_OFD_GETLK F_OFD_SETLK F_OFD_SETLKW, F_SETLEASE F_GETLEASE F_NOTIFY
-_FCNTL_DENIED = (5, 6, 7, 36, 37, 38, 1024, 1025, 1026)
+# F_GETLK F_SETLK F_SETLKW, F_OFD_GETLK F_OFD_SETLK F_OFD_SETLKW, F_SETLEASE F_GETLEASE F_NOTIFY,
+# F_SETPIPE_SZ F_GETPIPE_SZ (a pipe's size draws on, and shows, the user's pipe-page allowance)
+_FCNTL_DENIED = (5, 6, 7, 36, 37, 38, 1024, 1025, 1026, 1031, 1032)
 _MADVISE = {"x86_64": 28, "aarch64": 233}
 _MADVISE_DENIED = (20, 21)  # MADV_COLD, MADV_PAGEOUT
 
