@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import bench, child, sandbox, tasks
+from harness import bench, child, sandbox, seccomp, tasks
 from harness.settings import HARNESS_HOME
 from harness.worker import Worker
 
@@ -520,7 +520,7 @@ print(json.dumps(out))
 def test_every_refused_call_is_refused_in_the_sandbox(sandboxed, tmp_path):
     """Each system call in the refused list (io_uring, the key ring, readahead, cachestat...)
     fails with EPERM before the kernel looks at its arguments."""
-    numbers = sandbox._DENIED[sandbox._ARCH_ALIAS.get(os.uname().machine, os.uname().machine)]
+    numbers = seccomp._DENIED[seccomp._ARCH_ALIAS.get(os.uname().machine, os.uname().machine)]
     box = sandbox.wrap([sys.executable, "-I", "-c", SYSCALL_PROBE, json.dumps(numbers)], tmp_path)
     try:
         proc = subprocess.run(box.command, cwd=tmp_path, env=box.env, pass_fds=box.pass_fds,
@@ -555,26 +555,26 @@ def test_seccomp_program_knows_its_architectures():
 
     allow, eperm = 0x7FFF0000, 0x00050001
     for machine in ("x86_64", "aarch64", "arm64", "amd64"):
-        program = sandbox.seccomp_program(machine)
+        program = seccomp.seccomp_program(machine)
         steps = [struct.unpack("<HBBI", program[i:i + 8]) for i in range(0, len(program), 8)]
         assert steps[0] == (0x20, 0, 0, 4)  # loads the architecture first
         assert steps[-2] == (0x06, 0, 0, allow) and steps[-1] == (0x06, 0, 0, eperm)
         for i, (code, jt, jf, _) in enumerate(steps):
             if code & 0x07 == 0x05:  # a jump lands inside the program
                 assert i + 1 + max(jt, jf) < len(steps)
-    assert sandbox.seccomp_program("riscv64") is None
+    assert seccomp.seccomp_program("riscv64") is None
     # what each architecture's program decides (aarch64's cannot be run here: it is interpreted)
-    read, madvise, fcntl = {"x86_64": 0, "aarch64": 63}, sandbox._MADVISE, sandbox._FCNTL
-    for machine, arch in sandbox._AUDIT_ARCH.items():
-        program = sandbox.seccomp_program(machine)
-        assert all(run_bpf(program, arch, nr) == eperm for nr in sandbox._DENIED[machine].values())
+    read, madvise, fcntl = {"x86_64": 0, "aarch64": 63}, seccomp._MADVISE, seccomp._FCNTL
+    for machine, arch in seccomp._AUDIT_ARCH.items():
+        program = seccomp.seccomp_program(machine)
+        assert all(run_bpf(program, arch, nr) == eperm for nr in seccomp._DENIED[machine].values())
         assert run_bpf(program, arch, read[machine]) == allow
         assert run_bpf(program, arch ^ 0x80000000, read[machine]) == eperm  # another ABI
         for advice, verdict in [(20, eperm), (21, eperm), (21 + (1 << 32), eperm), (3, allow), (4, allow)]:
             assert run_bpf(program, arch, madvise[machine], (0, 4096, advice)) == verdict, advice
         for cmd, verdict in [(1, allow), (2, allow), (6, eperm), (1026, eperm)]:
             assert run_bpf(program, arch, fcntl[machine], (0, cmd)) == verdict, cmd
-    assert run_bpf(sandbox.seccomp_program("x86_64"), 0xC000003E, 0x40000000) == eperm  # x32
+    assert run_bpf(seccomp.seccomp_program("x86_64"), 0xC000003E, 0x40000000) == eperm  # x32
 
 
 def test_an_exposed_folder_is_reachable_through_its_symlink(sandboxed, tmp_path):
