@@ -260,6 +260,8 @@ SHARED_COUNT_LIMITS = {"RLIMIT_SIGPENDING": 256, "RLIMIT_MSGQUEUE": 0, "RLIMIT_N
 
 
 def _cap_shared_counts():
+    """Lower this process's soft and hard limits to SHARED_COUNT_LIMITS. Never above the hard
+    limit it already has. Linux only."""
     import resource
 
     for name, cap in SHARED_COUNT_LIMITS.items():
