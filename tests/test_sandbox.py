@@ -438,18 +438,23 @@ print(json.dumps(out))
 """
 
 
-def test_sandboxes_cannot_signal_each_other_through_shared_files(sandboxed, tmp_path):
-    """A red team passed the role between champion and challenger with a lock on a file both
-    can read: locks, leases, directory and inotify notifications are refused (EPERM) in the
-    sandbox; other fcntl calls work."""
-    box = sandbox.wrap([sys.executable, "-I", "-c", LOCK_PROBE], tmp_path)
+def _probe_in_sandbox(folder, code, *args):
+    """Run `code` (which prints one JSON object) in a sandbox on `folder`; its object."""
+    box = sandbox.wrap([sys.executable, "-I", "-c", code, *args], folder)
     try:
-        proc = subprocess.run(box.command, cwd=tmp_path, env=box.env, pass_fds=box.pass_fds,
+        proc = subprocess.run(box.command, cwd=folder, env=box.env, pass_fds=box.pass_fds,
                               capture_output=True, text=True, timeout=60)
     finally:
         box.close()
     assert proc.returncode == 0, proc.stderr
-    got = json.loads(proc.stdout)
+    return json.loads(proc.stdout)
+
+
+def test_sandboxes_cannot_signal_each_other_through_shared_files(sandboxed, tmp_path):
+    """A red team passed the role between champion and challenger with a lock on a file both
+    can read: locks, leases, directory and inotify notifications are refused (EPERM) in the
+    sandbox; other fcntl calls work."""
+    got = _probe_in_sandbox(tmp_path, LOCK_PROBE)
     assert got == {"flock": errno.EPERM, "lockf": errno.EPERM, "notify": errno.EPERM, "getfd": "ok",
                    "inotify": errno.EPERM}, got
     # outside the sandbox the same calls work: it is the filter that refuses them
@@ -489,14 +494,7 @@ def test_sandboxes_cannot_probe_or_evict_each_others_page_cache(sandboxed, tmp_p
     sandbox; plain reads and other madvise advice work. The machine's counters are hidden too
     (another red team signalled with the host's thread count): /proc/loadavg, meminfo, stat
     and vmstat read empty, and sysinfo (os.getloadavg) is refused."""
-    box = sandbox.wrap([sys.executable, "-I", "-c", CACHE_PROBE], tmp_path)
-    try:
-        proc = subprocess.run(box.command, cwd=tmp_path, env=box.env, pass_fds=box.pass_fds,
-                              capture_output=True, text=True, timeout=60)
-    finally:
-        box.close()
-    assert proc.returncode == 0, proc.stderr
-    got = json.loads(proc.stdout)
+    got = _probe_in_sandbox(tmp_path, CACHE_PROBE)
     assert got == {"fadvise": errno.EPERM, "nowait": errno.EPERM, "pread": "ok", "pageout": errno.EPERM,
                    "cold": errno.EPERM, "dontneed": "ok", "willneed": "ok", "loadavg": "ok",
                    "loadavg_text": "", "threads": None}, got  # getloadavg: "unobtainable" (sysinfo refused)
@@ -521,14 +519,7 @@ def test_every_refused_call_is_refused_in_the_sandbox(sandboxed, tmp_path):
     """Each system call in the refused list (io_uring, the key ring, readahead, cachestat...)
     fails with EPERM before the kernel looks at its arguments."""
     numbers = seccomp._DENIED[seccomp._ARCH_ALIAS.get(os.uname().machine, os.uname().machine)]
-    box = sandbox.wrap([sys.executable, "-I", "-c", SYSCALL_PROBE, json.dumps(numbers)], tmp_path)
-    try:
-        proc = subprocess.run(box.command, cwd=tmp_path, env=box.env, pass_fds=box.pass_fds,
-                              capture_output=True, text=True, timeout=60)
-    finally:
-        box.close()
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {name: errno.EPERM for name in numbers}
+    assert _probe_in_sandbox(tmp_path, SYSCALL_PROBE, json.dumps(numbers)) == {name: errno.EPERM for name in numbers}
 
 
 def run_bpf(program, arch, nr, args=()):
