@@ -147,7 +147,8 @@ class SequentialRule:
         self.started, self.stopped = time.perf_counter(), None
 
     def settled(self, samples):
-        figures = verdict.comparison(samples, self.metric, min_effect=self.min_effect, earlier=self.earlier)
+        figures = verdict.comparison(samples, self.metric, min_effect=self.min_effect, earlier=self.earlier,
+                                     detectable=False)
         return verdict.settled(figures, min_effect=self.min_effect, fewer_lines=self.fewer_lines)
 
     def __call__(self, samples):
