@@ -6,8 +6,9 @@ behind. `wrap` turns a command into one that runs sandboxed:
 
 * Linux: bubblewrap. A read-only view of the whole file system, one private writable
   folder, a fresh /dev and /proc, its own PID namespace (it sees and can signal only its
-  own processes), no network, no System V IPC, no capabilities, no user namespaces (bwrap
-  0.8 and later), and it dies with the harness. The harness's reference cache is hidden.
+  own processes), no network, no System V IPC, no capabilities (but reading), no new user
+  namespaces, and it dies with the harness. The harness's reference cache is hidden. When
+  the harness runs as root, each sandbox runs as a host user of its own (see _own_user).
 * macOS: sandbox-exec with a generated profile (writes only in the private folder, no
   network, no signals to other processes, no fork, the reference cache unreadable).
 * Anywhere else, where the sandbox cannot start, or with MLX_HILLCLIMB_SANDBOX=none: the
@@ -21,6 +22,7 @@ end of a run. Standard library only: nothing of the harness is imported here.
 import ctypes
 import functools
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -31,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.seccomp import seccomp_fd
+from harness.seccomp import seccomp_fd, seccomp_program
 
 ENV_VAR = "MLX_HILLCLIMB_SANDBOX"  # "none": run unsandboxed (the run reports `sandbox: none`)
 
@@ -79,6 +81,22 @@ _BWRAP_BASE = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
 # No nested user (hence PID) namespaces, where bwrap supports it (0.8.0 and later).
 _BWRAP_NO_USERNS = ["--unshare-user", "--disable-userns"]
 
+# A host user of its own for each sandbox. Per-user kernel allowances (pending signals,
+# pipe-buffer pages, epoll watches, message queues, key quotas, process counts) are shared
+# by every process of one user: red teams passed the role between the two workers through
+# three of them (one worker used up an allowance, the other saw its own calls fail or shrink).
+# When the harness runs as root, each sandbox's processes run as a user drawn at random from
+# a range no account uses, so they share no allowance, own no file outside their folder and
+# cannot signal anything but themselves. bwrap starts as root without a user namespace (a
+# namespace of bwrap's maps one user only) and keeps just what setpriv needs to switch users;
+# setpriv then drops everything but reading: the interpreter, its packages or the model may
+# lie under a folder only root may enter (/root/.pyenv, /root/.cache); mounts decide what is
+# hidden, and the seccomp filter refuses open_by_handle_at (which reads past them) and new
+# user namespaces (--disable-userns needs bwrap's own namespace).
+_USER_RANGE = (0x4000_0000, 0x7FFF_0000)
+_BWRAP_SWITCH_USER = ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP",
+                      "--cap-add", "CAP_DAC_READ_SEARCH"]
+
 
 @dataclass(frozen=True)
 class Sandbox:
@@ -87,13 +105,15 @@ class Sandbox:
     kind: "bwrap", "sandbox-exec" or "none"; command: the argv to run; env: the
     environment to run it with; why: for "none", the reason no sandbox runs;
     pass_fds: descriptors the command reads at start (Popen(pass_fds=...)); the caller
-    closes them once the process has started (close()).
+    closes them once the process has started (close()); user: the host user id its
+    processes run as, when it is one of their own (None: the harness's user).
     """
     kind: str
     command: list
     env: dict = field(default_factory=dict)
     why: str = ""
     pass_fds: tuple = ()
+    user: int = None
 
     def close(self):
         """Close pass_fds in this process (the started process has its own copies)."""
@@ -134,10 +154,16 @@ def wrap(command, folder, *, hide=(), expose=(), env=None):
         prefix, why = _bwrap_prefix()
         if prefix is None:
             return Sandbox("none", list(command), env, why)
+        user = None
+        if "CAP_SETUID" in prefix:
+            user = _own_user()
+            os.chown(folder, user, user)
+            os.chmod(folder, 0o700)
+            command = as_user(command, user)
         fd = seccomp_fd()
         seccomp = ["--seccomp", str(fd)] if fd is not None else []
         return Sandbox("bwrap", bwrap_command(command, folder, hide, [*prefix, *seccomp], expose), env,
-                       pass_fds=(fd,) if fd is not None else ())
+                       pass_fds=(fd,) if fd is not None else (), user=user)
     if sys.platform == "darwin":
         program, why = _sandbox_exec()
         if program is None:
@@ -181,16 +207,66 @@ def bwrap_command(command, folder, hide=(), prefix=None, expose=()):
     return [*argv, "--chdir", folder, "--", *command]
 
 
+def _own_user():
+    """A host user id no account or process uses, drawn at random from _USER_RANGE."""
+    taken = _known_users()
+    while True:
+        user = _USER_RANGE[0] + secrets.randbelow(_USER_RANGE[1] - _USER_RANGE[0])
+        if user not in taken:
+            return user
+
+
+def _known_users():
+    """The user ids of /etc/passwd's accounts and of every process now running."""
+    taken = set()
+    try:
+        with open("/etc/passwd") as f:
+            taken |= {int(line.split(":")[2]) for line in f if line.count(":") >= 3 and line.split(":")[2].isdigit()}
+    except OSError:
+        pass
+    for name in os.listdir("/proc"):
+        try:
+            taken.add(os.stat(f"/proc/{name}").st_uid if name.isdigit() else 0)
+        except OSError:
+            pass
+    return taken
+
+
+def as_user(command, user):
+    """`command` run through setpriv as host user and group `user`, with no other groups and
+    no capability but reading any file (CAP_DAC_READ_SEARCH, see _BWRAP_SWITCH_USER)."""
+    keep = "-all,+dac_read_search"
+    return [shutil.which("setpriv") or "setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups",
+            f"--inh-caps={keep}", f"--ambient-caps={keep}", f"--bounding-set={keep}", "--", *command]
+
+
+def _switching_users():
+    """True when each sandbox can run as a user of its own: root, on Linux, with setpriv, and a
+    seccomp filter for this architecture (it refuses the new user namespaces)."""
+    return (hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("setpriv") is not None
+            and seccomp_program() is not None)
+
+
 @functools.lru_cache(maxsize=None)
 def _bwrap_prefix():
-    """([bwrap, flags...], "") for the fullest flag set that starts here, else (None, why). Tried once."""
+    """([bwrap, flags...], "") for the fullest flag set that starts here, else (None, why). Tried once.
+    As root with setpriv: a user of its own (_BWRAP_SWITCH_USER), else no new user namespaces."""
     program = shutil.which("bwrap")
     if program is None:
         return None, "bubblewrap is not installed (Debian/Ubuntu: apt-get install bubblewrap)"
     problem = ""
-    for flags in (_BWRAP_BASE + _BWRAP_NO_USERNS, _BWRAP_BASE):  # older bwrap: no --disable-userns
+    candidates = [_BWRAP_BASE + _BWRAP_NO_USERNS, _BWRAP_BASE]  # older bwrap: no --disable-userns
+    if _switching_users():
+        candidates.insert(0, _BWRAP_BASE + _BWRAP_SWITCH_USER)
+    for flags in candidates:
         with tempfile.TemporaryDirectory(prefix="sandbox-check-") as folder:
-            argv = bwrap_command([sys.executable, "-I", "-S", "-c", ""], folder, (), [program, *flags])
+            check = [sys.executable, "-I", "-S", "-c", ""]
+            if "CAP_SETUID" in flags:  # it runs as that user, and can write its folder
+                user = _own_user()
+                os.chown(folder, user, user)
+                check = as_user([sys.executable, "-I", "-S", "-c", "import os; assert os.getuid(); open('x', 'w')"],
+                                user)
+            argv = bwrap_command(check, folder, (), [program, *flags])
             try:
                 proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=folder)
             except (OSError, subprocess.TimeoutExpired) as exc:

@@ -45,6 +45,15 @@ _FCNTL = {"x86_64": 72, "aarch64": 25}
 _FCNTL_DENIED = (5, 6, 7, 36, 37, 38, 1024, 1025, 1026, 1031, 1032)
 _MADVISE = {"x86_64": 28, "aarch64": 233}
 _MADVISE_DENIED = (20, 21)  # MADV_COLD, MADV_PAGEOUT
+# No new user namespace (a sandbox that runs as a user of its own has no bwrap namespace to
+# forbid them in; inside one, a process would hold every capability over its own mounts):
+# clone and unshare with CLONE_NEWUSER are refused, and clone3, whose flags a filter cannot
+# read, answers ENOSYS, so that glibc falls back to clone (as under Docker's default filter).
+# open_by_handle_at reads a file by its inode number, past the mounts that hide it.
+_CLONE_LIKE = {"x86_64": (56, 272), "aarch64": (220, 97)}  # clone, unshare: flags in args[0]
+_CLONE3 = 435
+_CLONE_NEWUSER = 0x10000000
+_OPEN_BY_HANDLE = {"x86_64": 304, "aarch64": 265}
 
 
 def seccomp_program(machine=None):
@@ -54,13 +63,16 @@ def seccomp_program(machine=None):
     machine = _ARCH_ALIAS.get(machine or platform.machine(), machine or platform.machine())
     if machine not in _DENIED:
         return None
-    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
-    allow, deny = 0x7FFF0000, 0x00050000 | 1  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
-    # (code, jump-if-true target, jump-if-false target, k); targets: "next", "allow", "deny" or "fcntl"
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ/JGE/JSET|K, BPF_RET|K
+    allow, deny, enosys = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38  # SECCOMP_RET_ALLOW, RET_ERRNO|EPERM/ENOSYS
+    # (code, jump-if-true target, jump-if-false target, k); targets: "next", "allow", "deny",
+    # "enosys", "fcntl" or "clone"
     steps = [(ld, None, None, 4), (jeq, "next", "deny", _AUDIT_ARCH[machine]), (ld, None, None, 0)]
     if machine == "x86_64":
         steps.append((jge, "deny", "next", 0x40000000))  # the x32 ABI's numbers
-    steps += [(jeq, "deny", "next", number) for number in _DENIED[machine].values()]
+    steps += [(jeq, "deny", "next", number) for number in [*_DENIED[machine].values(), _OPEN_BY_HANDLE[machine]]]
+    steps += [(jeq, "enosys", "next", _CLONE3)]
+    steps += [(jeq, "clone", "next", number) for number in _CLONE_LIKE[machine]]
     steps += [(jeq, "fcntl", "next", _FCNTL[machine]), (jeq, "next", "allow", _MADVISE[machine]),
               (ld, None, None, 32)]  # madvise's advice (args[2], low half: the kernel takes an int)
     steps += [(jeq, "deny", "next", advice) for advice in _MADVISE_DENIED]
@@ -68,8 +80,11 @@ def seccomp_program(machine=None):
     where = {"fcntl": len(steps)}
     steps += [(ld, None, None, 24)]  # fcntl's cmd (args[1], low half)
     steps += [(jeq, "deny", "next", cmd) for cmd in _FCNTL_DENIED]
-    steps += [(ret, None, None, allow), (ret, None, None, deny)]
-    where.update(allow=len(steps) - 2, deny=len(steps) - 1)
+    steps += [(ret, None, None, allow)]
+    where["clone"] = len(steps)
+    steps += [(ld, None, None, 16), (jset, "deny", "allow", _CLONE_NEWUSER)]  # the flags (args[0], low half)
+    steps += [(ret, None, None, enosys), (ret, None, None, allow), (ret, None, None, deny)]
+    where.update(enosys=len(steps) - 3, allow=len(steps) - 2, deny=len(steps) - 1)
 
     def offset(i, target):
         return 0 if target in (None, "next") else where[target] - i - 1

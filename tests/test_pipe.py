@@ -20,7 +20,7 @@ import uuid
 import numpy as np
 import pytest
 
-from harness import pipe
+from harness import pipe, sandbox
 from harness.pipe import Channel, PipeTimeout, WorkerCrash, WorkerInvalid, decode_block, decode_reply
 
 DEADLINE_S = 0.5
@@ -459,6 +459,8 @@ def test_pipeline_attacking_its_pipe_ends_with_a_row(tmp_path, tiny_llama, attac
     from conftest import make_project
 
     decision, words, code = ATTACKS[attack]
+    if attack == "full_request_pipe" and sandbox._switching_users() and sandbox._bwrap_prefix()[0]:
+        words = ["PermissionError", "/proc/self/fd/"]  # a user of its own cannot reopen the harness's pipe
     marker = "px" + uuid.uuid4().hex[:12]  # at most 15 characters: it is also a process name
     project = make_project(tmp_path / "p", tiny_llama, call_s=CALL_S)  # committed before the first run
     project.inference.write_text(project.inference.read_text() + HOSTILE.format(marker=marker, attack=code))
