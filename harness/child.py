@@ -248,14 +248,15 @@ def _serve(channel, inference_path):
             channel.send(_error(exc))
 
 
-# Per-user kernel counts are shared by every process of the user, both workers' sandboxes
-# included: red teams passed the role through the pending-signal count (one worker queued
-# signals until the user's allowance ran out, the other saw sigqueue fail; a KEEP won), the
-# pipe-buffer pages (1100 pipes held: the other's new pipes got 8 KiB, not 64 KiB) and the
-# epoll watches. Capped inside the sandbox (a cap set before bwrap would become the shared
-# allowance), each worker holds only a share. Descriptors stay at 4096 (mlx_lm raises its own
-# limit to 2048/4096 on import), which still lets one worker hold 2048 pipes: the pipe-page
-# and epoll allowances are NOT closed by this (see the README's threat model).
+# Per-user kernel counts are shared by every process of one user: red teams passed the role
+# through the pending-signal count (one worker queued signals until the user's allowance ran
+# out, the other saw sigqueue fail; a KEEP won), the pipe-buffer pages (1100 pipes held: the
+# other's new pipes got 8 KiB, not 64 KiB) and the epoll watches. As root the harness runs each
+# sandbox as a user of its own (harness.sandbox), which closes them all. For a harness that
+# cannot switch users, each worker also caps its share here, inside the sandbox (a cap set
+# before bwrap would become the shared allowance). Descriptors stay at 4096 (mlx_lm raises its
+# own limit to 2048/4096 on import), which still lets one worker hold 2048 pipes: without
+# separate users the pipe-page and epoll allowances stay open (the README's threat model).
 SHARED_COUNT_LIMITS = {"RLIMIT_SIGPENDING": 256, "RLIMIT_MSGQUEUE": 0, "RLIMIT_NOFILE": 4096}
 
 

@@ -145,9 +145,12 @@ def wrap(command, folder, *, hide=(), expose=(), env=None):
     env = private_env(folder, os.environ if env is None else env)
     hide = [str(Path(p).resolve()) for p in hide if Path(p).is_dir()]
     # an exposed folder reached through a symlink (a .venv linked into the repository) is
-    # bound at its real place and at the linked one, where the command may name it
+    # bound at its real place, and at the linked one where that lies in a hidden folder (the
+    # command may name it; elsewhere the symlink itself stays in sight, and bwrap cannot
+    # mount on a symlink)
     expose = sorted({str(q) for p in expose if p and Path(p).exists()
-                     for q in (Path(p).resolve(), Path(os.path.abspath(p)))})
+                     for q in (Path(p).resolve(), Path(os.path.abspath(p)))
+                     if q == Path(p).resolve() or any(q.is_relative_to(h) for h in hide)})
     if setting() == "none":
         return Sandbox("none", list(command), env, f"{ENV_VAR}=none is set")
     if sys.platform.startswith("linux"):

