@@ -258,14 +258,26 @@ def _serve(channel, inference_path):
 # own limit to 2048/4096 on import), which still lets one worker hold 2048 pipes: without
 # separate users the pipe-page and epoll allowances stay open (the README's threat model).
 SHARED_COUNT_LIMITS = {"RLIMIT_SIGPENDING": 256, "RLIMIT_MSGQUEUE": 0, "RLIMIT_NOFILE": 4096}
+# A worker that runs as a user of its own also gets a process and thread count: every one
+# takes a process id from the machine's one range (pid_max, often 32768), which a worker
+# could otherwise use up for the harness and the other worker (a red team made 5000
+# threads; the user's allowance was 96k). The harness's own user may run far more, so
+# without a user of its own it stays uncapped.
+OWN_USER_PROCESSES = 1024
 
 
 def _cap_shared_counts():
-    """Lower this process's soft and hard limits to SHARED_COUNT_LIMITS. Never above the hard
-    limit it already has. Linux only."""
+    """Lower this process's soft and hard limits to SHARED_COUNT_LIMITS (and RLIMIT_NPROC to
+    OWN_USER_PROCESSES when it runs as a user of its own). Never above the hard limit it
+    already has. Linux only."""
     import resource
 
-    for name, cap in SHARED_COUNT_LIMITS.items():
+    from harness.sandbox import USER_RANGE
+
+    limits = dict(SHARED_COUNT_LIMITS)
+    if USER_RANGE[0] <= os.getuid() < USER_RANGE[1]:
+        limits["RLIMIT_NPROC"] = OWN_USER_PROCESSES
+    for name, cap in limits.items():
         limit = getattr(resource, name, None)  # Linux only
         if limit is not None:
             hard = resource.getrlimit(limit)[1]

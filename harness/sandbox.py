@@ -93,7 +93,7 @@ _BWRAP_NO_USERNS = ["--unshare-user", "--disable-userns"]
 # lie under a folder only root may enter (/root/.pyenv, /root/.cache); mounts decide what is
 # hidden, and the seccomp filter refuses open_by_handle_at (which reads past them) and new
 # user namespaces (--disable-userns needs bwrap's own namespace).
-_USER_RANGE = (0x4000_0000, 0x7FFF_0000)
+USER_RANGE = (0x4000_0000, 0x7FFF_0000)
 _BWRAP_SWITCH_USER = ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP",
                       "--cap-add", "CAP_DAC_READ_SEARCH"]
 
@@ -211,10 +211,10 @@ def bwrap_command(command, folder, hide=(), prefix=None, expose=()):
 
 
 def _own_user():
-    """A host user id no account or process uses, drawn at random from _USER_RANGE."""
+    """A host user id no account or process uses, drawn at random from USER_RANGE."""
     taken = _known_users()
     while True:
-        user = _USER_RANGE[0] + secrets.randbelow(_USER_RANGE[1] - _USER_RANGE[0])
+        user = USER_RANGE[0] + secrets.randbelow(USER_RANGE[1] - USER_RANGE[0])
         if user not in taken:
             return user
 

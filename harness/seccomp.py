@@ -26,18 +26,26 @@ import struct
 #   io_setup and the other aio calls: the machine's aio context count (/proc/sys/fs/aio-nr).
 #   sysinfo: the machine's thread count, free memory and load (a red team signalled with 120
 #       idle threads: sleeper KEEP +22.9 %); glibc's sysconf(_SC_PHYS_PAGES) then guesses.
+#   statfs, fstatfs, ustat: a file system's free blocks and inodes, which the other worker's
+#       writes change (both folders share the disk: sleeper KEEP +34 % with statvfs).
+#   Not refused, and open as channels (see the README's threat model): shared futexes (keyed
+#       by a file's inode and offset: a wake on a page of the interpreter both map reached a
+#       waiter in the other sandbox; libstdc++'s static-init guards wait and wake shared, so
+#       MLX hangs without them) and the machine-wide inode counter of new pipes and sockets.
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 _DENIED = {  # architecture -> the system call numbers refused outright
     "x86_64": {"flock": 73, "inotify_init": 253, "inotify_init1": 294, "fanotify_init": 300, "mincore": 27,
                "cachestat": 451, "fadvise64": 221, "readahead": 187, "process_madvise": 440,
                "preadv2": 327, "pwritev2": 328, "io_uring_setup": 425, "io_uring_enter": 426,
                "io_uring_register": 427, "add_key": 248, "request_key": 249, "keyctl": 250, "sysinfo": 99,
-               "io_setup": 206, "io_destroy": 207, "io_getevents": 208, "io_submit": 209, "io_cancel": 210},
+               "io_setup": 206, "io_destroy": 207, "io_getevents": 208, "io_submit": 209, "io_cancel": 210,
+               "ustat": 136, "statfs": 137, "fstatfs": 138},
     "aarch64": {"flock": 32, "inotify_init1": 26, "fanotify_init": 262, "mincore": 232,
                 "cachestat": 451, "fadvise64_64": 223, "readahead": 213, "process_madvise": 440,
                 "preadv2": 286, "pwritev2": 287, "io_uring_setup": 425, "io_uring_enter": 426,
                 "io_uring_register": 427, "add_key": 217, "request_key": 218, "keyctl": 219, "sysinfo": 179,
-                "io_setup": 0, "io_destroy": 1, "io_submit": 2, "io_cancel": 3, "io_getevents": 4},
+                "io_setup": 0, "io_destroy": 1, "io_submit": 2, "io_cancel": 3, "io_getevents": 4,
+                "statfs": 43, "fstatfs": 44},
 }
 _FCNTL = {"x86_64": 72, "aarch64": 25}
 # F_GETLK F_SETLK F_SETLKW, F_OFD_GETLK F_OFD_SETLK F_OFD_SETLKW, F_SETLEASE F_GETLEASE F_NOTIFY,

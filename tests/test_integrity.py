@@ -300,3 +300,38 @@ def test_a_challenger_cannot_freeze_the_champion_now_or_later(project, sandboxed
     proc, result = project.evaluate()
     assert proc.returncode == 0 and result["decision"] != "KEEP", result
     assert project.ledger_lines()[:len(rows)] == rows and len(project.ledger_lines()) == len(rows) + 1
+
+
+# Appended to inference.py: load() nests 3000 folders in the worker's own folder. Python
+# 3.11's shutil.rmtree recurses, so removing the folder raised RecursionError: the harness
+# exited 1 with no row, and the folder stayed behind.
+DEEP_FOLDERS = '''
+
+import os as _os
+
+_honest_load = load
+
+
+def load(model_path, draft_model_path=None):
+    fd = _os.open(".", _os.O_RDONLY)
+    for _ in range(3000):
+        _os.mkdir("d", dir_fd=fd)
+        inner = _os.open("d", _os.O_RDONLY, dir_fd=fd)
+        _os.close(fd)
+        fd = inner
+    return _honest_load(model_path, draft_model_path)
+'''
+
+
+def test_a_tree_too_deep_to_recurse_is_removed_and_the_run_ends_with_its_row(project):
+    import tempfile
+
+    project.evaluate()
+    project.inference.write_text(project.inference.read_text() + DEEP_FOLDERS)
+    project.commit("deep folders")
+    before = set(Path(tempfile.gettempdir()).glob("mlx-hillclimb-worker-*"))
+    proc, result = project.evaluate()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert result["decision"] in ("KEEP", "REVERT"), result  # judged like any change
+    assert len(project.ledger_lines()) == 3
+    assert set(Path(tempfile.gettempdir()).glob("mlx-hillclimb-worker-*")) <= before  # no folder left

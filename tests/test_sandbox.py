@@ -413,7 +413,7 @@ def test_sandbox_setting(monkeypatch, tmp_path):
 
 
 LOCK_PROBE = """
-import ctypes, fcntl, json, sys
+import ctypes, fcntl, json, os, sys
 f = open(sys.executable, "rb")  # a file every sandbox shares (read-only, same inode)
 out = {}
 for name, call in [("flock", lambda: fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)),
@@ -427,6 +427,11 @@ for name, call in [("flock", lambda: fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_N
         out[name] = exc.errno
 libc = ctypes.CDLL(None, use_errno=True)
 out["inotify"] = "ok" if libc.inotify_init1(0) >= 0 else ctypes.get_errno()
+try:
+    os.statvfs(".")
+    out["statvfs"] = "ok"
+except OSError as exc:
+    out["statvfs"] = exc.errno
 print(json.dumps(out))
 """
 
@@ -444,15 +449,16 @@ def _probe_in_sandbox(folder, code, *args):
 
 
 def test_sandboxes_cannot_signal_each_other_through_shared_files(sandboxed, tmp_path):
-    """A red team passed the role between champion and challenger with a lock on a file both
-    can read: locks, leases, directory and inotify notifications are refused (EPERM) in the
-    sandbox; other fcntl calls work."""
+    """Red teams passed the role between champion and challenger with a lock on a file both
+    can read, and with the disk's free blocks (statvfs): locks, leases, directory and inotify
+    notifications and statfs are refused (EPERM) in the sandbox; other fcntl calls work."""
     got = _probe_in_sandbox(tmp_path, LOCK_PROBE)
     assert got == {"flock": errno.EPERM, "lockf": errno.EPERM, "notify": errno.EPERM, "getfd": "ok",
-                   "inotify": errno.EPERM}, got
+                   "inotify": errno.EPERM, "statvfs": errno.EPERM}, got
     # outside the sandbox the same calls work: it is the filter that refuses them
     plain = subprocess.run([sys.executable, "-I", "-c", LOCK_PROBE], capture_output=True, text=True, timeout=60)
-    assert json.loads(plain.stdout)["flock"] == "ok"
+    plain = json.loads(plain.stdout)
+    assert (plain["flock"], plain["statvfs"]) == ("ok", "ok"), plain
 
 
 CACHE_PROBE = """
@@ -530,19 +536,21 @@ def run_bpf(program, arch, nr, args=()):
         if code == 0x20:
             acc, i = struct.unpack_from("<I", data, k)[0], i + 1
         else:
-            assert code in (0x15, 0x35), code
-            i += 1 + (jt if (acc == k if code == 0x15 else acc >= k) else jf)
+            assert code in (0x15, 0x35, 0x45), code  # jeq, jge, jset
+            taken = {0x15: acc == k, 0x35: acc >= k, 0x45: bool(acc & k)}[code]
+            i += 1 + (jt if taken else jf)
 
 
 def test_seccomp_program_knows_its_architectures():
     import struct
 
-    allow, eperm = 0x7FFF0000, 0x00050001
+    allow, eperm, enosys = 0x7FFF0000, 0x00050001, 0x00050026
     for machine in ("x86_64", "aarch64", "arm64", "amd64"):
         program = seccomp.seccomp_program(machine)
         steps = [struct.unpack("<HBBI", program[i:i + 8]) for i in range(0, len(program), 8)]
         assert steps[0] == (0x20, 0, 0, 4)  # loads the architecture first
         assert steps[-2] == (0x06, 0, 0, allow) and steps[-1] == (0x06, 0, 0, eperm)
+        assert steps[-3] == (0x06, 0, 0, enosys)
         for i, (code, jt, jf, _) in enumerate(steps):
             if code & 0x07 == 0x05:  # a jump lands inside the program
                 assert i + 1 + max(jt, jf) < len(steps)
@@ -558,6 +566,12 @@ def test_seccomp_program_knows_its_architectures():
             assert run_bpf(program, arch, madvise[machine], (0, 4096, advice)) == verdict, advice
         for cmd, verdict in [(1, allow), (2, allow), (6, eperm), (1026, eperm)]:
             assert run_bpf(program, arch, fcntl[machine], (0, cmd)) == verdict, cmd
+        clone, unshare = seccomp._CLONE_LIKE[machine]
+        for nr in (clone, unshare):  # CLONE_NEWUSER refused, threads and other namespaces' flags pass
+            assert run_bpf(program, arch, nr, (0x10000000 | 0x00010000,)) == eperm
+            assert run_bpf(program, arch, nr, (0x003D0F00,)) == allow  # pthread_create's flags
+        assert run_bpf(program, arch, seccomp._CLONE3) == enosys  # glibc falls back to clone
+        assert run_bpf(program, arch, seccomp._OPEN_BY_HANDLE[machine]) == eperm
     assert run_bpf(seccomp.seccomp_program("x86_64"), 0xC000003E, 0x40000000) == eperm  # x32
 
 
@@ -659,7 +673,7 @@ def test_one_sandbox_cannot_exhaust_a_per_user_allowance_for_the_other(sandboxed
     for name in ("one", "two"):
         (tmp_path / name).mkdir()
         users.append(sandbox.wrap(["true"], tmp_path / name).user)
-    assert users[0] != users[1] and min(users) >= sandbox._USER_RANGE[0]
+    assert users[0] != users[1] and min(users) >= sandbox.USER_RANGE[0]
     (held, _), (probed, capacity) = _allowances(tmp_path, "uncapped", own_users=False)
     if resource.getrlimit(resource.RLIMIT_SIGPENDING)[0] < 200000:  # one user: the channels these close
         assert probed < held / 2 and capacity < 65536, (held, probed, capacity)
