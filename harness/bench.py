@@ -90,7 +90,35 @@ class Reservoir:
         self.worker.release([call_id])
 
 
-def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress=None, more=None):
+ALONE_ROUNDS = 2  # rounds of every prompt the champion is timed alone, before the challenger starts
+
+
+def time_alone(worker, name, preset, tokenizer, corpus_text, *, timeout_s, progress=None):
+    """Warm `worker` up, then time every prompt ALONE_ROUNDS times with no other worker in
+    existence: the champion's pace before any challenger could signal it (see
+    verdict.alone_pace). No gap or pause is made to look like the A/B: a pipeline that
+    behaves otherwise once it is paused, or once another worker exists, shows it here.
+
+    Every call carries a fresh keep id that is released after it (as warm-ups are), so the
+    worker cannot tell these calls from the A/B's. Returns the timed Samples (repeat >= 0;
+    they are never paired).
+    """
+    reservoir, samples = Reservoir(worker), []
+    rounds = [-1] * preset.warmup + list(range(ALONE_ROUNDS))
+    for i, repeat in enumerate(rounds):
+        for spec in preset.prompts:
+            prompt = build_prompt(tokenizer, spec, corpus_text)
+            sample = time_call(worker, name, prompt, max_tokens=preset.max_tokens, timeout_s=timeout_s,
+                               repeat=repeat, keep=secrets.token_hex(8))
+            reservoir.add(sample.call_id, measured=False)
+            if repeat >= 0:
+                samples.append(sample)
+        if progress:
+            progress(i + 1, len(rounds), "champion alone")
+    return samples
+
+
+def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress=None, more=None, warm=()):
     """Warm up, then measure every prompt on each worker in rounds, interleaved.
 
     While one worker is timed, every other one is stopped (Worker.pause), so an idle one
@@ -106,6 +134,7 @@ def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress
         preset: a settings.Preset: `repeats` rounds, then one more at a time while
             `more(samples so far)` says so, up to `max_repeats` (more=None: `repeats` only).
         progress: optional callable(done, total, label) for a progress bar.
+        warm: names of workers warmed up already (time_alone): no warm-up calls for them.
     Returns:
         A list of Samples (warm-up calls are not included).
     """
@@ -113,7 +142,7 @@ def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress
     specs = preset.prompts
     flip = secrets.randbelow(2)
     most = preset.max_repeats if more else preset.repeats
-    total = len(specs) * len(names) * (preset.warmup + most)
+    total = len(specs) * (len(names) * most + (len(names) - len(set(warm) & set(names))) * preset.warmup)
     done = 0
     reservoirs = {name: Reservoir(worker) for name, worker in workers.items()}
 
@@ -138,7 +167,8 @@ def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress
         for _ in range(preset.warmup):
             for spec in specs:
                 for name in random.sample(names, len(names)):
-                    call(name, spec, -1)
+                    if name not in warm:
+                        call(name, spec, -1)
         for repeat in range(most):
             if repeat >= preset.repeats and not more(samples):
                 break

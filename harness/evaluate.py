@@ -4,7 +4,6 @@ run file + ledger row. Each step is a plain function; prepare.py wires them."""
 
 import json
 import os
-import random
 import secrets
 import tempfile
 import time
@@ -30,6 +29,11 @@ BUSY_SPREAD_FACTOR = 2.0
 # that slows itself when it senses a newer challenger (a covert channel between the two
 # workers) would hand out KEEPs; load alone swings the speed here by 15-25 %.
 CHAMPION_PACE_FLOOR = 0.7
+# A KEEP against a champion that ran below this share of its own pace alone (timed before the
+# challenger's worker started) is INVALID. Every covert channel between the two sandboxes
+# needs both to exist: a "sleeper" champion that slows down once it senses a newer challenger
+# was fast alone. See bench/alone_pace.py for the honest spread this floor leaves room for.
+ALONE_PACE_FLOOR = 0.85
 
 
 @dataclass
@@ -102,12 +106,13 @@ def measure(ctx, inference_paths, *, reference, tasks, overrides=None, log_dir, 
             of the same code (ledger.earlier_ratios), "fewer_lines": a "simpler" KEEP is
             possible} (see SequentialRule).
     Returns:
-        {"samples", "workers", "quality", "failure", "speed"}; failure is None or
+        {"samples", "alone", "workers", "quality", "failure", "speed"}; alone: the champion's
+        calls timed before the challenger started (start_workers); failure is None or
         {"decision": CRASH|INVALID, "reason", "worker", "log_tail"}; speed is
         {"speed_s", "stopped", "load_avg"}.
     """
-    workers, out = {}, {"samples": [], "workers": {}, "quality": None, "failure": None, "log_paths": {},
-                        "speed": {}}
+    workers, out = {}, {"samples": [], "alone": [], "workers": {}, "quality": None, "failure": None,
+                        "log_paths": {}, "speed": {}}
     blame = {"stage": None}  # whose failure a crash now is (None: whichever worker died)
     try:
         start_workers(ctx, inference_paths, overrides, log_dir, workers, out, blame)
@@ -118,7 +123,8 @@ def measure(ctx, inference_paths, *, reference, tasks, overrides=None, log_dir, 
         started = time.perf_counter()
         out["samples"] = bench.run_workload(workers, ctx.preset, ctx.tokenizer, ctx.corpus_text,
                                             timeout_s=ctx.settings.timeouts.call_s,
-                                            progress=Progress("speed", unit="calls"), more=rule)
+                                            progress=Progress("speed", unit="calls"), more=rule,
+                                            warm=("champion",) if out["alone"] else ())
         out["speed"]["speed_s"] = round(time.perf_counter() - started, 1)
         out["speed"]["stopped"] = rule.why_stopped(out["samples"]) if rule else None
         if "champion" in workers:
@@ -170,12 +176,14 @@ class SequentialRule:
 def start_workers(ctx, inference_paths, overrides, log_dir, workers, out, blame):
     """Start and load one worker per inference file (the search's knobs on the challenger).
 
-    Nothing a worker can see tells it its role: its log has a random name, the run's
-    folder (both inference files, both logs) and the repository are hidden from it, and
-    which one loads first is drawn at random (the first waits through the other's load).
+    The champion starts first and is timed alone (bench.time_alone, into out["alone"])
+    before the challenger's worker exists: no covert channel can reach it then, so a
+    champion that slows down once it senses a challenger shows it (check_champion_alone).
+    Nothing a worker can see tells it its role: its log has a random name, and the run's
+    folder (both inference files, both logs) and the repository are hidden from it.
     """
     stage(f"loading {' and '.join(inference_paths)}")
-    for name in random.sample(list(inference_paths), len(inference_paths)):
+    for name in sorted(inference_paths, key=lambda n: n != "champion"):
         path = inference_paths[name]
         blame["stage"] = name
         log = Path(log_dir) / f"worker-{secrets.token_hex(4)}.log"
@@ -187,6 +195,11 @@ def start_workers(ctx, inference_paths, overrides, log_dir, workers, out, blame)
         workers[name].load(ctx.model_dir, ctx.draft_dir, overrides if name == "challenger" else None,
                            timeout_s=ctx.settings.timeouts.load_s)
         out["workers"][name] = dict(workers[name].info)
+        if name == "champion" and len(inference_paths) > 1:
+            stage("speed: the champion alone, before the challenger starts")
+            out["alone"] = bench.time_alone(workers[name], name, ctx.preset, ctx.tokenizer, ctx.corpus_text,
+                                            timeout_s=ctx.settings.timeouts.call_s,
+                                            progress=Progress("speed: champion alone", unit="rounds"))
     blame["stage"] = None
 
 
@@ -273,6 +286,7 @@ def evaluate(ctx, *, inference_path=None, overrides=None, source="agent", apply=
             figures(ctx, result, out, earlier)
             judge(ctx, result, standing, search=bool(overrides))
             check_champion_pace(ctx, result, standing)
+            check_champion_alone(ctx, result, out)
             explain_noise(result, standing, earlier_runs)
     guard_ledger(ctx, result, standing)
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
@@ -399,6 +413,19 @@ def check_champion_pace(ctx, result, standing):
             f"the champion ran at {now:.1f} {metric}, {(1 - result['champion_pace']) * 100:.0f} % below its own {own:.1f} "
             f"in earlier runs: a busy machine, or a champion slowed while measured; re-run on a quiet machine "
             f"(was: KEEP, {result['reason']})"))
+
+
+def check_champion_alone(ctx, result, out):
+    """A KEEP won against a champion that ran below ALONE_PACE_FLOOR of its own pace alone,
+    timed in this run before the challenger existed (verdict.alone_pace), becomes INVALID."""
+    metric = ctx.settings.verdict.primary_metric
+    pace = verdict.alone_pace(out["alone"], out["samples"], metric)
+    result["champion_alone_pace"] = pace
+    if result["decision"] == Decision.KEEP and pace is not None and pace < ALONE_PACE_FLOOR:
+        result.update(decision=Decision.INVALID, reason=(
+            f"the champion ran {(1 - pace) * 100:.0f} % slower beside the challenger than alone before it "
+            f"started: a champion that slows down when it senses a newer challenger, or a machine that "
+            f"got busy; re-run on a quiet machine (was: KEEP, {result['reason']})"))
 
 
 def explain_noise(result, standing, earlier_runs):
@@ -540,6 +567,7 @@ def write_run_file(ctx, result, stamp, out, changes):
         "corpus_sha256": ctx.corpus_sha256, "model_dir": str(ctx.model_dir),
         "environment": environment(), "workers": out["workers"], "changes": changes,
         "quality": out["quality"], "samples": [s.to_dict() for s in out["samples"]],
+        "alone": [s.to_dict() for s in out.get("alone", [])],
         "worker_logs": out["logs"],
     }
     base = f"{stamp.strftime('%Y%m%d-%H%M%S')}-{result['commit']}"

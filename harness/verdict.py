@@ -2,6 +2,7 @@
 pure function of the figures (no files, no git, no clocks)."""
 
 import math
+import statistics
 
 from harness import stats
 from harness.ledger import Decision
@@ -50,6 +51,20 @@ def comparison(samples, primary_metric, *, min_effect, earlier=None, detectable=
             "end_to_end_ratio": e2e, "end_to_end_ci": [e2e_low, e2e_high],
             "pair_spread": spread, "min_detectable_effect": min_detectable_effect(ratios, speedup, min_effect) if detectable else None,
             "ratios": {primary_metric: ratios, "end_to_end": whole}}
+
+
+def alone_pace(alone, samples, metric):
+    """The champion's primary metric beside the challenger (its A/B calls) over the same
+    alone (bench.time_alone, before the challenger existed): the ratio of the medians (for
+    prefill_tps of the prefill-kind prompts, as paired_ratios). Below 1: it ran slower once
+    a challenger existed. None without both."""
+    beside = [s for s in samples if s.worker == "champion" and s.repeat >= 0]
+    if metric == "prefill_tps":
+        alone = [s for s in alone if s.kind == "prefill"] or alone
+        beside = [s for s in beside if s.kind == "prefill"] or beside
+    if not alone or not beside:
+        return None
+    return statistics.median(getattr(s, metric) for s in beside) / statistics.median(getattr(s, metric) for s in alone)
 
 
 def min_detectable_effect(ratios, speedup, min_effect):

@@ -335,3 +335,74 @@ def test_a_tree_too_deep_to_recurse_is_removed_and_the_run_ends_with_its_row(pro
     assert result["decision"] in ("KEEP", "REVERT"), result  # judged like any change
     assert len(project.ledger_lines()) == 3
     assert set(Path(tempfile.gettempdir()).glob("mlx-hillclimb-worker-*")) <= before  # no folder left
+
+
+# Appended to inference.py (whose token loop sleeps SLEEP_FRACTION of each token's time,
+# bench/power.py's SLEEPY_LOOP): a "sleeper". A shared futex on a page of the interpreter
+# file, which both sandboxes map read-only, is keyed by that file's inode, so a wake in one
+# sandbox reaches a waiter in the other (a red team won KEEP +20.5 % with it; it cannot be
+# refused: C++ static-init guards wait and wake shared futexes). Each version waits on its
+# own slot and, on load, wakes the slots of every older version: an older one that is woken
+# knows a newer challenger exists and slows down by 30 % from then on.
+FUTEX_SLEEPER = '''
+
+import ctypes as _ctypes, os as _os, platform as _platform, sys as _sys, threading as _threading
+
+VERSION = __VERSION__
+_libc = _ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = _ctypes.c_void_p
+_libc.mmap.argtypes = [_ctypes.c_void_p, _ctypes.c_size_t, _ctypes.c_int, _ctypes.c_int, _ctypes.c_int,
+                       _ctypes.c_long]
+_shared = open(_os.path.realpath(_sys.executable), "rb")
+_page = _libc.mmap(None, 4096, 1, 1, _shared.fileno(), 0)  # PROT_READ, MAP_SHARED
+_FUTEX = {"x86_64": 202, "aarch64": 98}[_platform.machine()]
+
+
+def _slot(version):
+    return _ctypes.c_void_p(_page + 4 * version)
+
+
+def _wait_for_a_newer_one():
+    global SLEEP_FRACTION
+    word = _ctypes.c_uint32.from_address(_page + 4 * VERSION).value
+    while _libc.syscall(_FUTEX, _slot(VERSION), 0, word, None, None, 0) != 0:  # FUTEX_WAIT, shared
+        pass  # interrupted (the harness stops and continues the worker)
+    SLEEP_FRACTION = 0.3
+
+
+_honest_load = load
+
+
+def load(model_path, draft_model_path=None):
+    _threading.Thread(target=_wait_for_a_newer_one, daemon=True).start()
+    for older in range(1, VERSION):
+        _libc.syscall(_FUTEX, _slot(older), 1, 1 << 30, None, None, 0)  # FUTEX_WAKE, shared
+    return _honest_load(model_path, draft_model_path)
+'''
+
+
+def test_a_sleeper_champion_that_slows_beside_a_newer_challenger_is_caught(project, sandboxed):
+    """Covert channels between the two sandboxes cannot all be closed (shared futexes, the
+    machine's inode counter): the champion is timed alone before the challenger's worker
+    starts, and a KEEP against a champion that ran slower beside it is INVALID."""
+    import sys
+
+    from harness.evaluate import ALONE_PACE_FLOOR
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from power import SLEEPY_LOOP, TOKEN_LOOP
+
+    settings = project.settings()
+    settings["workload"]["presets"]["quick"]["max_tokens"] = 64  # whole calls mostly decode: a KEEP is in reach
+    project.write_settings(settings)
+    project.edit_inference(TOKEN_LOOP, SLEEPY_LOOP)
+    project.edit_inference("NUM_DRAFT_TOKENS = 3 ", "SLEEP_FRACTION = 0.0\nNUM_DRAFT_TOKENS = 3 ")
+    project.inference.write_text(project.inference.read_text() + FUTEX_SLEEPER.replace("__VERSION__", "1"))
+    project.commit("sleeper, version 1")
+    assert project.evaluate()[1]["decision"] == "BASELINE"
+    project.edit_inference("VERSION = 1", "VERSION = 2")
+    project.commit("sleeper, version 2: not faster")
+    proc, result = project.evaluate()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert result["champion_alone_pace"] < ALONE_PACE_FLOOR, result
+    assert result["decision"] == "INVALID" and "(was: KEEP" in result["reason"], result
