@@ -21,7 +21,9 @@ against the same champion, and the trials must be independent.
 Figures per challenger: runs, KEEPs, KEEP rate and its target, true effect, median and
 largest speed_s (seconds the speed phase took; before the harness reported it, the sum of
 the timed calls), median pairs, why the A/B stopped (counts of "stopped"), median
-pair_spread and min_detectable_effect where the harness reports them.
+pair_spread and min_detectable_effect where the harness reports them, and the champions'
+champion_alone_pace (smallest, median, how many below the floor that makes a KEEP
+INVALID): every champion here is honest, so those are that check's false alarms.
 
 Workloads:
   * default: the tiny random-weight llama model (tests/tiny_models.py) in the quick preset
@@ -62,6 +64,7 @@ sys.path.insert(0, str(HERE.parent))
 _COMPILE_ENV = os.environ.get("MLX_DISABLE_COMPILE")  # conftest sets it to 1 on import
 from conftest import PROJECT_FILES, REPO, Project, git, make_project  # noqa: E402  (the test suite's builder)
 from harness.bench import Sample  # noqa: E402
+from harness.evaluate import ALONE_PACE_FLOOR  # noqa: E402
 from harness.verdict import paired_ratios  # noqa: E402
 from tiny_models import build_tiny_model  # noqa: E402
 
@@ -102,7 +105,7 @@ DEFAULT_RUNS = {"tiny": {"null": 20, "fast10": 20, "fast5": 10},
 SEQUENTIAL_KEYS = ("repeats", "max_repeats", "budget_s")  # copied from full into quick (tiny)
 RESULT_FIELDS = ("decision", "reason", "speedup", "speedup_ci", "pairs", "pooled_pairs", "speed_s", "stopped",
                  "pair_spread", "min_detectable_effect", "rounds", "elapsed_s", "end_to_end_ratio",
-                 "primary_metric", "budget_s", "run_file")
+                 "primary_metric", "budget_s", "run_file", "champion_alone_pace")
 MAX_FAILURES = 3  # runs without a result before the bench gives up
 
 
@@ -327,6 +330,10 @@ def summarize(mode, runs, trials, sleep, budget):
         if budget is not None:
             within = sum(t["speed_s"] is not None and t["speed_s"] <= budget for t in done)
             fig["within_budget"] = f"{within}/{len(done)}"
+        paces = [t.get("champion_alone_pace") for t in done if t.get("champion_alone_pace") is not None]
+        if paces:  # an honest champion's pace beside the challenger over alone: the INVALID check's false alarms
+            fig["alone_pace_min"], fig["alone_pace_median"] = round(min(paces), 3), median(paces)
+            fig["alone_pace_below_floor"] = f"{sum(p < ALONE_PACE_FLOOR for p in paces)}/{len(paces)}"
         if any(t.get("pooled_pairs") for t in done):
             fig["runs_with_pooled_pairs"] = sum(bool(t.get("pooled_pairs")) for t in done)
         summary.update({prefix + k: v for k, v in fig.items()})

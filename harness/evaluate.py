@@ -32,7 +32,7 @@ CHAMPION_PACE_FLOOR = 0.7
 # A KEEP against a champion that ran below this share of its own pace alone (timed before the
 # challenger's worker started) is INVALID. Every covert channel between the two sandboxes
 # needs both to exist: a "sleeper" champion that slows down once it senses a newer challenger
-# was fast alone. See bench/alone_pace.py for the honest spread this floor leaves room for.
+# was fast alone. bench/power.py prints honest champions' paces (this check's false alarms).
 ALONE_PACE_FLOOR = 0.85
 
 
