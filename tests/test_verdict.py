@@ -10,7 +10,7 @@ import time
 from conftest import git
 from harness import ledger
 from harness.bench import Sample
-from harness.verdict import paired_ratios
+from harness.verdict import alone_pace, paired_ratios
 
 
 def _rows(project):
@@ -149,6 +149,19 @@ def test_paired_ratios_pair_by_repeat_and_prompt():
     assert sorted(round(r, 3) for r in paired_ratios(samples, "decode_tps")) == [1.1, 1.25]
     e2e = paired_ratios(samples, "end_to_end")
     assert all(r > 1 for r in e2e)
+
+
+def test_alone_pace_compares_the_champion_beside_the_challenger_with_itself_alone():
+    alone = [_sample("champion", "a", 0, 100), _sample("champion", "b", 0, 90), _sample("champion", "a", 1, 110)]
+    beside = [_sample("champion", "a", 0, 80), _sample("challenger", "a", 0, 200), _sample("champion", "b", 0, 70),
+              _sample("champion", "a", 1, 75), _sample("champion", "a", -1, 1)]  # the challenger and warm-ups ignored
+    assert alone_pace(alone, beside, "decode_tps") == 75 / 100
+    assert alone_pace([], beside, "decode_tps") is None and alone_pace(alone, [], "decode_tps") is None
+    # prefill_tps: the prefill-kind prompts only, where there are any
+    alone.append(_sample("champion", "doc", 0, 100, kind="prefill"))
+    beside.append(_sample("champion", "doc", 0, 100, kind="prefill"))
+    beside[-1].prefill_tps = 50.0
+    assert alone_pace(alone, beside, "prefill_tps") == 0.5
 
 
 def _descendants(pid):
