@@ -99,9 +99,8 @@ def time_alone(worker, name, preset, tokenizer, corpus_text, *, timeout_s, progr
     verdict.alone_pace). No gap or pause is made to look like the A/B: a pipeline that
     behaves otherwise once it is paused, or once another worker exists, shows it here.
 
-    Every call carries a fresh keep id that is released after it (as warm-ups are), so the
-    worker cannot tell these calls from the A/B's. Returns the timed Samples (repeat >= 0;
-    they are never paired).
+    Every call carries a fresh keep id, released after it (as warm-ups are), like every call
+    of the A/B. Returns the timed Samples (repeat >= 0; they are never paired).
     """
     reservoir, samples = Reservoir(worker), []
     rounds = [-1] * preset.warmup + list(range(ALONE_ROUNDS))
