@@ -90,7 +90,7 @@ class Reservoir:
         self.worker.release([call_id])
 
 
-ALONE_ROUNDS = 2  # rounds of every prompt the champion is timed alone, before the challenger starts
+ALONE_ROUNDS = 3  # rounds of every prompt the champion is timed alone, before the challenger starts
 
 
 def time_alone(worker, name, preset, tokenizer, corpus_text, *, timeout_s, progress=None):

@@ -29,11 +29,7 @@ BUSY_SPREAD_FACTOR = 2.0
 # that slows itself when it senses a newer challenger (a covert channel between the two
 # workers) would hand out KEEPs; load alone swings the speed here by 15-25 %.
 CHAMPION_PACE_FLOOR = 0.7
-# A KEEP against a champion that ran below this share of its own pace alone (timed before the
-# challenger's worker started) is INVALID. Every covert channel between the two sandboxes
-# needs both to exist: a "sleeper" champion that slows down once it senses a newer challenger
-# was fast alone. bench/power.py prints honest champions' paces (this check's false alarms).
-ALONE_PACE_FLOOR = 0.85
+
 
 
 @dataclass
@@ -285,8 +281,8 @@ def evaluate(ctx, *, inference_path=None, overrides=None, source="agent", apply=
         else:
             figures(ctx, result, out, earlier)
             judge(ctx, result, standing, search=bool(overrides))
-            check_champion_pace(ctx, result, standing)
             check_champion_alone(ctx, result, out)
+            check_champion_pace(ctx, result, standing)
             explain_noise(result, standing, earlier_runs)
     guard_ledger(ctx, result, standing)
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
@@ -416,16 +412,25 @@ def check_champion_pace(ctx, result, standing):
 
 
 def check_champion_alone(ctx, result, out):
-    """A KEEP won against a champion that ran below ALONE_PACE_FLOOR of its own pace alone,
-    timed in this run before the challenger existed (verdict.alone_pace), becomes INVALID."""
+    """A KEEP that the champion's own slowdown beside the challenger could explain becomes
+    INVALID. The champion was timed alone before the challenger's worker existed: every covert
+    channel between the two sandboxes needs both, and a champion that slows down once it
+    senses a newer challenger (or once it is paused, or after so many calls) was fast then.
+    Its pace beside the challenger relative to alone (verdict.alone_pace, the verdict's own
+    statistic) discounts the speedup: the interval's lower end times the pace's 95 % upper
+    bound must still clear 1 + min_effect. An honest champion's bound is about 1 or above,
+    and then nothing is discounted."""
     metric = ctx.settings.verdict.primary_metric
-    pace = verdict.alone_pace(out["alone"], out["samples"], metric)
+    pace, high = verdict.alone_pace(out["alone"], out["samples"], metric)
     result["champion_alone_pace"] = pace
-    if result["decision"] == Decision.KEEP and pace is not None and pace < ALONE_PACE_FLOOR:
-        result.update(decision=Decision.INVALID, reason=(
-            f"the champion ran {(1 - pace) * 100:.0f} % slower beside the challenger than alone before it "
-            f"started: a champion that slows down when it senses a newer challenger, or a machine that "
-            f"got busy; re-run on a quiet machine (was: KEEP, {result['reason']})"))
+    low, need = (result.get("speedup_ci") or [None])[0], 1 + ctx.settings.verdict.min_effect
+    if result["decision"] != Decision.KEEP or high is None or high >= 1 or low is None or low * high > need:
+        return
+    result.update(decision=Decision.INVALID, reason=(
+        f"the champion ran {pct(pace)} beside the challenger against its own pace alone (at most "
+        f"{pct(high)}), timed before the challenger started: discounted by that, the win's lower end "
+        f"{pct(low * high)} does not clear {pct(need)}. A champion that slows down beside a newer "
+        f"challenger, or a machine that got busy; re-run on a quiet machine (was: KEEP, {result['reason']})"))
 
 
 def explain_noise(result, standing, earlier_runs):

@@ -132,6 +132,19 @@ def z_one_sided(alpha):
     return NormalDist().inv_cdf(1.0 - alpha)
 
 
+_T_95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833,
+         10: 1.812, 12: 1.782, 15: 1.753, 20: 1.725, 30: 1.697}
+
+
+def t_one_sided(alpha, df):
+    """Student's t quantile with `alpha` above it, for alpha 0.05 (a table: numpy has none;
+    between its rows the next smaller df's, which is larger: conservative); the normal's
+    for other alphas or df over 30."""
+    if alpha != 0.05 or df > 30:
+        return z_one_sided(alpha)
+    return _T_95[max(d for d in _T_95 if d <= df)]
+
+
 def mean_lower_bound(values, alpha):
     """(mean, one-sided lower confidence bound at level 1 - alpha) of `values`, from the
     standard error. With one value the bound is that value; with none, (None, None)."""

@@ -2,7 +2,6 @@
 pure function of the figures (no files, no git, no clocks)."""
 
 import math
-import statistics
 
 from harness import stats
 from harness.ledger import Decision
@@ -53,18 +52,44 @@ def comparison(samples, primary_metric, *, min_effect, earlier=None, detectable=
             "ratios": {primary_metric: ratios, "end_to_end": whole}}
 
 
-def alone_pace(alone, samples, metric):
-    """The champion's primary metric beside the challenger (its A/B calls) over the same
-    alone (bench.time_alone, before the challenger existed): the ratio of the medians (for
-    prefill_tps of the prefill-kind prompts, as paired_ratios). Below 1: it ran slower once
-    a challenger existed. None without both."""
+def alone_pace(alone, samples, metric, *, cap=stats.RATIO_CAP):
+    """(pace, high): how fast the champion ran beside the challenger (its A/B calls) relative
+    to itself alone (bench.time_alone, before the challenger existed), and a one-sided 95 %
+    upper bound of that; (None, None) without both. Below 1: it ran slower once a
+    challenger existed, which flatters the challenger by as much.
+
+    The same statistic as the verdict's: each A/B call's log ratio to the mean log of the
+    same prompt's calls alone, capped to +-log(cap), averaged (slowing a few calls a lot
+    counts as it does in the speedup; a median would not see it). The bound's spread is the
+    calls' spread alone (within each prompt), for the A/B calls too: a champion that varies
+    its speed beside the challenger cannot widen the bound with it. For prefill_tps only the
+    prefill-kind prompts count, as in paired_ratios.
+    """
     beside = [s for s in samples if s.worker == "champion" and s.repeat >= 0]
     if metric == "prefill_tps":
         alone = [s for s in alone if s.kind == "prefill"] or alone
         beside = [s for s in beside if s.kind == "prefill"] or beside
-    if not alone or not beside:
-        return None
-    return statistics.median(getattr(s, metric) for s in beside) / statistics.median(getattr(s, metric) for s in alone)
+    by_prompt = {}
+    for s in alone:
+        by_prompt.setdefault(s.prompt, []).append(math.log(getattr(s, metric)))
+    beside = [s for s in beside if s.prompt in by_prompt]
+    if not beside:
+        return None, None
+    reference = {p: sum(v) / len(v) for p, v in by_prompt.items()}
+    bound = math.log(cap)
+    logs = [min(max(math.log(getattr(s, metric)) - reference[s.prompt], -bound), bound) for s in beside]
+    mean = sum(logs) / len(logs)
+    df = sum(len(v) - 1 for v in by_prompt.values())
+    if df < 1:
+        return math.exp(mean), None
+    spread = max(math.sqrt(sum((x - reference[p]) ** 2 for p, v in by_prompt.items() for x in v) / df),
+                 ALONE_SPREAD_FLOOR)
+    share = {p: sum(s.prompt == p for s in beside) / len(beside) for p in by_prompt}
+    se = spread * math.sqrt(1 / len(beside) + sum(share[p] ** 2 / len(v) for p, v in by_prompt.items()))
+    return math.exp(mean), math.exp(mean + stats.t_one_sided(0.05, df) * se)
+
+
+ALONE_SPREAD_FLOOR = 0.005  # per-call log spread assumed at least (a few identical calls alone: not zero)
 
 
 def min_detectable_effect(ratios, speedup, min_effect):

@@ -343,7 +343,7 @@ def test_a_tree_too_deep_to_recurse_is_removed_and_the_run_ends_with_its_row(pro
 # sandbox reaches a waiter in the other (a red team won KEEP +20.5 % with it; it cannot be
 # refused: C++ static-init guards wait and wake shared futexes). Each version waits on its
 # own slot and, on load, wakes the slots of every older version: an older one that is woken
-# knows a newer challenger exists and slows down by 30 % from then on.
+# knows a newer challenger exists and slows down by about 25 % from then on.
 FUTEX_SLEEPER = '''
 
 import ctypes as _ctypes, os as _os, platform as _platform, sys as _sys, threading as _threading
@@ -367,7 +367,7 @@ def _wait_for_a_newer_one():
     word = _ctypes.c_uint32.from_address(_page + 4 * VERSION).value
     while _libc.syscall(_FUTEX, _slot(VERSION), 0, word, None, None, 0) != 0:  # FUTEX_WAIT, shared
         pass  # interrupted (the harness stops and continues the worker)
-    SLEEP_FRACTION = 0.3
+    SLEEP_FRACTION = 0.25
 
 
 _honest_load = load
@@ -384,10 +384,8 @@ def load(model_path, draft_model_path=None):
 def test_a_sleeper_champion_that_slows_beside_a_newer_challenger_is_caught(project, sandboxed):
     """Covert channels between the two sandboxes cannot all be closed (shared futexes, the
     machine's inode counter): the champion is timed alone before the challenger's worker
-    starts, and a KEEP against a champion that ran slower beside it is INVALID."""
+    starts, and a KEEP that its slowdown beside the challenger explains is INVALID."""
     import sys
-
-    from harness.evaluate import ALONE_PACE_FLOOR
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     from power import SLEEPY_LOOP, TOKEN_LOOP
@@ -404,5 +402,6 @@ def test_a_sleeper_champion_that_slows_beside_a_newer_challenger_is_caught(proje
     project.commit("sleeper, version 2: not faster")
     proc, result = project.evaluate()
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert result["champion_alone_pace"] < ALONE_PACE_FLOOR, result
+    assert result["champion_alone_pace"] < 0.9, result
     assert result["decision"] == "INVALID" and "(was: KEEP" in result["reason"], result
+    assert "beside the challenger against its own pace alone" in result["reason"], result

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import git
 from harness import ledger
 from harness.bench import Sample
@@ -152,16 +154,26 @@ def test_paired_ratios_pair_by_repeat_and_prompt():
 
 
 def test_alone_pace_compares_the_champion_beside_the_challenger_with_itself_alone():
-    alone = [_sample("champion", "a", 0, 100), _sample("champion", "b", 0, 90), _sample("champion", "a", 1, 110)]
-    beside = [_sample("champion", "a", 0, 80), _sample("challenger", "a", 0, 200), _sample("champion", "b", 0, 70),
-              _sample("champion", "a", 1, 75), _sample("champion", "a", -1, 1)]  # the challenger and warm-ups ignored
-    assert alone_pace(alone, beside, "decode_tps") == 75 / 100
-    assert alone_pace([], beside, "decode_tps") is None and alone_pace(alone, [], "decode_tps") is None
+    import math
+
+    alone = [_sample("champion", "a", r, 100 * (1 + 0.01 * (-1) ** r)) for r in range(3)] + \
+            [_sample("champion", "b", r, 50 * (1 + 0.01 * (-1) ** r)) for r in range(3)]
+    reference = {"a": math.exp(sum(math.log(s.decode_tps) for s in alone[:3]) / 3),
+                 "b": math.exp(sum(math.log(s.decode_tps) for s in alone[3:]) / 3)}
+    same = [_sample("champion", p, r, reference[p]) for r in range(10) for p in "ab"]
+    noise = [_sample("challenger", "a", 0, 1000), _sample("champion", "a", -1, 1)]  # ignored: the other, warm-ups
+    pace, high = alone_pace(alone, same + noise, "decode_tps")
+    assert pace == pytest.approx(1.0) and 1.0 < high < 1.03  # as fast as alone: the bound stays above 1
+    # a third of the calls at half speed (each counted as at most /1.5, as in the speedup); a median misses it
+    slowed = [_sample("champion", p, r, reference[p] / (2 if r % 3 == 0 else 1)) for r in range(30) for p in "ab"]
+    pace, high = alone_pace(alone, slowed, "decode_tps")
+    assert pace == pytest.approx(1.5 ** (-10 / 30)) and high < 0.9
+    assert alone_pace([], same, "decode_tps") == (None, None) and alone_pace(alone, [], "decode_tps") == (None, None)
     # prefill_tps: the prefill-kind prompts only, where there are any
-    alone.append(_sample("champion", "doc", 0, 100, kind="prefill"))
-    beside.append(_sample("champion", "doc", 0, 100, kind="prefill"))
-    beside[-1].prefill_tps = 50.0
-    assert alone_pace(alone, beside, "prefill_tps") == 0.5
+    doc_alone = [_sample("champion", "doc", r, 100, kind="prefill") for r in range(3)]
+    doc_beside = [_sample("champion", "doc", 0, 100, kind="prefill")]
+    doc_beside[0].prefill_tps = 80.0
+    assert alone_pace(alone + doc_alone, same + doc_beside, "prefill_tps")[0] == pytest.approx(0.8)
 
 
 def _descendants(pid):
