@@ -334,7 +334,8 @@ def test_a_tree_too_deep_to_recurse_is_removed_and_the_run_ends_with_its_row(pro
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert result["decision"] in ("KEEP", "REVERT"), result  # judged like any change
     assert len(project.ledger_lines()) == 3
-    assert set(Path(tempfile.gettempdir()).glob("mlx-hillclimb-worker-*")) <= before  # no folder left
+    after = set(Path(tempfile.gettempdir()).glob("mlx-hillclimb-worker-*")) - before
+    assert not [folder for folder in after if (folder / "d").exists()]  # no deep tree left (others may run meanwhile)
 
 
 # Appended to inference.py (whose token loop sleeps SLEEP_FRACTION of each token's time,
