@@ -29,6 +29,11 @@ BUSY_SPREAD_FACTOR = 2.0
 # that slows itself when it senses a newer challenger (a covert channel between the two
 # workers) would hand out KEEPs; load alone swings the speed here by 15-25 %.
 CHAMPION_PACE_FLOOR = 0.7
+# An honest champion runs a little slower beside the challenger than alone (each A/B call
+# follows the other worker's, with cold caches: 1-2 % on the tiny model here, with bounds as
+# tight as -0.4 % on a quiet machine, where such a discount turned an honest +5 % KEEP INVALID).
+# check_champion_alone forgives that much and discounts only the rest.
+ALONE_PACE_TOLERANCE = 0.97
 
 
 
@@ -418,19 +423,21 @@ def check_champion_alone(ctx, result, out):
     senses a newer challenger (or once it is paused, or after so many calls) was fast then.
     Its pace beside the challenger relative to alone (verdict.alone_pace, the verdict's own
     statistic) discounts the speedup: the interval's lower end times the pace's 95 % upper
-    bound must still clear 1 + min_effect. An honest champion's bound is about 1 or above,
-    and then nothing is discounted."""
+    bound, beyond ALONE_PACE_TOLERANCE, must still clear 1 + min_effect. An honest champion's
+    bound is near 1, and then nothing is discounted."""
     metric = ctx.settings.verdict.primary_metric
     pace, high = verdict.alone_pace(out["alone"], out["samples"], metric)
     result["champion_alone_pace"] = pace
     low, need = (result.get("speedup_ci") or [None])[0], 1 + ctx.settings.verdict.min_effect
-    if result["decision"] != Decision.KEEP or high is None or high >= 1 or low is None or low * high > need:
+    factor = min(1.0, high / ALONE_PACE_TOLERANCE) if high is not None else 1.0
+    if result["decision"] != Decision.KEEP or factor >= 1 or low is None or low * factor > need:
         return
     result.update(decision=Decision.INVALID, reason=(
         f"the champion ran {pct(pace)} beside the challenger against its own pace alone (at most "
-        f"{pct(high)}), timed before the challenger started: discounted by that, the win's lower end "
-        f"{pct(low * high)} does not clear {pct(need)}. A champion that slows down beside a newer "
-        f"challenger, or a machine that got busy; re-run on a quiet machine (was: KEEP, {result['reason']})"))
+        f"{pct(high)}; {pct(ALONE_PACE_TOLERANCE)} forgiven), timed before the challenger started: discounted "
+        f"by the rest, the win's lower end {pct(low * factor)} does not clear {pct(need)}. A champion that slows "
+        f"down beside a newer challenger, or a machine that got busy; re-run on a quiet machine "
+        f"(was: KEEP, {result['reason']})"))
 
 
 def explain_noise(result, standing, earlier_runs):
