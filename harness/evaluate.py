@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from harness import bench, code_size, gates, geometry, gitops, ledger, monitor, quality, sandbox, verdict
+from harness import bench, code_size, gates, geometry, gitops, ledger, monitor, pace, quality, sandbox, verdict
 from harness import settings as settings_mod
 from harness.corpus import load_corpus
 from harness.environment import environment
@@ -25,16 +25,6 @@ from harness.worker import Worker, WorkerCrash, WorkerInvalid, read_log_tail
 ROOT = settings_mod.ROOT
 # A run's per-pair spread this many times the protocol's usual one says the machine was busy.
 BUSY_SPREAD_FACTOR = 2.0
-# A KEEP whose champion ran this much slower than in its own runs is not trusted: a champion
-# that slows itself when it senses a newer challenger (a covert channel between the two
-# workers) would hand out KEEPs; load alone swings the speed here by 15-25 %.
-CHAMPION_PACE_FLOOR = 0.7
-# An honest champion runs a little slower beside the challenger than alone (each A/B call
-# follows the other worker's, with cold caches: 1-2 % on the tiny model here, with bounds as
-# tight as -0.4 % on a quiet machine, where such a discount turned an honest +5 % KEEP INVALID).
-# check_champion_alone forgives that much and discounts only the rest.
-ALONE_PACE_TOLERANCE = 0.97
-
 
 
 @dataclass
@@ -179,7 +169,7 @@ def start_workers(ctx, inference_paths, overrides, log_dir, workers, out, blame)
 
     The champion starts first and is timed alone (bench.time_alone, into out["alone"])
     before the challenger's worker exists: no covert channel can reach it then, so a
-    champion that slows down once it senses a challenger shows it (check_champion_alone).
+    champion that slows down once it senses a challenger shows it (pace.check_champion_alone).
     Nothing a worker can see tells it its role: its log has a random name, and the run's
     folder (both inference files, both logs) and the repository are hidden from it.
     """
@@ -286,8 +276,8 @@ def evaluate(ctx, *, inference_path=None, overrides=None, source="agent", apply=
         else:
             figures(ctx, result, out, earlier)
             judge(ctx, result, standing, search=bool(overrides))
-            check_champion_alone(ctx, result, out)
-            check_champion_pace(ctx, result, standing)
+            pace.check_champion_alone(ctx, result, out)
+            pace.check_champion_pace(ctx, result, standing)
             explain_noise(result, standing, earlier_runs)
     guard_ledger(ctx, result, standing)
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
@@ -400,44 +390,6 @@ def judge(ctx, result, standing, *, search):
         min_effect=ctx.settings.verdict.min_effect,
         **{k: result.get(k) for k in ("speedup", "speedup_ci", "pairs", "primary_metric", "end_to_end_ratio",
                                       "end_to_end_ci", "lines_vs_champion", "lines_uncounted") if k in result})
-
-
-def check_champion_pace(ctx, result, standing):
-    """A KEEP won against a champion that ran below CHAMPION_PACE_FLOOR of its own earlier
-    speed (ledger.own_speed) becomes INVALID: re-run on a quiet machine."""
-    metric = ctx.settings.verdict.primary_metric
-    now = result.get("champion_speed")
-    own = ledger.own_speed(standing.rows, protocol=ctx.protocol, commit=result["champion"], metric=metric)
-    result["champion_pace"] = now / own if now and own else None
-    if result["decision"] == Decision.KEEP and result["champion_pace"] and result["champion_pace"] < CHAMPION_PACE_FLOOR:
-        result.update(decision=Decision.INVALID, reason=(
-            f"the champion ran at {now:.1f} {metric}, {(1 - result['champion_pace']) * 100:.0f} % below its own {own:.1f} "
-            f"in earlier runs: a busy machine, or a champion slowed while measured; re-run on a quiet machine "
-            f"(was: KEEP, {result['reason']})"))
-
-
-def check_champion_alone(ctx, result, out):
-    """A KEEP that the champion's own slowdown beside the challenger could explain becomes
-    INVALID. The champion was timed alone before the challenger's worker existed: every covert
-    channel between the two sandboxes needs both, and a champion that slows down once it
-    senses a newer challenger (or once it is paused, or after so many calls) was fast then.
-    Its pace beside the challenger relative to alone (verdict.alone_pace, the verdict's own
-    statistic) discounts the speedup: the interval's lower end times the pace's 95 % upper
-    bound, beyond ALONE_PACE_TOLERANCE, must still clear 1 + min_effect. An honest champion's
-    bound is near 1, and then nothing is discounted."""
-    metric = ctx.settings.verdict.primary_metric
-    pace, high = verdict.alone_pace(out["alone"], out["samples"], metric)
-    result["champion_alone_pace"] = pace
-    low, need = (result.get("speedup_ci") or [None])[0], 1 + ctx.settings.verdict.min_effect
-    factor = min(1.0, high / ALONE_PACE_TOLERANCE) if high is not None else 1.0
-    if result["decision"] != Decision.KEEP or factor >= 1 or low is None or low * factor > need:
-        return
-    result.update(decision=Decision.INVALID, reason=(
-        f"the champion ran {pct(pace)} beside the challenger against its own pace alone (at most "
-        f"{pct(high)}; {pct(ALONE_PACE_TOLERANCE)} forgiven), timed before the challenger started: discounted "
-        f"by the rest, the win's lower end {pct(low * factor)} does not clear {pct(need)}. A champion that slows "
-        f"down beside a newer challenger, or a machine that got busy; re-run on a quiet machine "
-        f"(was: KEEP, {result['reason']})"))
 
 
 def explain_noise(result, standing, earlier_runs):

@@ -22,17 +22,24 @@ PROJECT_FILES = ["prepare.py", "inference.py", "harness.yaml", "harness", "requi
                  "requirements-dev.txt", ".gitignore"]
 
 
+def require_bwrap():
+    """Fail in CI, skip elsewhere, where bubblewrap cannot start."""
+    from harness import sandbox
+
+    prefix, why = sandbox._bwrap_prefix()
+    if prefix is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs a working bubblewrap: {why}")
+        pytest.skip(why)
+
+
 @pytest.fixture
 def sandboxed(monkeypatch):
     """Workers run under bubblewrap here: required in CI, skipped where it cannot start."""
     from harness import sandbox
 
     monkeypatch.delenv(sandbox.ENV_VAR, raising=False)
-    prefix, why = sandbox._bwrap_prefix()
-    if prefix is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI needs a working bubblewrap: {why}")
-        pytest.skip(why)
+    require_bwrap()
 
 
 @pytest.fixture(scope="session")

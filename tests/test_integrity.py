@@ -344,7 +344,7 @@ def test_a_tree_too_deep_to_recurse_is_removed_and_the_run_ends_with_its_row(pro
 # sandbox reaches a waiter in the other (a red team won KEEP +20.5 % with it; it cannot be
 # refused: C++ static-init guards wait and wake shared futexes). Each version waits on its
 # own slot and, on load, wakes the slots of every older version: an older one that is woken
-# knows a newer challenger exists and slows down by about 25 % from then on.
+# knows a newer challenger exists and slows down by about a third from then on.
 FUTEX_SLEEPER = '''
 
 import ctypes as _ctypes, os as _os, platform as _platform, sys as _sys, threading as _threading
@@ -368,7 +368,7 @@ def _wait_for_a_newer_one():
     word = _ctypes.c_uint32.from_address(_page + 4 * VERSION).value
     while _libc.syscall(_FUTEX, _slot(VERSION), 0, word, None, None, 0) != 0:  # FUTEX_WAIT, shared
         pass  # interrupted (the harness stops and continues the worker)
-    SLEEP_FRACTION = 0.25
+    SLEEP_FRACTION = 0.5
 
 
 _honest_load = load
@@ -392,7 +392,7 @@ def test_a_sleeper_champion_that_slows_beside_a_newer_challenger_is_caught(proje
     from power import SLEEPY_LOOP, TOKEN_LOOP
 
     settings = project.settings()
-    settings["workload"]["presets"]["quick"]["max_tokens"] = 64  # whole calls mostly decode: a KEEP is in reach
+    settings["workload"]["presets"]["quick"]["max_tokens"] = 128  # whole calls mostly decode: a KEEP is in reach
     project.write_settings(settings)
     project.edit_inference(TOKEN_LOOP, SLEEPY_LOOP)
     project.edit_inference("NUM_DRAFT_TOKENS = 3 ", "SLEEP_FRACTION = 0.0\nNUM_DRAFT_TOKENS = 3 ")

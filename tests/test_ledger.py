@@ -198,7 +198,7 @@ def test_own_speed_is_the_median_of_the_commits_clean_runs(tmp_path):
 def test_a_keep_against_a_champion_far_below_its_own_pace_is_invalid(tmp_path):
     from types import SimpleNamespace
 
-    from harness import evaluate
+    from harness import pace
 
     path = tmp_path / "results.tsv"
     ledger.append(path, _row("champion kept", commit="c0", protocol="p", quality_pass=True, decode_tps=10.0))
@@ -207,7 +207,7 @@ def test_a_keep_against_a_champion_far_below_its_own_pace_is_invalid(tmp_path):
     standing = SimpleNamespace(rows=rows)
     for decision, now, expected in (("KEEP", 5.0, "INVALID"), ("KEEP", 8.0, "KEEP"), ("REVERT", 5.0, "REVERT")):
         result = {"decision": ledger.Decision(decision), "reason": "faster", "champion": "c0", "champion_speed": now}
-        evaluate.check_champion_pace(ctx, result, standing)
+        pace.check_champion_pace(ctx, result, standing)
         assert result["decision"] == expected and result["champion_pace"] == pytest.approx(now / 10.0)
         if expected == "INVALID":
             assert "50 % below its own 10.0" in result["reason"] and "was: KEEP" in result["reason"]

@@ -12,6 +12,7 @@ import secrets
 import numpy as np
 import pytest
 
+from conftest import require_bwrap
 from harness import sandbox, worker as worker_module
 from harness.bench import Reservoir
 from harness.pipe import KEPT_CALLS
@@ -129,11 +130,7 @@ def start(tmp_path, monkeypatch):
     def _start(mode, sandboxed=False):
         if sandboxed:
             monkeypatch.delenv(sandbox.ENV_VAR, raising=False)
-            prefix, why = sandbox._bwrap_prefix()
-            if prefix is None:
-                if os.environ.get("CI"):
-                    pytest.fail(f"CI needs a working bubblewrap: {why}")
-                pytest.skip(why)
+            require_bwrap()
         folder = tmp_path / f"w{len(workers)}"
         folder.mkdir()
         (folder / "inference.py").write_text(STAND_IN)
