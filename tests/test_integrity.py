@@ -405,4 +405,7 @@ def test_a_sleeper_champion_that_slows_beside_a_newer_challenger_is_caught(proje
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert result["champion_alone_pace"] < 0.9, result
     assert result["decision"] == "INVALID" and "(was: KEEP" in result["reason"], result
-    assert "beside the challenger against its own pace alone" in result["reason"], result
+    # the alone check catches it; on a busy machine its bound is looser, and then the champion's
+    # pace against its own earlier runs may be what catches it
+    assert ("beside the challenger against its own pace alone" in result["reason"]
+            or "in earlier runs" in result["reason"]), result
