@@ -61,8 +61,9 @@ def alone_pace(alone, samples, metric, *, cap=stats.RATIO_CAP):
     The same statistic as the verdict's: each A/B call's log ratio to the mean log of the
     same prompt's calls alone, capped to +-log(cap), averaged (slowing a few calls a lot
     counts as it does in the speedup; a median would not see it). The bound's spread is the
-    calls' spread alone (within each prompt), for the A/B calls too: a champion that varies
-    its speed beside the challenger cannot widen the bound with it. For prefill_tps only the
+    calls' spread alone (within each prompt), for the A/B calls too, and at most the
+    challenger's: a champion that varies its speed, beside the challenger or alone, cannot
+    widen the bound with it. For prefill_tps only the
     prefill-kind prompts count, as in paired_ratios.
     """
     beside = [s for s in samples if s.worker == "champion" and s.repeat >= 0]
@@ -82,14 +83,30 @@ def alone_pace(alone, samples, metric, *, cap=stats.RATIO_CAP):
     df = sum(len(v) - 1 for v in by_prompt.values())
     if df < 1:
         return math.exp(mean), None
-    spread = max(math.sqrt(sum((x - reference[p]) ** 2 for p, v in by_prompt.items() for x in v) / df),
-                 ALONE_SPREAD_FLOOR)
+    spread = math.sqrt(sum((x - reference[p]) ** 2 for p, v in by_prompt.items() for x in v) / df)
+    # nor can it widen the bound by varying its speed alone (a red team planted 2x slow calls
+    # there: bound 1.07-1.63, KEEP +21-34 %): never wider than the challenger's own calls'
+    # spread beside it, which the challenger cannot inflate without widening its own interval
+    theirs = _spread_within_prompts([s for s in samples if s.worker == "challenger" and s.repeat >= 0], metric)
+    spread = max(min(spread, theirs) if theirs is not None else spread, ALONE_SPREAD_FLOOR)
     share = {p: sum(s.prompt == p for s in beside) / len(beside) for p in by_prompt}
     se = spread * math.sqrt(1 / len(beside) + sum(share[p] ** 2 / len(v) for p, v in by_prompt.items()))
     return math.exp(mean), math.exp(mean + stats.t_one_sided(0.05, df) * se)
 
 
 ALONE_SPREAD_FLOOR = 0.005  # per-call log spread assumed at least (a few identical calls alone: not zero)
+
+
+def _spread_within_prompts(samples, metric):
+    """The standard deviation of the calls' log `metric` around each prompt's mean; None
+    without two calls of one prompt."""
+    by_prompt = {}
+    for s in samples:
+        by_prompt.setdefault(s.prompt, []).append(math.log(getattr(s, metric)))
+    df = sum(len(v) - 1 for v in by_prompt.values())
+    if df < 1:
+        return None
+    return math.sqrt(sum((x - sum(v) / len(v)) ** 2 for v in by_prompt.values() for x in v) / df)
 
 
 def min_detectable_effect(ratios, speedup, min_effect):

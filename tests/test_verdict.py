@@ -168,6 +168,12 @@ def test_alone_pace_compares_the_champion_beside_the_challenger_with_itself_alon
     slowed = [_sample("champion", p, r, reference[p] / (2 if r % 3 == 0 else 1)) for r in range(30) for p in "ab"]
     pace, high = alone_pace(alone, slowed, "decode_tps")
     assert pace == pytest.approx(1.5 ** (-10 / 30)) and high < 0.9
+    # alone calls made noisy on purpose do not widen the bound past the challenger's own spread
+    noisy = [_sample("champion", p, r, reference[p] * (1, 0.5, 0.83)[r]) for r in range(3) for p in "ab"]
+    steady = [_sample("challenger", p, r, 200 * (1 + 0.01 * (-1) ** r)) for r in range(30) for p in "ab"]
+    beside = [_sample("champion", p, r, reference[p] * 0.6) for r in range(30) for p in "ab"]
+    assert alone_pace(noisy, beside, "decode_tps")[1] > 1  # the champion's own spread alone: nothing to discount
+    assert alone_pace(noisy, beside + steady, "decode_tps")[1] < 0.97
     assert alone_pace([], same, "decode_tps") == (None, None) and alone_pace(alone, [], "decode_tps") == (None, None)
     # prefill_tps: the prefill-kind prompts only, where there are any
     doc_alone = [_sample("champion", "doc", r, 100, kind="prefill") for r in range(3)]
