@@ -90,20 +90,19 @@ class Reservoir:
         self.worker.release([call_id])
 
 
-ALONE_ROUNDS = 3  # rounds of every prompt the champion is timed alone, before the challenger starts
-
-
 def time_alone(worker, name, preset, tokenizer, corpus_text, *, timeout_s, progress=None):
-    """Warm `worker` up, then time every prompt ALONE_ROUNDS times with no other worker in
+    """Warm `worker` up, then time every prompt `preset.repeats` times with no other worker in
     existence: the champion's pace before any challenger could signal it (see
     verdict.alone_pace). No gap or pause is made to look like the A/B: a pipeline that
-    behaves otherwise once it is paused, or once another worker exists, shows it here.
+    behaves otherwise once it is paused, or once another worker exists, shows it here. These
+    are the calls of a run with one worker (a BASELINE), call for call: a pipeline that
+    counts its calls cannot be slow here and fast in its BASELINE.
 
     Every call carries a fresh keep id, released after it (as warm-ups are), like every call
     of the A/B. Returns the timed Samples (repeat >= 0; they are never paired).
     """
     reservoir, samples = Reservoir(worker), []
-    rounds = [-1] * preset.warmup + list(range(ALONE_ROUNDS))
+    rounds = [-1] * preset.warmup + list(range(preset.repeats))
     for i, repeat in enumerate(rounds):
         for spec in preset.prompts:
             prompt = build_prompt(tokenizer, spec, corpus_text)

@@ -2,6 +2,7 @@
 pure function of the figures (no files, no git, no clocks)."""
 
 import math
+import statistics
 
 from harness import stats
 from harness.ledger import Decision
@@ -58,9 +59,13 @@ def alone_pace(alone, samples, metric, *, cap=stats.RATIO_CAP):
     upper bound of that; (None, None) without both. Below 1: it ran slower once a
     challenger existed, which flatters the challenger by as much.
 
-    The same statistic as the verdict's: each A/B call's log ratio to the mean log of the
+    The same statistic as the verdict's: each A/B call's log ratio to the median log of the
     same prompt's calls alone, capped to +-log(cap), averaged (slowing a few calls a lot
-    counts as it does in the speedup; a median would not see it). The bound's spread is the
+    counts as it does in the speedup; a median would not see it). Alone it is the median: a
+    champion that plants a few very slow calls there (it can count its calls) would lift a
+    mean, and with it every A/B call's ratio; to move the median it must be slow in most of
+    them, and the alone rounds are a BASELINE run's calls call for call, so a BASELINE
+    champion's own record is then as slow (pace.check_champion_pace). The bound's spread is the
     calls' spread alone (within each prompt), for the A/B calls too, and at most the
     challenger's: a champion that varies its speed, beside the challenger or alone, cannot
     widen the bound with it. For prefill_tps only the
@@ -76,21 +81,22 @@ def alone_pace(alone, samples, metric, *, cap=stats.RATIO_CAP):
     beside = [s for s in beside if s.prompt in by_prompt]
     if not beside:
         return None, None
-    reference = {p: sum(v) / len(v) for p, v in by_prompt.items()}
+    reference = {p: statistics.median(v) for p, v in by_prompt.items()}
     bound = math.log(cap)
     logs = [min(max(math.log(getattr(s, metric)) - reference[s.prompt], -bound), bound) for s in beside]
     mean = sum(logs) / len(logs)
     df = sum(len(v) - 1 for v in by_prompt.values())
     if df < 1:
         return math.exp(mean), None
-    spread = math.sqrt(sum((x - reference[p]) ** 2 for p, v in by_prompt.items() for x in v) / df)
+    spread = _spread_within_prompts(alone, metric)
     # nor can it widen the bound by varying its speed alone (a red team planted 2x slow calls
     # there: bound 1.07-1.63, KEEP +21-34 %): never wider than the challenger's own calls'
     # spread beside it, which the challenger cannot inflate without widening its own interval
     theirs = _spread_within_prompts([s for s in samples if s.worker == "challenger" and s.repeat >= 0], metric)
     spread = max(min(spread, theirs) if theirs is not None else spread, ALONE_SPREAD_FLOOR)
     share = {p: sum(s.prompt == p for s in beside) / len(beside) for p in by_prompt}
-    se = spread * math.sqrt(1 / len(beside) + sum(share[p] ** 2 / len(v) for p, v in by_prompt.items()))
+    # a median of n normal draws varies pi/2 times as much as their mean
+    se = spread * math.sqrt(1 / len(beside) + math.pi / 2 * sum(share[p] ** 2 / len(v) for p, v in by_prompt.items()))
     return math.exp(mean), math.exp(mean + stats.t_one_sided(0.05, df) * se)
 
 
