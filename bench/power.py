@@ -40,7 +40,8 @@ after every run, so a killed bench keeps its data.
 
     python bench/power.py [--null-runs 20] [--runs-10 20] [--runs-5 10] [--offline]
                           [--sleep-10 0.10] [--sleep-5 0.05] [--max-tokens N] [--repeats N]
-                          [--set KEY=VALUE ...] [--save trials.json]
+                          [--set KEY=VALUE ...] [--harness PATH=VALUE ...]
+                          [--save trials.json]
 """
 
 import argparse
@@ -157,8 +158,17 @@ def shape_workload(project, mode, args):
         changes[key.strip()] = parse_value(value)
     if "repeats" in changes and "max_repeats" in preset and "max_repeats" not in changes:
         changes["max_repeats"] = max(preset["max_repeats"], changes["repeats"])
-    if any(preset.get(k) != v for k, v in changes.items()):
-        preset.update(changes)
+    changed = any(preset.get(k) != v for k, v in changes.items())
+    preset.update(changes)
+    for item in args.harness:  # any other harness.yaml key, by its dotted path
+        path, _, value = item.partition("=")
+        *parents, leaf = path.strip().split(".")
+        node = settings
+        for key in parents:
+            node = node[key]
+        changed |= node.get(leaf) != parse_value(value)
+        node[leaf] = parse_value(value)
+    if changed:
         project.write_settings(settings)
         project.commit("bench workload")
     return dict(preset)
@@ -388,6 +398,9 @@ def main():
     parser.add_argument("--repeats", type=int, help="rounds before the A/B first looks (default: the full preset's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="set a key of the measured preset, e.g. --set budget_s=300 --set max_repeats=20")
+    parser.add_argument("--harness", action="append", default=[], metavar="PATH=VALUE",
+                        help="set any harness.yaml key by its dotted path, e.g. --harness "
+                             "'quality.tasks.full=[capital_france]' (fewer tasks: shorter runs, same A/B)")
     parser.add_argument("--run-timeout", type=int, help="seconds one prepare.py run may take (default 1800; offline 7200)")
     parser.add_argument("--save", type=Path, help="write every trial (result fields, pair ratios) here as JSON, after every run")
     args = parser.parse_args()
