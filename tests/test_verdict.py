@@ -10,9 +10,9 @@ import time
 import pytest
 
 from conftest import git
-from harness import ledger
+from harness import ledger, stats
 from harness.bench import Sample
-from harness.verdict import alone_pace, paired_ratios
+from harness.verdict import alone_pace, comparison, paired_ratios, settled
 
 
 def _rows(project):
@@ -142,6 +142,26 @@ def _sample(worker, prompt, repeat, tps, kind="decode"):
     return Sample(worker=worker, prompt=prompt, kind=kind, repeat=repeat, nonce="x", prompt_tokens=10,
                   n_tokens=9, ttft_s=0.1, total_s=0.1 + 8 / tps, decode_s=8 / tps, decode_tps=tps,
                   prefill_tps=100.0, peak_memory_bytes=1, prompt_ids=[], tokens=[])
+
+
+def test_a_decode_win_diluted_in_whole_calls_is_kept_within_the_full_presets_pairs():
+    """Where a prompt token costs what a generated one does (CPUs), a +10 % decode win shortens
+    whole calls by less than half as much: the whole-call guard confirms that within the 30
+    pairs the full preset's budget gives there; with pairs counted up to x1.5 it could not."""
+    samples = []
+    for r in range(10):
+        for i, p in enumerate("abc"):
+            jitter = 1 + 0.01 * (-1) ** (r + i)
+            for worker, tps, ttft in (("champion", 100 * jitter, 0.09 * (1 + 0.02 * (-1) ** r)),
+                                      ("challenger", 110 / jitter, 0.09)):
+                samples.append(Sample(worker=worker, prompt=p, kind="decode", repeat=r, nonce="x", prompt_tokens=10,
+                                      n_tokens=9, ttft_s=ttft, total_s=ttft + 8 / tps, decode_s=8 / tps,
+                                      decode_tps=tps, prefill_tps=100.0, peak_memory_bytes=1, prompt_ids=[], tokens=[]))
+    figures = comparison(samples, "decode_tps", min_effect=0.01)
+    assert figures["pairs"] == 30 and figures["speedup_ci"][0] > 1.01
+    assert 1.03 < figures["end_to_end_ratio"] < 1.06 and figures["end_to_end_ci"][0] > 1.01
+    assert settled(figures, min_effect=0.01)
+    assert stats.ratio_with_sequence(paired_ratios(samples, "end_to_end"))[1] < 1.01  # capped at x1.5
 
 
 def test_paired_ratios_pair_by_repeat_and_prompt():
