@@ -28,7 +28,7 @@ import numpy as np
 
 # WorkerCrash and WorkerInvalid are defined with the framing that raises them;
 # callers may keep importing them from here.
-from harness import sandbox
+from harness import memory, sandbox
 from harness.child import row_digest
 from harness.code_size import without_comments_and_docstrings
 from harness.models import cache_dir
@@ -411,7 +411,7 @@ class Worker:
     def _note_peak_rss(self):
         """Read the worker's peak resident memory while it runs: through bwrap, the rusage
         that wait4 reports is the sandbox's outer process's, not the worker's."""
-        self._peak_rss = max(self._peak_rss, sandbox.peak_rss(self._members(sandbox.process_table(), strays=False)))
+        self._peak_rss = max(self._peak_rss, memory.peak_rss(self._members(sandbox.process_table(), strays=False)))
 
     def _find_namespace(self):
         """Remember the sandbox's PID namespace while the sandbox is there to show it."""
@@ -433,8 +433,8 @@ class Worker:
 
     @contextlib.contextmanager
     def _watching(self):
-        """Sample the worker's resident memory on a thread while a call runs (sandbox.RssWatch)."""
-        watch = sandbox.RssWatch(self._members(sandbox.process_table(), strays=False) if sandbox.HAS_PROC else ())
+        """Sample the worker's resident memory on a thread while a call runs (memory.RssWatch)."""
+        watch = memory.RssWatch(self._members(sandbox.process_table(), strays=False) if memory.HAS_PROC else ())
         watch.start()
         try:
             yield

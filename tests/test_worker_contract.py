@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import require_bwrap
-from harness import sandbox, worker as worker_module
+from harness import memory, sandbox, worker as worker_module
 from harness.bench import Reservoir
 from harness.pipe import KEPT_CALLS
 from harness.worker import Worker, WorkerCrash, WorkerInvalid, read_log_tail
@@ -317,7 +317,7 @@ def test_kept_rows_come_only_as_many_as_the_call_had_tokens(start):
     assert not worker.alive()
 
 
-@pytest.mark.skipif(not sandbox.HAS_PROC, reason="Linux: the parent reads the worker's memory in /proc")
+@pytest.mark.skipif(not memory.HAS_PROC, reason="Linux: the parent reads the worker's memory in /proc")
 @pytest.mark.parametrize("sandboxed", [False, True], ids=["no-sandbox", "bwrap"])
 @pytest.mark.parametrize("mode", ["ballast", "ballast_first"])
 def test_memory_seen_by_the_parent_cannot_be_reset_by_the_worker(start, sandboxed, mode):
