@@ -14,6 +14,8 @@ from harness.pipe import KEPT_CALLS
 from harness.worker import WorkerInvalid
 from harness.workload import build_prompt
 
+YARDSTICK = "yardstick"  # the name of the yardstick's Samples
+
 
 @dataclass
 class Sample:
@@ -116,7 +118,8 @@ def time_alone(worker, name, preset, tokenizer, corpus_text, *, timeout_s, progr
     return samples
 
 
-def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress=None, more=None, warm=()):
+def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress=None, more=None, warm=(),
+                 yardstick=None):
     """Warm up, then measure every prompt on each worker in rounds, interleaved.
 
     While one worker is timed, every other one is stopped (Worker.pause), so an idle one
@@ -133,27 +136,35 @@ def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress
             `more(samples so far)` says so, up to `max_repeats` (more=None: `repeats` only).
         progress: optional callable(done, total, label) for a progress bar.
         warm: names of workers warmed up already (time_alone): no warm-up calls for them.
+        yardstick: optional Worker serving harness/yardstick.py, paused and timed like the
+            others: warmed up on the first prompt, then one call on it per round, after that
+            prompt's calls (the same prompt every time: its calls differ by noise alone;
+            Samples with worker "yardstick", see verdict.yardstick_ratio).
     Returns:
         A list of Samples (warm-up calls are not included).
     """
     names = list(workers)
+    everyone = {**workers, **({YARDSTICK: yardstick} if yardstick else {})}
     specs = preset.prompts
     flip = secrets.randbelow(2)
     most = preset.max_repeats if more else preset.repeats
     total = len(specs) * (len(names) * most + (len(names) - len(set(warm) & set(names))) * preset.warmup)
+    total += (most + preset.warmup) if yardstick else 0
     done = 0
     reservoirs = {name: Reservoir(worker) for name, worker in workers.items()}
 
     def call(name, spec, repeat):
         nonlocal done
         prompt = build_prompt(tokenizer, spec, corpus_text)
-        for other in names:
+        for other in everyone:
             if other != name:
-                workers[other].pause()
-        workers[name].resume()
-        sample = time_call(workers[name], name, prompt, max_tokens=preset.max_tokens,
-                           timeout_s=timeout_s, repeat=repeat, keep=secrets.token_hex(8))
-        reservoirs[name].add(sample.call_id, measured=repeat >= 0)
+                everyone[other].pause()
+        everyone[name].resume()
+        keep = secrets.token_hex(8) if name in reservoirs else None  # the yardstick keeps nothing
+        sample = time_call(everyone[name], name, prompt, max_tokens=preset.max_tokens,
+                           timeout_s=timeout_s, repeat=repeat, keep=keep)
+        if keep:
+            reservoirs[name].add(sample.call_id, measured=repeat >= 0)
         done += 1
         if progress:
             label = "warm-up" if repeat < 0 else f"round {repeat + 1}"
@@ -163,10 +174,12 @@ def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress
     samples = []
     try:
         for _ in range(preset.warmup):
-            for spec in specs:
+            for i, spec in enumerate(specs):
                 for name in random.sample(names, len(names)):
                     if name not in warm:
                         call(name, spec, -1)
+                if yardstick and i == 0:
+                    call(YARDSTICK, spec, -1)
         for repeat in range(most):
             if repeat >= preset.repeats and not more(samples):
                 break
@@ -174,8 +187,10 @@ def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress
                 order = names if (repeat + i + flip) % 2 == 0 else names[::-1]
                 for name in order:
                     samples.append(call(name, spec, repeat))
+                if yardstick and i == 0:
+                    samples.append(call(YARDSTICK, spec, repeat))
     finally:
-        for worker in workers.values():
+        for worker in everyone.values():
             worker.resume()  # a dead one was killed already; resume() is then a no-op
     return samples
 

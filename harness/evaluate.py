@@ -3,6 +3,7 @@ workers (champion, challenger) -> samples -> statistics + quality -> verdict ->
 run file + ledger row. Each step is a plain function; prepare.py wires them."""
 
 import json
+import math
 import os
 import secrets
 import tempfile
@@ -25,6 +26,7 @@ from harness.worker import Worker, WorkerCrash, WorkerInvalid, read_log_tail
 ROOT = settings_mod.ROOT
 # A run's per-pair spread this many times the protocol's usual one says the machine was busy.
 BUSY_SPREAD_FACTOR = 2.0
+YARDSTICK_PIPELINE = Path(__file__).resolve().parent / "yardstick.py"
 
 
 @dataclass
@@ -107,19 +109,27 @@ def measure(ctx, inference_paths, *, reference, tasks, overrides=None, log_dir, 
     blame = {"stage": None}  # whose failure a crash now is (None: whichever worker died)
     try:
         start_workers(ctx, inference_paths, overrides, log_dir, workers, out, blame)
+        if not overrides:  # a search trial is never a champion: no record to keep
+            blame["stage"] = "yardstick"
+            workers["yardstick"] = start_yardstick(ctx, log_dir)
+            blame["stage"] = None
+        pipelines = {name: worker for name, worker in workers.items() if name != "yardstick"}
         stage("speed: " + ("champion and challenger alternating, until the interval decides"
-                           if len(workers) > 1 else "challenger alone"))
+                           if len(pipelines) > 1 else "challenger alone")
+              + (", the yardstick once a round" if "yardstick" in workers else ""))
         out["speed"]["load_avg"] = round(os.getloadavg()[0], 2)
-        rule = SequentialRule(ctx, **(ab or {})) if len(workers) > 1 else None
+        rule = SequentialRule(ctx, **(ab or {})) if len(pipelines) > 1 else None
         started = time.perf_counter()
-        out["samples"] = bench.run_workload(workers, ctx.preset, ctx.tokenizer, ctx.corpus_text,
+        out["samples"] = bench.run_workload(pipelines, ctx.preset, ctx.tokenizer, ctx.corpus_text,
                                             timeout_s=ctx.settings.timeouts.call_s,
                                             progress=Progress("speed", unit="calls"), more=rule,
-                                            warm=("champion",) if out["alone"] else ())
+                                            warm=("champion",) if out["alone"] else (),
+                                            yardstick=workers.get("yardstick"))
         out["speed"]["speed_s"] = round(time.perf_counter() - started, 1)
         out["speed"]["stopped"] = rule.why_stopped(out["samples"]) if rule else None
-        if "champion" in workers:
-            _close(workers.pop("champion"), out)  # free its memory before the quality pass
+        for name in ("yardstick", "champion"):  # free their memory before the quality pass
+            if name in workers:
+                _close(workers.pop(name), out)
         out["quality"] = quality_pass(ctx, workers, out, reference, tasks, log_dir, blame)
     except (WorkerCrash, WorkerInvalid) as exc:
         who = (getattr(exc, "worker", None) or blame["stage"]
@@ -192,6 +202,20 @@ def start_workers(ctx, inference_paths, overrides, log_dir, workers, out, blame)
                                             timeout_s=ctx.settings.timeouts.call_s,
                                             progress=Progress("speed: champion alone", unit="rounds"))
     blame["stage"] = None
+
+
+def start_yardstick(ctx, log_dir):
+    """The yardstick's worker (harness/yardstick.py: stock mlx-lm, the model's own dtype),
+    sandboxed like the pipelines and loaded, for bench.run_workload to time once a round."""
+    stage("loading the yardstick (stock mlx-lm, timed once a round beside the pipeline)")
+    worker = Worker(YARDSTICK_PIPELINE, Path(log_dir) / "yardstick.log", role="yardstick",
+                    hide=[log_dir, ctx.root], expose=[ctx.model_dir])
+    try:
+        worker.load(ctx.model_dir, timeout_s=ctx.settings.timeouts.load_s)
+    except BaseException:
+        worker.kill()
+        raise
+    return worker
 
 
 def quality_pass(ctx, workers, out, reference, tasks, log_dir, blame):
@@ -277,6 +301,7 @@ def evaluate(ctx, *, inference_path=None, overrides=None, source="agent", apply=
             figures(ctx, result, out, earlier)
             judge(ctx, result, standing, search=bool(overrides))
             pace.check_champion_alone(ctx, result, out)
+            pace.check_champion_yardstick(ctx, result, out, standing)
             pace.check_champion_pace(ctx, result, standing)
             explain_noise(result, standing, earlier_runs)
     guard_ledger(ctx, result, standing)
@@ -453,6 +478,8 @@ def figures(ctx, result, out, earlier=None):
     bandwidth = _bandwidth_gbs()
     if result["bytes_per_token"] and bandwidth:
         result["roofline_fraction"] = result["decode_tps"] * result["bytes_per_token"] / (bandwidth * 1e9)
+    log_ratio, result["yardstick_se"] = verdict.yardstick_ratio(samples, "challenger", ctx.settings.verdict.primary_metric)
+    result["yardstick_ratio"] = math.exp(log_ratio) if log_ratio is not None else None
     theirs = [s for s in samples if s.worker == "champion"]
     if theirs:
         result.update(verdict.comparison(samples, ctx.settings.verdict.primary_metric,

@@ -1,9 +1,12 @@
-"""Is the champion in this run the champion it was? Two checks on its speed that can turn a
+"""Is the champion in this run the champion it was? Three checks on its speed that can turn a
 KEEP INVALID: against its own pace alone, timed in this run before the challenger's worker
-started (a champion that slows down beside a newer challenger), and against its pace in its
-own earlier runs (ledger)."""
+started (a champion that slows down beside a newer challenger); against its own earlier runs,
+both relative to the yardstick (a champion that slows down once it is the champion); and
+against its raw speed in its own earlier runs (a floor, for rows without a yardstick)."""
 
-from harness import ledger, verdict
+import math
+
+from harness import ledger, stats, verdict
 from harness.ledger import Decision
 from harness.verdict import pct
 
@@ -16,6 +19,9 @@ CHAMPION_PACE_FLOOR = 0.7
 # tight as -0.4 % on a quiet machine, where such a discount turned an honest +5 % KEEP INVALID).
 # check_champion_alone forgives that much and discounts only the rest.
 ALONE_PACE_TOLERANCE = 0.97
+# The same for the champion's pace over the yardstick's against its own earlier runs
+# (check_champion_yardstick): honest champions' between-run drift, measured: see README.
+YARDSTICK_PACE_TOLERANCE = 0.97
 
 
 def check_champion_pace(ctx, result, standing):
@@ -44,13 +50,44 @@ def check_champion_alone(ctx, result, out):
     metric = ctx.settings.verdict.primary_metric
     pace, high = verdict.alone_pace(out["alone"], out["samples"], metric)
     result["champion_alone_pace"] = pace
+    _discount(ctx, result, high, ALONE_PACE_TOLERANCE, (
+        f"the champion ran {pct(pace)} beside the challenger against its own pace alone (at most {pct(high)}; "
+        f"{pct(ALONE_PACE_TOLERANCE)} forgiven), timed before the challenger started"),
+        "A champion that slows down beside a newer challenger, or a machine that got busy")
+
+
+def check_champion_yardstick(ctx, result, out, standing):
+    """A KEEP that the champion's slowdown since its own runs could explain becomes INVALID.
+    Its speed over the yardstick's now (verdict.yardstick_ratio) against the same ratio in
+    its own runs (ledger.own_yardstick), the very calls it won or set its baseline with: the
+    machine's load moves both alike, so a champion slower now is slower itself, whatever told
+    it that it is the champion (its place in the run's schedule, a coin it tossed). The
+    pace's 95 % upper bound, beyond YARDSTICK_PACE_TOLERANCE, discounts the speedup as in
+    check_champion_alone. Without a record (rows of an older harness) nothing is checked
+    here; check_champion_pace's floor still is."""
+    metric = ctx.settings.verdict.primary_metric
+    now, se_now = verdict.yardstick_ratio(out["samples"], "champion", metric)
+    then, se_then = ledger.own_yardstick(standing.rows, protocol=ctx.protocol, commit=result["champion"])
+    if now is None or then is None:
+        return
+    calls = sum(s.worker == "yardstick" and s.repeat >= 0 for s in out["samples"])
+    pace = math.exp(now - then)
+    high = math.exp(now - then + stats.t_one_sided(0.05, calls - 1) * math.hypot(se_now, se_then))
+    result["champion_yardstick_pace"] = pace
+    _discount(ctx, result, high, YARDSTICK_PACE_TOLERANCE, (
+        f"the champion ran {pct(pace)} against its own earlier runs, each relative to the yardstick "
+        f"(at most {pct(high)}; {pct(YARDSTICK_PACE_TOLERANCE)} forgiven)"),
+        "A champion that slows down once it is the champion")
+
+
+def _discount(ctx, result, high, tolerance, what, why):
+    """INVALID for a KEEP whose interval's lower end, times min(1, high / tolerance), does
+    not clear 1 + min_effect: the champion's slowdown (high: its pace's upper bound) could
+    explain the win."""
     low, need = (result.get("speedup_ci") or [None])[0], 1 + ctx.settings.verdict.min_effect
-    factor = min(1.0, high / ALONE_PACE_TOLERANCE) if high is not None else 1.0
+    factor = min(1.0, high / tolerance) if high is not None else 1.0
     if result["decision"] != Decision.KEEP or factor >= 1 or low is None or low * factor > need:
         return
     result.update(decision=Decision.INVALID, reason=(
-        f"the champion ran {pct(pace)} beside the challenger against its own pace alone (at most "
-        f"{pct(high)}; {pct(ALONE_PACE_TOLERANCE)} forgiven), timed before the challenger started: discounted "
-        f"by the rest, the win's lower end {pct(low * factor)} does not clear {pct(need)}. A champion that slows "
-        f"down beside a newer challenger, or a machine that got busy; re-run on a quiet machine "
-        f"(was: KEEP, {result['reason']})"))
+        f"{what}: discounted by the rest, the win's lower end {pct(low * factor)} does not clear {pct(need)}. "
+        f"{why}, or a machine that got busy; re-run on a quiet machine (was: KEEP, {result['reason']})"))

@@ -112,6 +112,31 @@ def alone_pace(alone, samples, metric, *, cap=stats.RATIO_CAP):
     return math.exp(mean), math.exp(mean + stats.t_one_sided(0.05, df) * se)
 
 
+def yardstick_ratio(samples, worker, metric):
+    """(log ratio, se): `worker`'s speed relative to the yardstick's in one run, or
+    (None, None) without at least two yardstick calls. The machine's load, which moves both
+    alike, cancels out; what is left is the pipeline's own pace, comparable across runs of
+    the same protocol (pace.check_champion_yardstick).
+
+    Each of the worker's calls' log `metric` less the median log of the yardstick's calls
+    (all on one prompt: they differ by noise alone), averaged; the prompts' offsets are the
+    same in every run, each round having every prompt. The se uses the yardstick's spread for
+    both terms: the worker cannot widen it by varying its speed. For prefill_tps only the
+    prefill-kind prompts count, as in paired_ratios.
+    """
+    mine = [s for s in samples if s.worker == worker and s.repeat >= 0]
+    if metric == "prefill_tps":
+        mine = [s for s in mine if s.kind == "prefill"] or mine
+    theirs = [math.log(getattr(s, metric)) for s in samples if s.worker == "yardstick" and s.repeat >= 0]
+    if not mine or len(theirs) < 2:
+        return None, None
+    reference = statistics.median(theirs)
+    mean = sum(math.log(getattr(s, metric)) - reference for s in mine) / len(mine)
+    spread = max(statistics.stdev(theirs), ALONE_SPREAD_FLOOR)
+    # a median of n normal draws varies pi/2 times as much as their mean
+    return mean, spread * math.sqrt(1 / len(mine) + math.pi / 2 / len(theirs))
+
+
 ALONE_SPREAD_FLOOR = 0.005  # per-call log spread assumed at least (a few identical calls alone: not zero)
 
 

@@ -211,3 +211,51 @@ def test_a_keep_against_a_champion_far_below_its_own_pace_is_invalid(tmp_path):
         assert result["decision"] == expected and result["champion_pace"] == pytest.approx(now / 10.0)
         if expected == "INVALID":
             assert "50 % below its own 10.0" in result["reason"] and "was: KEEP" in result["reason"]
+
+
+def test_a_keep_against_a_champion_slower_against_the_yardstick_than_in_its_own_runs_is_invalid(tmp_path):
+    """The champion's speed over the yardstick's, now against its own clean runs': a champion
+    that slows down once it is the champion is caught whatever the machine's load (the ratio
+    cancels it); an honest one within 3 % and noise is not."""
+    import math
+    from types import SimpleNamespace
+
+    from harness import pace
+    from harness.bench import Sample
+
+    path = tmp_path / "results.tsv"
+    ledger.append(path, _row("kept as challenger", commit="c0", protocol="p", quality_pass=True,
+                             yardstick_ratio=2.0, yardstick_se=0.004))
+    ledger.append(path, _row("a crash says nothing", commit="c0", protocol="p", decision="CRASH",
+                             yardstick_ratio=1.0, yardstick_se=0.004))
+    rows, _ = ledger.read(path)
+    assert ledger.own_yardstick(rows, protocol="p", commit="c0") == (pytest.approx(math.log(2.0)), pytest.approx(0.004))
+    assert ledger.own_yardstick(rows, protocol="q", commit="c0") == (None, None)
+    ctx = SimpleNamespace(protocol="p", settings=SimpleNamespace(verdict=SimpleNamespace(primary_metric="decode_tps",
+                                                                                          min_effect=0.01)))
+
+    def run(champion_over_stick, load):
+        """Samples of one run: the machine `load` times slower for everyone."""
+        def sample(worker, r, tps):
+            return Sample(worker=worker, prompt="a", kind="decode", repeat=r, nonce="x", prompt_tokens=10, n_tokens=9,
+                          ttft_s=0.1, total_s=1.0, decode_s=8 / tps, decode_tps=tps, prefill_tps=100.0,
+                          peak_memory_bytes=1, prompt_ids=[], tokens=[])
+        stick = [sample("yardstick", r, 50 / load * (1 + 0.01 * (-1) ** r)) for r in range(12)]
+        return stick + [sample("champion", r, 50 * champion_over_stick / load) for r in range(12)]
+
+    for over, load, speedup_low, expected in ((2.0, 1.5, 1.2, "KEEP"),     # as it was, on a busier machine
+                                              (1.96, 1.0, 1.05, "KEEP"),   # 2 % slower: forgiven
+                                              (1.4, 1.0, 1.2, "INVALID"),  # 30 % slower
+                                              (1.4, 1.0, 2.0, "KEEP"),     # a win too big for that to explain
+                                              (1.4, 1.0, None, "REVERT")):
+        result = {"decision": ledger.Decision("KEEP" if speedup_low else "REVERT"), "reason": "faster",
+                  "champion": "c0", "speedup_ci": [speedup_low, 3.0]}
+        pace.check_champion_yardstick(ctx, result, {"samples": run(over, load)}, SimpleNamespace(rows=rows))
+        assert result["decision"] == expected, (over, load, result)
+        assert result["champion_yardstick_pace"] == pytest.approx(over / 2.0, rel=0.01)
+        if expected == "INVALID":
+            assert "ran -30.0 % against its own earlier runs" in result["reason"] and "was: KEEP" in result["reason"]
+    # no record (an older harness's rows): nothing checked here
+    result = {"decision": ledger.Decision.KEEP, "reason": "faster", "champion": "c9", "speedup_ci": [1.2, 3.0]}
+    pace.check_champion_yardstick(ctx, result, {"samples": run(1.0, 1.0)}, SimpleNamespace(rows=rows))
+    assert result["decision"] == "KEEP" and "champion_yardstick_pace" not in result

@@ -207,6 +207,26 @@ def test_alone_pace_compares_the_champion_beside_the_challenger_with_itself_alon
     assert alone_pace(alone + doc_alone, same + doc_beside, "prefill_tps")[0] == pytest.approx(0.8)
 
 
+def test_yardstick_ratio_is_the_workers_pace_over_the_yardsticks_with_the_yardsticks_spread():
+    import math
+
+    from harness.verdict import yardstick_ratio
+
+    stick = [_sample("yardstick", "a", r, 50 * (1 + 0.01 * (-1) ** r)) for r in range(10)]
+    mine = [_sample("challenger", p, r, {"a": 100, "b": 80}[p]) for r in range(10) for p in "ab"]
+    log_ratio, se = yardstick_ratio(stick + mine, "challenger", "decode_tps")
+    assert log_ratio == pytest.approx((math.log(100 / 50) + math.log(80 / 50)) / 2, abs=0.001)
+    assert 0.002 < se < 0.01  # the yardstick's own spread (1 %), over 20 calls and 10 yardstick calls
+    # a worker that varies its speed wildly does not widen the se (the yardstick's spread is used)
+    wild = [_sample("champion", p, r, 100 * (0.5 if r % 2 else 1.5)) for r in range(10) for p in "ab"]
+    assert yardstick_ratio(stick + wild, "champion", "decode_tps")[1] == pytest.approx(se)
+    # too few yardstick calls, no calls of that worker, warm-ups: nothing
+    assert yardstick_ratio(stick[:1] + mine, "challenger", "decode_tps") == (None, None)
+    assert yardstick_ratio(stick + mine, "champion", "decode_tps") == (None, None)
+    warm = [_sample("yardstick", "a", -1, 1.0) for _ in range(5)]
+    assert yardstick_ratio(stick + warm + mine, "challenger", "decode_tps")[0] == pytest.approx(log_ratio)
+
+
 def _descendants(pid):
     """PIDs of every live descendant of `pid` (from /proc), with their command lines."""
     children = {}
