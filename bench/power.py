@@ -22,7 +22,8 @@ Figures per challenger: runs, KEEPs, KEEP rate and its target, true effect, medi
 largest speed_s (seconds the speed phase took; before the harness reported it, the sum of
 the timed calls), median pairs, why the A/B stopped (counts of "stopped"), median
 pair_spread and min_detectable_effect where the harness reports them, and the champions'
-champion_alone_pace (smallest, median) and how many runs its check made INVALID: every
+champion_alone_pace (smallest, median) and how many runs its check made INVALID, and the
+same for champion_yardstick_pace (smallest, median, largest): every
 champion here is honest, so those are that check's false alarms.
 
 Workloads:
@@ -105,7 +106,8 @@ DEFAULT_RUNS = {"tiny": {"null": 20, "fast10": 20, "fast5": 10},
 SEQUENTIAL_KEYS = ("repeats", "max_repeats", "budget_s")  # copied from full into quick (tiny)
 RESULT_FIELDS = ("decision", "reason", "speedup", "speedup_ci", "pairs", "pooled_pairs", "speed_s", "stopped",
                  "pair_spread", "min_detectable_effect", "rounds", "elapsed_s", "end_to_end_ratio",
-                 "primary_metric", "budget_s", "run_file", "champion_alone_pace")
+                 "primary_metric", "budget_s", "run_file", "champion_alone_pace", "champion_yardstick_pace",
+                 "yardstick_ratio")
 MAX_FAILURES = 3  # runs without a result before the bench gives up
 
 
@@ -344,6 +346,12 @@ def summarize(mode, runs, trials, sleep, budget):
             fig["alone_pace_min"], fig["alone_pace_median"] = round(min(paces), 3), median(paces)
             fig["alone_invalid"] = sum(t["decision"] == "INVALID" and "its own pace alone" in (t["reason"] or "")
                                        for t in done)
+        paces = [t.get("champion_yardstick_pace") for t in done if t.get("champion_yardstick_pace") is not None]
+        if paces:  # an honest champion's pace over the yardstick against its own BASELINE: that check's false alarms
+            fig["yardstick_pace_min"], fig["yardstick_pace_median"] = round(min(paces), 3), median(paces)
+            fig["yardstick_pace_max"] = round(max(paces), 3)
+            fig["yardstick_invalid"] = sum(t["decision"] == "INVALID" and "relative to the yardstick" in (t["reason"] or "")
+                                           for t in done)
         if any(t.get("pooled_pairs") for t in done):
             fig["runs_with_pooled_pairs"] = sum(bool(t.get("pooled_pairs")) for t in done)
         summary.update({prefix + k: v for k, v in fig.items()})

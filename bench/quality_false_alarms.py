@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import evaluate, gates, knobs, quality  # noqa: E402
+from harness import evaluate, gates, knobs, measure, quality  # noqa: E402
 from harness.settings import ROOT, load_settings  # noqa: E402
 
 BASE = (ROOT / "inference.py").read_text()
@@ -138,7 +138,7 @@ def run_variant(ctx, name, source, reference, tasks, tmp):
     path = Path(tmp) / f"{name}-{time.monotonic_ns()}" / "inference.py"
     path.parent.mkdir()
     path.write_text(source)
-    out = evaluate.measure(ctx, {"challenger": path}, reference=reference, tasks=tasks, log_dir=path.parent)
+    out = measure.measure(ctx, {"challenger": path}, reference=reference, tasks=tasks, log_dir=path.parent)
     if out["failure"]:
         return {"name": name, "failed": None, "figures": {"failure": out["failure"]["reason"]}}
     m = out["quality"]

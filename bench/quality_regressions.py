@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import evaluate, gates, quality  # noqa: E402
+from harness import evaluate, gates, measure, quality  # noqa: E402
 from harness.settings import load_settings  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -57,7 +57,7 @@ def main():
             path = Path(tmp) / name / "inference.py"
             path.parent.mkdir()
             path.write_text(variant(name))
-            out = evaluate.measure(ctx, {"challenger": path}, reference=reference, tasks=tasks,
+            out = measure.measure(ctx, {"challenger": path}, reference=reference, tasks=tasks,
                                    log_dir=path.parent)
             if out["failure"]:
                 print(f"{name:18s} {out['failure']['decision']}: {out['failure']['reason']}")

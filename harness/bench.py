@@ -136,21 +136,16 @@ def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress
             `more(samples so far)` says so, up to `max_repeats` (more=None: `repeats` only).
         progress: optional callable(done, total, label) for a progress bar.
         warm: names of workers warmed up already (time_alone): no warm-up calls for them.
-        yardstick: optional Worker serving harness/yardstick.py, paused and timed like the
-            others: warmed up on the first prompt, then one call on it per round, after that
-            prompt's calls (the same prompt every time: its calls differ by noise alone;
-            Samples with worker "yardstick", see verdict.yardstick_ratio).
+        yardstick: optional Worker of harness/yardstick.py: one call a round on the first
+            prompt, after its other calls (Samples of worker "yardstick": verdict.yardstick_ratio).
     Returns:
         A list of Samples (warm-up calls are not included).
     """
-    names = list(workers)
+    names, flip = list(workers), secrets.randbelow(2)
     everyone = {**workers, **({YARDSTICK: yardstick} if yardstick else {})}
-    specs = preset.prompts
-    flip = secrets.randbelow(2)
     most = preset.max_repeats if more else preset.repeats
-    total = len(specs) * (len(names) * most + (len(names) - len(set(warm) & set(names))) * preset.warmup)
-    total += (most + preset.warmup) if yardstick else 0
-    done = 0
+    warm_up = [_round_calls(names, preset.prompts, None, yardstick, warm) for _ in range(preset.warmup)]
+    total, done = sum(map(len, warm_up)) + most * len(_round_calls(names, preset.prompts, 0, yardstick)), 0
     reservoirs = {name: Reservoir(worker) for name, worker in workers.items()}
 
     def call(name, spec, repeat):
@@ -167,32 +162,38 @@ def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress
             reservoirs[name].add(sample.call_id, measured=repeat >= 0)
         done += 1
         if progress:
-            label = "warm-up" if repeat < 0 else f"round {repeat + 1}"
-            progress(done, total, f"{label}: {name} {spec.name}")
+            progress(done, total, ("warm-up" if repeat < 0 else f"round {repeat + 1}") + f": {name} {spec.name}")
         return sample
 
     samples = []
     try:
-        for _ in range(preset.warmup):
-            for i, spec in enumerate(specs):
-                for name in random.sample(names, len(names)):
-                    if name not in warm:
-                        call(name, spec, -1)
-                if yardstick and i == 0:
-                    call(YARDSTICK, spec, -1)
+        for name, spec in (c for calls in warm_up for c in calls):
+            call(name, spec, -1)
         for repeat in range(most):
             if repeat >= preset.repeats and not more(samples):
                 break
-            for i, spec in enumerate(specs):
-                order = names if (repeat + i + flip) % 2 == 0 else names[::-1]
-                for name in order:
-                    samples.append(call(name, spec, repeat))
-                if yardstick and i == 0:
-                    samples.append(call(YARDSTICK, spec, repeat))
+            samples += [call(name, spec, repeat)
+                        for name, spec in _round_calls(names, preset.prompts, repeat + flip, yardstick)]
     finally:
         for worker in everyone.values():
             worker.resume()  # a dead one was killed already; resume() is then a no-op
     return samples
+
+
+def _round_calls(names, specs, parity, yardstick, warm=()):
+    """One round's calls in order, as (name, spec): each prompt on every worker (not those in
+    `warm`), in an order that alternates with `parity` from prompt to prompt (None: drawn at
+    random), and the yardstick's after the first prompt's."""
+    calls = []
+    for i, spec in enumerate(specs):
+        if parity is None:
+            order = random.sample(names, len(names))
+        else:
+            order = names if (parity + i) % 2 == 0 else names[::-1]
+        calls += [(name, spec) for name in order if name not in warm]
+        if yardstick and i == 0:
+            calls.append((YARDSTICK, spec))
+    return calls
 
 
 def speed_figures(samples):

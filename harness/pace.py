@@ -50,7 +50,7 @@ def check_champion_alone(ctx, result, out):
     metric = ctx.settings.verdict.primary_metric
     pace, high = verdict.alone_pace(out["alone"], out["samples"], metric)
     result["champion_alone_pace"] = pace
-    _discount(ctx, result, high, ALONE_PACE_TOLERANCE, (
+    _discount(ctx, result, high, ALONE_PACE_TOLERANCE, lambda: (
         f"the champion ran {pct(pace)} beside the challenger against its own pace alone (at most {pct(high)}; "
         f"{pct(ALONE_PACE_TOLERANCE)} forgiven), timed before the challenger started"),
         "A champion that slows down beside a newer challenger, or a machine that got busy")
@@ -74,7 +74,7 @@ def check_champion_yardstick(ctx, result, out, standing):
     pace = math.exp(now - then)
     high = math.exp(now - then + stats.t_one_sided(0.05, calls - 1) * math.hypot(se_now, se_then))
     result["champion_yardstick_pace"] = pace
-    _discount(ctx, result, high, YARDSTICK_PACE_TOLERANCE, (
+    _discount(ctx, result, high, YARDSTICK_PACE_TOLERANCE, lambda: (
         f"the champion ran {pct(pace)} against its own earlier runs, each relative to the yardstick "
         f"(at most {pct(high)}; {pct(YARDSTICK_PACE_TOLERANCE)} forgiven)"),
         "A champion that slows down once it is the champion")
@@ -83,11 +83,11 @@ def check_champion_yardstick(ctx, result, out, standing):
 def _discount(ctx, result, high, tolerance, what, why):
     """INVALID for a KEEP whose interval's lower end, times min(1, high / tolerance), does
     not clear 1 + min_effect: the champion's slowdown (high: its pace's upper bound) could
-    explain the win."""
+    explain the win. what(): the reason's first part, why: its likely cause."""
     low, need = (result.get("speedup_ci") or [None])[0], 1 + ctx.settings.verdict.min_effect
     factor = min(1.0, high / tolerance) if high is not None else 1.0
     if result["decision"] != Decision.KEEP or factor >= 1 or low is None or low * factor > need:
         return
     result.update(decision=Decision.INVALID, reason=(
-        f"{what}: discounted by the rest, the win's lower end {pct(low * factor)} does not clear {pct(need)}. "
+        f"{what()}: discounted by the rest, the win's lower end {pct(low * factor)} does not clear {pct(need)}. "
         f"{why}, or a machine that got busy; re-run on a quiet machine (was: KEEP, {result['reason']})"))

@@ -409,3 +409,63 @@ def test_a_sleeper_champion_that_slows_beside_a_newer_challenger_is_caught(proje
     # pace against its own earlier runs may be what catches it
     assert ("beside the challenger against its own pace alone" in result["reason"]
             or "in earlier runs" in result["reason"]), result
+
+
+# Appended to inference.py (with bench/power.py's SLEEPY_LOOP): a champion that knows its role
+# with no channel at all. The champion is timed alone right after its warm-up, its calls back
+# to back; a challenger is paused before its third call (by the yardstick or the champion).
+# Unpaused by then, it slows down for the rest of the run, alone and beside the challenger
+# alike, so its pace alone and beside agree.
+ROLE_BY_SCHEDULE_SLEEPER = '''
+
+import time as _time
+
+_seen = {"calls": 0, "paused": False, "end": None, "took": None}
+_honest_generate = generate
+
+
+def generate(pipeline, prompt, *, max_tokens, stop_at_eos):
+    global SLEEP_FRACTION
+    start = _time.monotonic()
+    if _seen["end"] is not None and start - _seen["end"] > 0.5 * _seen["took"]:
+        _seen["paused"] = True
+    _seen["calls"] += 1
+    if _seen["calls"] == 3 and not _seen["paused"]:
+        SLEEP_FRACTION = 0.4  # called back to back since it loaded: timed alone, so the champion
+    try:
+        yield from _honest_generate(pipeline, prompt, max_tokens=max_tokens, stop_at_eos=stop_at_eos)
+    finally:
+        _seen["end"] = _time.monotonic()
+        _seen["took"] = _seen["end"] - start
+'''
+
+
+def test_a_kept_challenger_that_slows_down_once_it_is_the_champion_is_caught(project, sandboxed):
+    """A pipeline kept on its merits as a challenger, slow as the champion from its first timed
+    call (its pace alone and beside the next challenger agree): its speed over the
+    yardstick's is below its own record from the run that kept it, and the next KEEP is INVALID."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from power import SLEEPY_LOOP, TOKEN_LOOP
+
+    settings = project.settings()
+    settings["workload"]["presets"]["quick"]["max_tokens"] = 128  # whole calls mostly decode: a KEEP is in reach
+    project.write_settings(settings)
+    project.edit_inference(TOKEN_LOOP, SLEEPY_LOOP)
+    project.edit_inference("NUM_DRAFT_TOKENS = 3 ", "SLEEP_FRACTION = 0.4\nNUM_DRAFT_TOKENS = 3 ")
+    project.commit("a slow baseline")
+    assert project.evaluate()[1]["decision"] == "BASELINE"
+    project.edit_inference("SLEEP_FRACTION = 0.4\n", "SLEEP_FRACTION = 0.0\n")
+    project.inference.write_text(project.inference.read_text() + ROLE_BY_SCHEDULE_SLEEPER)
+    project.commit("faster, and slow as the champion")
+    proc, result = project.evaluate()
+    assert result["decision"] == "KEEP" and result["yardstick_ratio"] > 0, result
+    project.inference.write_text(project.inference.read_text() + "\n_UNCHANGED = 1\n")
+    project.commit("no faster than the sleeper itself")
+    proc, result = project.evaluate()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert result["champion_yardstick_pace"] < 0.85, result
+    assert result["decision"] == "INVALID" and "(was: KEEP" in result["reason"], result
+    rows, _ = ledger.read(project.root / "results.tsv")
+    assert rows[-1]["decision"] == "INVALID" and float(rows[-1]["champion_yardstick_pace"]) < 0.85

@@ -1,0 +1,178 @@
+"""Measuring one run: the workers (champion, challenger, the yardstick), the speed calls
+(a sequential A/B when there are two pipelines), then the challenger's quality pass. Plain
+data out: the samples and figures evaluate.py judges."""
+
+import os
+import secrets
+import time
+from pathlib import Path
+
+from harness import bench, quality, verdict
+from harness.ledger import Decision
+from harness.report import Progress, stage
+from harness.worker import Worker, WorkerCrash, WorkerInvalid
+
+YARDSTICK_PIPELINE = Path(__file__).resolve().parent / "yardstick.py"
+
+
+def measure(ctx, inference_paths, *, reference, tasks, overrides=None, log_dir, ab=None):
+    """Speed for every worker (interleaved; a sequential A/B when there are two), then
+    quality for the challenger.
+
+    Args:
+        inference_paths: {"champion": path, "challenger": path} or just the challenger.
+        ab: what the A/B knows before it starts: {"earlier": pooled ratios of earlier runs
+            of the same code (ledger.earlier_ratios), "fewer_lines": a "simpler" KEEP is
+            possible} (see SequentialRule).
+    Returns:
+        {"samples", "alone", "workers", "quality", "failure", "speed"}; alone: the champion's
+        calls timed before the challenger started (start_workers); failure is None or
+        {"decision": CRASH|INVALID, "reason", "worker", "log_tail"}; speed is
+        {"speed_s", "stopped", "load_avg"}.
+    """
+    workers, out = {}, {"samples": [], "alone": [], "workers": {}, "quality": None, "failure": None,
+                        "log_paths": {}, "speed": {}}
+    blame = {"stage": None}  # whose failure a crash now is (None: whichever worker died)
+    try:
+        start_workers(ctx, inference_paths, overrides, log_dir, workers, out, blame)
+        if not overrides:  # a search trial is never a champion: no record to keep
+            blame["stage"] = "yardstick"
+            workers["yardstick"] = start_yardstick(ctx, log_dir)
+            blame["stage"] = None
+        pipelines = {name: worker for name, worker in workers.items() if name != "yardstick"}
+        stage("speed: " + ("champion and challenger alternating, until the interval decides"
+                           if len(pipelines) > 1 else "challenger alone")
+              + (", the yardstick once a round" if "yardstick" in workers else ""))
+        out["speed"]["load_avg"] = round(os.getloadavg()[0], 2)
+        rule = SequentialRule(ctx, **(ab or {})) if len(pipelines) > 1 else None
+        started = time.perf_counter()
+        out["samples"] = bench.run_workload(pipelines, ctx.preset, ctx.tokenizer, ctx.corpus_text,
+                                            timeout_s=ctx.settings.timeouts.call_s,
+                                            progress=Progress("speed", unit="calls"), more=rule,
+                                            warm=("champion",) if out["alone"] else (),
+                                            yardstick=workers.get("yardstick"))
+        out["speed"]["speed_s"] = round(time.perf_counter() - started, 1)
+        out["speed"]["stopped"] = rule.why_stopped(out["samples"]) if rule else None
+        for name in ("yardstick", "champion"):  # free their memory before the quality pass
+            if name in workers:
+                _close(workers.pop(name), out)
+        out["quality"] = quality_pass(ctx, workers, out, reference, tasks, log_dir, blame)
+    except (WorkerCrash, WorkerInvalid) as exc:
+        who = (getattr(exc, "worker", None) or blame["stage"]
+               or next((n for n, w in workers.items() if not w.alive()), "challenger"))
+        out["failure"] = {"decision": Decision.CRASH if isinstance(exc, WorkerCrash) else Decision.INVALID,
+                          "reason": str(exc), "worker": who, "log_tail": getattr(exc, "log_tail", "")}
+    finally:
+        for worker in list(workers.values()):
+            _close(worker, out)
+    return out
+
+
+class SequentialRule:
+    """When a sequential A/B adds another round: until the speedup's confidence sequence
+    settles (verdict.settled) or another round (as long as the average one so far) would
+    end past the preset's time budget. bench.run_workload calls it with the samples so
+    far; it remembers why it said stop."""
+
+    def __init__(self, ctx, earlier=None, fewer_lines=False):
+        self.metric, self.min_effect = ctx.settings.verdict.primary_metric, ctx.settings.verdict.min_effect
+        self.budget_s, self.earlier, self.fewer_lines = ctx.preset.budget_s, earlier, fewer_lines
+        self.started, self.stopped = time.perf_counter(), None
+
+    def settled(self, samples):
+        figures = verdict.comparison(samples, self.metric, min_effect=self.min_effect, earlier=self.earlier,
+                                     detectable=False)
+        return verdict.settled(figures, min_effect=self.min_effect, fewer_lines=self.fewer_lines)
+
+    def __call__(self, samples):
+        elapsed = time.perf_counter() - self.started
+        rounds = 1 + max(s.repeat for s in samples)
+        if self.settled(samples):
+            self.stopped = "decided"
+        elif elapsed + elapsed / rounds > self.budget_s:  # another round would overrun the budget
+            self.stopped = "budget"
+        return self.stopped is None
+
+    def why_stopped(self, samples):
+        """decided | budget | max_repeats (all rounds done; decided if the last one settled it)."""
+        if self.stopped is None and self.settled(samples):
+            self.stopped = "decided"
+        return self.stopped or "max_repeats"
+
+
+def start_workers(ctx, inference_paths, overrides, log_dir, workers, out, blame):
+    """Start and load one worker per inference file (the search's knobs on the challenger).
+
+    The champion starts first and is timed alone (bench.time_alone, into out["alone"])
+    before the challenger's worker exists: no covert channel can reach it then, so a
+    champion that slows down once it senses a challenger shows it (pace.check_champion_alone).
+    Nothing a worker can see tells it its role: its log has a random name, and the run's
+    folder (both inference files, both logs) and the repository are hidden from it.
+    """
+    stage(f"loading {' and '.join(inference_paths)}")
+    for name in sorted(inference_paths, key=lambda n: n != "champion"):
+        path = inference_paths[name]
+        blame["stage"] = name
+        log = Path(log_dir) / f"worker-{secrets.token_hex(4)}.log"
+        out["log_paths"][name] = str(log)
+        workers[name] = Worker(path, log, role=name, hide=[log_dir, ctx.root],
+                               expose=[ctx.model_dir, ctx.draft_dir])
+        out["workers"][name] = dict(workers[name].info)
+        workers[name].vocab_size = ctx.vocab_size
+        workers[name].load(ctx.model_dir, ctx.draft_dir, overrides if name == "challenger" else None,
+                           timeout_s=ctx.settings.timeouts.load_s)
+        out["workers"][name] = dict(workers[name].info)
+        if name == "champion" and len(inference_paths) > 1:
+            stage("speed: the champion alone, before the challenger starts")
+            out["alone"] = bench.time_alone(workers[name], name, ctx.preset, ctx.tokenizer, ctx.corpus_text,
+                                            timeout_s=ctx.settings.timeouts.call_s,
+                                            progress=Progress("speed: champion alone", unit="rounds"))
+    blame["stage"] = None
+
+
+def start_yardstick(ctx, log_dir):
+    """The yardstick's worker (harness/yardstick.py: stock mlx-lm, the model's own dtype),
+    sandboxed like the pipelines and loaded, for bench.run_workload to time once a round."""
+    stage("loading the yardstick (stock mlx-lm, timed once a round beside the pipeline)")
+    worker = Worker(YARDSTICK_PIPELINE, Path(log_dir) / "yardstick.log", role="yardstick",
+                    hide=[log_dir, ctx.root], expose=[ctx.model_dir])
+    try:
+        worker.load(ctx.model_dir, timeout_s=ctx.settings.timeouts.load_s)
+    except BaseException:
+        worker.kill()
+        raise
+    return worker
+
+
+def quality_pass(ctx, workers, out, reference, tasks, log_dir, blame):
+    """The challenger's quality: the timed calls' own log-probs (calls picked only now, after
+    every speed call), the corpus through its score(), the tasks; then the reference's side."""
+    started = time.perf_counter()
+    blame["stage"] = "challenger"
+    challenger = workers["challenger"]
+    mine = [s for s in out["samples"] if s.worker == "challenger"]
+    # The worker holds the log-probs of a random sample of its measured calls (bench.Reservoir).
+    kept = set(challenger.kept_calls())
+    picked = quality.pick_calls_to_verify([s for s in mine if s.call_id in kept],
+                                          ctx.settings.quality.verify_calls[ctx.preset.name])
+    stage(f"quality: the log-probs of {len(picked)} timed calls, picked at random")
+    logprobs = challenger.timed_logprobs([s.call_id for s in picked], timeout_s=ctx.settings.timeouts.call_s)
+    quality.check_timed_logprobs(picked, logprobs)
+    stage("quality: corpus (perplexity, KL, top-1 against the reference)")
+    measured = quality.score_corpus(challenger, ctx, reference)
+    stage(f"quality: tasks ({len(tasks)})")
+    answers = quality.answer_tasks(challenger, ctx, tasks, progress=Progress("quality: tasks"))
+    _close(workers.pop("challenger"), out)
+    blame["stage"] = "reference"
+    stage("quality: the reference reads the timed calls")
+    measured.update(quality.measure_timed_calls(ctx, picked, logprobs, log_dir))
+    per_call = [quality.repetition(s.tokens) for s in mine]
+    measured.update(repetition=sum(per_call) / len(per_call), repetition_per_call=per_call,
+                    sanity=sum(a["passed"] for a in answers) / len(answers), tasks=answers,
+                    quality_s=round(time.perf_counter() - started, 1))
+    return measured
+
+
+def _close(worker, out):
+    worker.close()
+    out["workers"].setdefault(worker.role, {})["max_rss_bytes"] = worker.max_rss_bytes
