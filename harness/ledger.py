@@ -63,7 +63,7 @@ COLUMNS = [
     "ratios",              # the pairs' ratios, JSON {"decode_tps": [...], "end_to_end": [...]}
     "yardstick_ratio",     # the measured pipeline's speed over the yardstick's in this run
     "yardstick_se",        # the standard error of log(yardstick_ratio)
-    "champion_yardstick_pace",  # the champion's yardstick ratio now over its own runs' (1: as it was)
+    "champion_yardstick_pace",  # the champion's yardstick ratio now over its champion row's (1: as it was)
 ]
 HEADER = "\t".join(COLUMNS) + "\n"  # no column name needs quoting, so this is also the csv header
 FIRST_COLUMNS = 32  # the columns of the first harness: every readable header has at least these
@@ -344,7 +344,9 @@ def own_speed(rows, *, protocol, commit, metric):
     was measured as the challenger itself."""
     figures = []
     for row in rows:
-        if row.get("commit") == commit and _clean_own_run(row, protocol):
+        if (row.get("commit") == commit and row.get("protocol") == protocol and row.get("trusted", True)
+                and row.get("dirty") != "true" and row.get("quality_pass") == "true"
+                and row.get("decision") not in FAILED and row.get("source") != "search"):
             try:
                 figures.append(float(row.get(metric) or "nan"))
             except ValueError:
@@ -353,30 +355,18 @@ def own_speed(rows, *, protocol, commit, metric):
     return statistics.median(figures) if figures else None
 
 
-def _clean_own_run(row, protocol):
-    """A row the harness wrote of a committed pipeline measured under `protocol` that passed
-    its gates (not a search trial, not a failure): what it ran at, measured itself."""
-    return (row.get("protocol") == protocol and row.get("trusted", True) and row.get("dirty") != "true"
-            and row.get("quality_pass") == "true" and row.get("decision") not in FAILED
-            and row.get("source") != "search")
-
-
-def own_yardstick(rows, *, protocol, commit):
-    """(log ratio, se) of `commit`'s speed over the yardstick's in its own clean runs under
-    `protocol` (the rows own_speed reads), averaged over them, or (None, None)."""
-    logs, ses = [], []
-    for row in rows:
-        if row.get("commit") == commit and _clean_own_run(row, protocol):
-            try:
-                ratio, se = float(row.get("yardstick_ratio") or "nan"), float(row.get("yardstick_se") or "nan")
-            except ValueError:
-                continue
-            if ratio > 0 and se == se and se > 0:
-                logs.append(math.log(ratio))
-                ses.append(se)
-    if not logs:
+def yardstick_record(row):
+    """(log ratio, se) of the pipeline's speed over the yardstick's in the run of `row`, or
+    (None, None) (a row of an older harness). For a champion, its champion row: the run
+    that made it the champion (its KEEP or BASELINE), never a later run of its own, which
+    it could have slowed down to lower its record."""
+    try:
+        ratio, se = float(row.get("yardstick_ratio") or "nan"), float(row.get("yardstick_se") or "nan")
+    except ValueError:
         return None, None
-    return sum(logs) / len(logs), math.sqrt(sum(se ** 2 for se in ses)) / len(ses)
+    if not (ratio > 0 and se > 0):  # nan fails both
+        return None, None
+    return math.log(ratio), se
 
 
 def usual_spread(rows, *, protocol, newest=20):

@@ -1,7 +1,8 @@
 """Is the champion in this run the champion it was? Three checks on its speed that can turn a
 KEEP INVALID: against its own pace alone, timed in this run before the challenger's worker
-started (a champion that slows down beside a newer challenger); against its own earlier runs,
-both relative to the yardstick (a champion that slows down once it is the champion); and
+started (a champion that slows down beside a newer challenger); against the run that made it
+the champion, both relative to the yardstick (a champion that slows down once it is the
+champion); and
 against its raw speed in its own earlier runs (a floor, for rows without a yardstick)."""
 
 import math
@@ -19,8 +20,8 @@ CHAMPION_PACE_FLOOR = 0.7
 # tight as -0.4 % on a quiet machine, where such a discount turned an honest +5 % KEEP INVALID).
 # check_champion_alone forgives that much and discounts only the rest.
 ALONE_PACE_TOLERANCE = 0.97
-# The same for the champion's pace over the yardstick's against its own earlier runs
-# (check_champion_yardstick): honest champions' between-run drift, measured: see README.
+# The same for the champion's pace over the yardstick's against the run that made it the
+# champion (check_champion_yardstick): honest champions' between-run drift, measured: see README.
 YARDSTICK_PACE_TOLERANCE = 0.97
 
 
@@ -57,17 +58,18 @@ def check_champion_alone(ctx, result, out):
 
 
 def check_champion_yardstick(ctx, result, out, standing):
-    """A KEEP that the champion's slowdown since its own runs could explain becomes INVALID.
-    Its speed over the yardstick's now (verdict.yardstick_ratio) against the same ratio in
-    its own runs (ledger.own_yardstick), the very calls it won or set its baseline with: the
-    machine's load moves both alike, so a champion slower now is slower itself, whatever told
-    it that it is the champion (its place in the run's schedule, a coin it tossed). The
+    """A KEEP that the champion's slowdown since it became the champion could explain becomes
+    INVALID. Its speed over the yardstick's now (verdict.yardstick_ratio) against the same
+    ratio in the run that made it the champion (ledger.yardstick_record of its champion row),
+    the very calls it won or set its baseline with: the machine's load moves both alike, so a
+    champion slower now is slower itself, whatever told it that it is the champion (its place
+    in the run's schedule, a coin it tossed). The
     pace's 95 % upper bound, beyond YARDSTICK_PACE_TOLERANCE, discounts the speedup as in
     check_champion_alone. Without a record (rows of an older harness) nothing is checked
     here; check_champion_pace's floor still is."""
     metric = ctx.settings.verdict.primary_metric
     now, se_now = verdict.yardstick_ratio(out["samples"], "champion", metric)
-    then, se_then = ledger.own_yardstick(standing.rows, protocol=ctx.protocol, commit=result["champion"])
+    then, se_then = ledger.yardstick_record(standing.champion or {})
     if now is None or then is None:
         return
     calls = sum(s.worker == "yardstick" and s.repeat >= 0 for s in out["samples"])
@@ -75,7 +77,7 @@ def check_champion_yardstick(ctx, result, out, standing):
     high = math.exp(now - then + stats.t_one_sided(0.05, calls - 1) * math.hypot(se_now, se_then))
     result["champion_yardstick_pace"] = pace
     _discount(ctx, result, high, YARDSTICK_PACE_TOLERANCE, lambda: (
-        f"the champion ran {pct(pace)} against its own earlier runs, each relative to the yardstick "
+        f"the champion ran {pct(pace)} against the run that made it the champion, each relative to the yardstick "
         f"(at most {pct(high)}; {pct(YARDSTICK_PACE_TOLERANCE)} forgiven)"),
         "A champion that slows down once it is the champion")
 

@@ -28,7 +28,10 @@ def test_baseline_then_measured_rows_and_json(project):
 
     run = json.loads((project.root / result["run_file"]).read_text())
     settings = project.settings()["workload"]["presets"]["quick"]
-    assert len(run["samples"]) == settings["repeats"] * len(settings["prompts"])
+    workers = [s["worker"] for s in run["samples"]]
+    assert workers.count("challenger") == settings["repeats"] * len(settings["prompts"])
+    assert workers.count("yardstick") == settings["repeats"]  # once a round, timed like the pipeline
+    assert result["yardstick_ratio"] > 0 and result["yardstick_se"] > 0
     assert all(s["n_tokens"] == settings["max_tokens"] for s in run["samples"])
     assert len({s["nonce"] for s in run["samples"]}) == len(run["samples"])  # fresh nonce per call
     assert run["environment"]["mlx"] == "0.32.4"

@@ -213,10 +213,10 @@ def test_a_keep_against_a_champion_far_below_its_own_pace_is_invalid(tmp_path):
             assert "50 % below its own 10.0" in result["reason"] and "was: KEEP" in result["reason"]
 
 
-def test_a_keep_against_a_champion_slower_against_the_yardstick_than_in_its_own_runs_is_invalid(tmp_path):
-    """The champion's speed over the yardstick's, now against its own clean runs': a champion
-    that slows down once it is the champion is caught whatever the machine's load (the ratio
-    cancels it); an honest one within 3 % and noise is not."""
+def test_a_keep_against_a_champion_slower_against_the_yardstick_than_when_it_won_is_invalid(tmp_path):
+    """The champion's speed over the yardstick's, now against the run that made it the
+    champion: a champion that slows down once it is the champion is caught whatever the
+    machine's load (the ratio cancels it); an honest one within 3 % and noise is not."""
     import math
     from types import SimpleNamespace
 
@@ -226,11 +226,10 @@ def test_a_keep_against_a_champion_slower_against_the_yardstick_than_in_its_own_
     path = tmp_path / "results.tsv"
     ledger.append(path, _row("kept as challenger", commit="c0", protocol="p", quality_pass=True,
                              yardstick_ratio=2.0, yardstick_se=0.004))
-    ledger.append(path, _row("a crash says nothing", commit="c0", protocol="p", decision="CRASH",
-                             yardstick_ratio=1.0, yardstick_se=0.004))
+    ledger.append(path, _row("an older harness's row", commit="c1", protocol="p", quality_pass=True))
     rows, _ = ledger.read(path)
-    assert ledger.own_yardstick(rows, protocol="p", commit="c0") == (pytest.approx(math.log(2.0)), pytest.approx(0.004))
-    assert ledger.own_yardstick(rows, protocol="q", commit="c0") == (None, None)
+    assert ledger.yardstick_record(rows[0]) == (pytest.approx(math.log(2.0)), pytest.approx(0.004))
+    assert ledger.yardstick_record(rows[1]) == (None, None)
     ctx = SimpleNamespace(protocol="p", settings=SimpleNamespace(verdict=SimpleNamespace(primary_metric="decode_tps",
                                                                                           min_effect=0.01)))
 
@@ -250,12 +249,13 @@ def test_a_keep_against_a_champion_slower_against_the_yardstick_than_in_its_own_
                                               (1.4, 1.0, None, "REVERT")):
         result = {"decision": ledger.Decision("KEEP" if speedup_low else "REVERT"), "reason": "faster",
                   "champion": "c0", "speedup_ci": [speedup_low, 3.0]}
-        pace.check_champion_yardstick(ctx, result, {"samples": run(over, load)}, SimpleNamespace(rows=rows))
+        pace.check_champion_yardstick(ctx, result, {"samples": run(over, load)}, SimpleNamespace(champion=rows[0]))
         assert result["decision"] == expected, (over, load, result)
         assert result["champion_yardstick_pace"] == pytest.approx(over / 2.0, rel=0.01)
         if expected == "INVALID":
-            assert "ran -30.0 % against its own earlier runs" in result["reason"] and "was: KEEP" in result["reason"]
-    # no record (an older harness's rows): nothing checked here
-    result = {"decision": ledger.Decision.KEEP, "reason": "faster", "champion": "c9", "speedup_ci": [1.2, 3.0]}
-    pace.check_champion_yardstick(ctx, result, {"samples": run(1.0, 1.0)}, SimpleNamespace(rows=rows))
+            assert "ran -30.0 % against the run that made it the champion" in result["reason"]
+            assert "was: KEEP" in result["reason"]
+    # no record (an older harness's row): nothing checked here
+    result = {"decision": ledger.Decision.KEEP, "reason": "faster", "champion": "c1", "speedup_ci": [1.2, 3.0]}
+    pace.check_champion_yardstick(ctx, result, {"samples": run(1.0, 1.0)}, SimpleNamespace(champion=rows[1]))
     assert result["decision"] == "KEEP" and "champion_yardstick_pace" not in result
