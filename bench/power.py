@@ -22,8 +22,8 @@ Figures per challenger: runs, KEEPs, KEEP rate and its target, true effect, medi
 largest speed_s (seconds the speed phase took; before the harness reported it, the sum of
 the timed calls), median pairs, why the A/B stopped (counts of "stopped"), median
 pair_spread and min_detectable_effect where the harness reports them, and the champions'
-champion_alone_pace (smallest, median) and how many runs its check made INVALID, and the
-same for champion_yardstick_pace (smallest, median, largest): every
+champion_yardstick_pace (smallest, median, largest) and how many runs its check made
+INVALID: every
 champion here is honest, so those are that check's false alarms.
 
 Workloads:
@@ -106,7 +106,7 @@ DEFAULT_RUNS = {"tiny": {"null": 20, "fast10": 20, "fast5": 10},
 SEQUENTIAL_KEYS = ("repeats", "max_repeats", "budget_s")  # copied from full into quick (tiny)
 RESULT_FIELDS = ("decision", "reason", "speedup", "speedup_ci", "pairs", "pooled_pairs", "speed_s", "stopped",
                  "pair_spread", "min_detectable_effect", "rounds", "elapsed_s", "end_to_end_ratio",
-                 "primary_metric", "budget_s", "run_file", "champion_alone_pace", "champion_yardstick_pace",
+                 "primary_metric", "budget_s", "run_file", "champion_yardstick_pace",
                  "yardstick_ratio")
 MAX_FAILURES = 3  # runs without a result before the bench gives up
 
@@ -341,11 +341,6 @@ def summarize(mode, runs, trials, sleep, budget):
         if budget is not None:
             within = sum(t["speed_s"] is not None and t["speed_s"] <= budget for t in done)
             fig["within_budget"] = f"{within}/{len(done)}"
-        paces = [t.get("champion_alone_pace") for t in done if t.get("champion_alone_pace") is not None]
-        if paces:  # an honest champion's pace beside the challenger over alone: the INVALID check's false alarms
-            fig["alone_pace_min"], fig["alone_pace_median"] = round(min(paces), 3), median(paces)
-            fig["alone_invalid"] = sum(t["decision"] == "INVALID" and "its own pace alone" in (t["reason"] or "")
-                                       for t in done)
         paces = [t.get("champion_yardstick_pace") for t in done if t.get("champion_yardstick_pace") is not None]
         if paces:  # an honest champion's pace over the yardstick against its own BASELINE: that check's false alarms
             fig["yardstick_pace_min"], fig["yardstick_pace_median"] = round(min(paces), 3), median(paces)

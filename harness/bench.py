@@ -92,34 +92,7 @@ class Reservoir:
         self.worker.release([call_id])
 
 
-def time_alone(worker, name, preset, tokenizer, corpus_text, *, timeout_s, progress=None):
-    """Warm `worker` up, then time every prompt `preset.repeats` times with no other worker in
-    existence: the champion's pace before any challenger could signal it (see
-    verdict.alone_pace). No gap or pause is made to look like the A/B: a pipeline that
-    behaves otherwise once it is paused, or once another worker exists, shows it here. These
-    are the calls of a run with one worker (a BASELINE), call for call: a pipeline that
-    counts its calls cannot be slow here and fast in its BASELINE.
-
-    Every call carries a fresh keep id, released after it (as warm-ups are), like every call
-    of the A/B. Returns the timed Samples (repeat >= 0; they are never paired).
-    """
-    reservoir, samples = Reservoir(worker), []
-    rounds = [-1] * preset.warmup + list(range(preset.repeats))
-    for i, repeat in enumerate(rounds):
-        for spec in preset.prompts:
-            prompt = build_prompt(tokenizer, spec, corpus_text)
-            sample = time_call(worker, name, prompt, max_tokens=preset.max_tokens, timeout_s=timeout_s,
-                               repeat=repeat, keep=secrets.token_hex(8))
-            reservoir.add(sample.call_id, measured=False)
-            if repeat >= 0:
-                samples.append(sample)
-        if progress:
-            progress(i + 1, len(rounds), "champion alone")
-    return samples
-
-
-def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress=None, more=None, warm=(),
-                 yardstick=None):
+def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress=None, more=None, yardstick=None):
     """Warm up, then measure every prompt on each worker in rounds, interleaved.
 
     While one worker is timed, every other one is stopped (Worker.pause), so an idle one
@@ -135,7 +108,6 @@ def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress
         preset: a settings.Preset: `repeats` rounds, then one more at a time while
             `more(samples so far)` says so, up to `max_repeats` (more=None: `repeats` only).
         progress: optional callable(done, total, label) for a progress bar.
-        warm: names of workers warmed up already (time_alone): no warm-up calls for them.
         yardstick: optional Worker of harness/yardstick.py: one call a round on the first
             prompt, after its other calls (Samples of worker "yardstick": verdict.yardstick_ratio).
     Returns:
@@ -144,16 +116,16 @@ def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress
     names, flip = list(workers), secrets.randbelow(2)
     everyone = {**workers, **({YARDSTICK: yardstick} if yardstick else {})}
     most = preset.max_repeats if more else preset.repeats
-    warm_up = [_round_calls(names, preset.prompts, None, yardstick, warm) for _ in range(preset.warmup)]
+    warm_up = [_round_calls(names, preset.prompts, None, yardstick) for _ in range(preset.warmup)]
     total, done = sum(map(len, warm_up)) + most * len(_round_calls(names, preset.prompts, 0, yardstick)), 0
     reservoirs = {name: Reservoir(worker) for name, worker in workers.items()}
 
     def call(name, spec, repeat):
         nonlocal done
         prompt = build_prompt(tokenizer, spec, corpus_text)
-        for other in everyone:
-            if other != name:
-                everyone[other].pause()
+        for other in everyone.values():
+            if other is not everyone[name]:
+                other.pause()
         everyone[name].resume()
         keep = secrets.token_hex(8) if name in reservoirs else None  # the yardstick keeps nothing
         sample = time_call(everyone[name], name, prompt, max_tokens=preset.max_tokens,
@@ -180,17 +152,17 @@ def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress
     return samples
 
 
-def _round_calls(names, specs, parity, yardstick, warm=()):
-    """One round's calls in order, as (name, spec): each prompt on every worker (not those in
-    `warm`), in an order that alternates with `parity` from prompt to prompt (None: drawn at
-    random), and the yardstick's after the first prompt's."""
+def _round_calls(names, specs, parity, yardstick):
+    """One round's calls in order, as (name, spec): each prompt on every worker, in an order
+    that alternates with `parity` from prompt to prompt (None: drawn at random), and the
+    yardstick's after the first prompt's."""
     calls = []
     for i, spec in enumerate(specs):
         if parity is None:
             order = random.sample(names, len(names))
         else:
             order = names if (parity + i) % 2 == 0 else names[::-1]
-        calls += [(name, spec) for name in order if name not in warm]
+        calls += [(name, spec) for name in order]
         if yardstick and i == 0:
             calls.append((YARDSTICK, spec))
     return calls

@@ -131,7 +131,6 @@ def evaluate(ctx, *, inference_path=None, overrides=None, source="agent", apply=
         else:
             figures(ctx, result, out, earlier)
             judge(ctx, result, standing, search=bool(overrides))
-            pace.check_champion_alone(ctx, result, out)
             pace.check_champion_yardstick(ctx, result, out, standing)
             pace.check_champion_pace(ctx, result, standing)
             explain_noise(result, standing, earlier_runs)
@@ -389,7 +388,6 @@ def write_run_file(ctx, result, stamp, out, changes):
         "corpus_sha256": ctx.corpus_sha256, "model_dir": str(ctx.model_dir),
         "environment": environment(), "workers": out["workers"], "changes": changes,
         "quality": out["quality"], "samples": [s.to_dict() for s in out["samples"]],
-        "alone": [s.to_dict() for s in out.get("alone", [])],
         "worker_logs": out["logs"],
     }
     base = f"{stamp.strftime('%Y%m%d-%H%M%S')}-{result['commit']}"

@@ -3,6 +3,7 @@
 data out: the samples and figures evaluate.py judges."""
 
 import os
+import random
 import secrets
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from harness.report import Progress, stage
 from harness.worker import Worker, WorkerCrash, WorkerInvalid
 
 YARDSTICK_PIPELINE = Path(__file__).resolve().parent / "yardstick.py"
+STAND_IN = "stand-in"  # the yardstick in the other pipeline's place, in a run of one pipeline
 
 
 def measure(ctx, inference_paths, *, reference, tasks, overrides=None, log_dir, ab=None):
@@ -25,32 +27,27 @@ def measure(ctx, inference_paths, *, reference, tasks, overrides=None, log_dir, 
             of the same code (ledger.earlier_ratios), "fewer_lines": a "simpler" KEEP is
             possible} (see SequentialRule).
     Returns:
-        {"samples", "alone", "workers", "quality", "failure", "speed"}; alone: the champion's
-        calls timed before the challenger started (start_workers); failure is None or
+        {"samples", "workers", "quality", "failure", "speed"}; failure is None or
         {"decision": CRASH|INVALID, "reason", "worker", "log_tail"}; speed is
         {"speed_s", "stopped", "load_avg"}.
     """
-    workers, out = {}, {"samples": [], "alone": [], "workers": {}, "quality": None, "failure": None,
-                        "log_paths": {}, "speed": {}}
+    workers, out = {}, {"samples": [], "workers": {}, "quality": None, "failure": None, "log_paths": {}, "speed": {}}
     blame = {"stage": None}  # whose failure a crash now is (None: whichever worker died)
     try:
-        start_workers(ctx, inference_paths, overrides, log_dir, workers, out, blame)
-        if not overrides:  # a search trial is never a champion: no record to keep
-            blame["stage"] = "yardstick"
-            workers["yardstick"] = start_yardstick(ctx, log_dir)
-            blame["stage"] = None
-        pipelines = {name: worker for name, worker in workers.items() if name != "yardstick"}
-        stage("speed: " + ("champion and challenger alternating, until the interval decides"
-                           if len(pipelines) > 1 else "challenger alone")
-              + (", the yardstick once a round" if "yardstick" in workers else ""))
+        start_workers(ctx, inference_paths, overrides, log_dir, workers, out, blame, yardstick=not overrides)
+        pipelines = {name: workers[name] for name in inference_paths}
+        if "yardstick" in workers and len(pipelines) == 1:
+            pipelines[STAND_IN] = workers["yardstick"]  # a run of one pipeline looks like an A/B from inside
+        compare = "champion" in pipelines
+        stage("speed: " + ("champion and challenger alternating, until the interval decides" if compare
+                           else "the pipeline alone") + (", the yardstick once a round" if "yardstick" in workers else ""))
         out["speed"]["load_avg"] = round(os.getloadavg()[0], 2)
-        rule = SequentialRule(ctx, **(ab or {})) if len(pipelines) > 1 else None
+        rule = SequentialRule(ctx, **(ab or {})) if compare else None
         started = time.perf_counter()
-        out["samples"] = bench.run_workload(pipelines, ctx.preset, ctx.tokenizer, ctx.corpus_text,
-                                            timeout_s=ctx.settings.timeouts.call_s,
-                                            progress=Progress("speed", unit="calls"), more=rule,
-                                            warm=("champion",) if out["alone"] else (),
-                                            yardstick=workers.get("yardstick"))
+        samples = bench.run_workload(pipelines, ctx.preset, ctx.tokenizer, ctx.corpus_text,
+                                     timeout_s=ctx.settings.timeouts.call_s, progress=Progress("speed", unit="calls"),
+                                     more=rule, yardstick=workers.get("yardstick"))
+        out["samples"] = [s for s in samples if s.worker != STAND_IN]
         out["speed"]["speed_s"] = round(time.perf_counter() - started, 1)
         out["speed"]["stopped"] = rule.why_stopped(out["samples"]) if rule else None
         for name in ("yardstick", "champion"):  # free their memory before the quality pass
@@ -100,48 +97,38 @@ class SequentialRule:
         return self.stopped or "max_repeats"
 
 
-def start_workers(ctx, inference_paths, overrides, log_dir, workers, out, blame):
-    """Start and load one worker per inference file (the search's knobs on the challenger).
+def start_workers(ctx, inference_paths, overrides, log_dir, workers, out, blame, *, yardstick):
+    """Start and load one worker per inference file (the search's knobs on the challenger)
+    and, with `yardstick`, the yardstick's (harness/yardstick.py: stock mlx-lm at the
+    model's own dtype), in a random order.
 
-    The champion starts first and is timed alone (bench.time_alone, into out["alone"])
-    before the challenger's worker exists: no covert channel can reach it then, so a
-    champion that slows down once it senses a challenger shows it (pace.check_champion_alone).
-    Nothing a worker can see tells it its role: its log has a random name, and the run's
-    folder (both inference files, both logs) and the repository are hidden from it.
+    Nothing a worker can see tells it its role: its log has a random name, the run's folder
+    (both inference files, both logs) and the repository are hidden from it, and every run
+    looks alike from inside: the workers load in a random order (the time from its load to
+    its first call says nothing), and a run of one pipeline has the yardstick stand in for
+    the other (bench.run_workload). A champion that slows down all the same, on any cue,
+    shows against the yardstick (pace.check_champion_yardstick).
     """
-    stage(f"loading {' and '.join(inference_paths)}")
-    for name in sorted(inference_paths, key=lambda n: n != "champion"):
-        path = inference_paths[name]
+    order = list(inference_paths) + (["yardstick"] if yardstick else [])
+    random.shuffle(order)
+    stage(f"loading {', '.join(order)}")
+    for name in order:
         blame["stage"] = name
+        if name == "yardstick":
+            workers[name] = Worker(YARDSTICK_PIPELINE, Path(log_dir) / "yardstick.log", role=name,
+                                   hide=[log_dir, ctx.root], expose=[ctx.model_dir])
+            workers[name].load(ctx.model_dir, timeout_s=ctx.settings.timeouts.load_s)
+            continue
         log = Path(log_dir) / f"worker-{secrets.token_hex(4)}.log"
         out["log_paths"][name] = str(log)
-        workers[name] = Worker(path, log, role=name, hide=[log_dir, ctx.root],
+        workers[name] = Worker(inference_paths[name], log, role=name, hide=[log_dir, ctx.root],
                                expose=[ctx.model_dir, ctx.draft_dir])
         out["workers"][name] = dict(workers[name].info)
         workers[name].vocab_size = ctx.vocab_size
         workers[name].load(ctx.model_dir, ctx.draft_dir, overrides if name == "challenger" else None,
                            timeout_s=ctx.settings.timeouts.load_s)
         out["workers"][name] = dict(workers[name].info)
-        if name == "champion" and len(inference_paths) > 1:
-            stage("speed: the champion alone, before the challenger starts")
-            out["alone"] = bench.time_alone(workers[name], name, ctx.preset, ctx.tokenizer, ctx.corpus_text,
-                                            timeout_s=ctx.settings.timeouts.call_s,
-                                            progress=Progress("speed: champion alone", unit="rounds"))
     blame["stage"] = None
-
-
-def start_yardstick(ctx, log_dir):
-    """The yardstick's worker (harness/yardstick.py: stock mlx-lm, the model's own dtype),
-    sandboxed like the pipelines and loaded, for bench.run_workload to time once a round."""
-    stage("loading the yardstick (stock mlx-lm, timed once a round beside the pipeline)")
-    worker = Worker(YARDSTICK_PIPELINE, Path(log_dir) / "yardstick.log", role="yardstick",
-                    hide=[log_dir, ctx.root], expose=[ctx.model_dir])
-    try:
-        worker.load(ctx.model_dir, timeout_s=ctx.settings.timeouts.load_s)
-    except BaseException:
-        worker.kill()
-        raise
-    return worker
 
 
 def quality_pass(ctx, workers, out, reference, tasks, log_dir, blame):

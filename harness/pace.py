@@ -1,9 +1,7 @@
-"""Is the champion in this run the champion it was? Three checks on its speed that can turn a
-KEEP INVALID: against its own pace alone, timed in this run before the challenger's worker
-started (a champion that slows down beside a newer challenger); against the run that made it
-the champion, both relative to the yardstick (a champion that slows down once it is the
-champion); and
-against its raw speed in its own earlier runs (a floor, for rows without a yardstick)."""
+"""Is the champion in this run the champion it was? Two checks on its speed that can turn a
+KEEP INVALID: against the run that made it the champion, both relative to the yardstick (a
+champion that slows down once it is the champion, whatever tells it so), and against its
+raw speed in its own earlier runs (a floor, for champions without a yardstick record)."""
 
 import math
 
@@ -15,13 +13,9 @@ from harness.verdict import pct
 # that slows itself when it senses a newer challenger (a covert channel between the two
 # workers) would hand out KEEPs; load alone swings the speed here by 15-25 %.
 CHAMPION_PACE_FLOOR = 0.7
-# An honest champion runs a little slower beside the challenger than alone (each A/B call
-# follows the other worker's, with cold caches: 1-2 % on the tiny model here, with bounds as
-# tight as -0.4 % on a quiet machine, where such a discount turned an honest +5 % KEEP INVALID).
-# check_champion_alone forgives that much and discounts only the rest.
-ALONE_PACE_TOLERANCE = 0.97
-# The same for the champion's pace over the yardstick's against the run that made it the
-# champion (check_champion_yardstick): honest champions' between-run drift, measured: see README.
+# An honest champion's pace over the yardstick moves a little between runs (its calls
+# follow other workers' with cold caches in one run and its own in another): that much is
+# forgiven by check_champion_yardstick, which discounts only the rest (measured: see README).
 YARDSTICK_PACE_TOLERANCE = 0.97
 
 
@@ -39,24 +33,6 @@ def check_champion_pace(ctx, result, standing):
             f"(was: KEEP, {result['reason']})"))
 
 
-def check_champion_alone(ctx, result, out):
-    """A KEEP that the champion's own slowdown beside the challenger could explain becomes
-    INVALID. The champion was timed alone before the challenger's worker existed: every covert
-    channel between the two sandboxes needs both, and a champion that slows down once it
-    senses a newer challenger (or once it is paused, or after so many calls) was fast then.
-    Its pace beside the challenger relative to alone (verdict.alone_pace, the verdict's own
-    statistic) discounts the speedup: the interval's lower end times the pace's 95 % upper
-    bound, beyond ALONE_PACE_TOLERANCE, must still clear 1 + min_effect. An honest champion's
-    bound is near 1, and then nothing is discounted."""
-    metric = ctx.settings.verdict.primary_metric
-    pace, high = verdict.alone_pace(out["alone"], out["samples"], metric)
-    result["champion_alone_pace"] = pace
-    _discount(ctx, result, high, ALONE_PACE_TOLERANCE, lambda: (
-        f"the champion ran {pct(pace)} beside the challenger against its own pace alone (at most {pct(high)}; "
-        f"{pct(ALONE_PACE_TOLERANCE)} forgiven), timed before the challenger started"),
-        "A champion that slows down beside a newer challenger, or a machine that got busy")
-
-
 def check_champion_yardstick(ctx, result, out, standing):
     """A KEEP that the champion's slowdown since it became the champion could explain becomes
     INVALID. Its speed over the yardstick's now (verdict.yardstick_ratio) against the same
@@ -64,8 +40,8 @@ def check_champion_yardstick(ctx, result, out, standing):
     the very calls it won or set its baseline with: the machine's load moves both alike, so a
     champion slower now is slower itself, whatever told it that it is the champion (its place
     in the run's schedule, a coin it tossed). The
-    pace's 95 % upper bound, beyond YARDSTICK_PACE_TOLERANCE, discounts the speedup as in
-    check_champion_alone. Without a record (rows of an older harness) nothing is checked
+    pace's 95 % upper bound, beyond YARDSTICK_PACE_TOLERANCE, discounts the speedup: the
+    interval's lower end times it must still clear 1 + min_effect. Without a record (rows of an older harness) nothing is checked
     here; check_champion_pace's floor still is."""
     metric = ctx.settings.verdict.primary_metric
     now, se_now = verdict.yardstick_ratio(out["samples"], "champion", metric)

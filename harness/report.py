@@ -15,7 +15,7 @@ BLOCK_KEYS = [
     "bytes_per_token", "roofline_fraction", "quality_s", "elapsed_s", "run_file",
     "sandbox", "timed_kl_mean", "timed_kl_p99", "timed_top1", "self_consistency", "end_to_end_ci",
     "continuation_fit", "pairs", "pooled_pairs", "pair_spread", "min_detectable_effect", "load_avg",
-    "speed_s", "stopped", "champion_pace", "champion_alone_pace", "yardstick_ratio", "yardstick_se",
+    "speed_s", "stopped", "champion_pace", "yardstick_ratio", "yardstick_se",
     "champion_yardstick_pace",
 ]
 

@@ -65,62 +65,18 @@ def comparison(samples, primary_metric, *, min_effect, earlier=None, detectable=
             "ratios": {primary_metric: ratios, "end_to_end": whole}}
 
 
-def alone_pace(alone, samples, metric, *, cap=stats.RATIO_CAP):
-    """(pace, high): how fast the champion ran beside the challenger (its A/B calls) relative
-    to itself alone (bench.time_alone, before the challenger existed), and a one-sided 95 %
-    upper bound of that; (None, None) without both. Below 1: it ran slower once a
-    challenger existed, which flatters the challenger by as much.
-
-    The same statistic as the verdict's: each A/B call's log ratio to the median log of the
-    same prompt's calls alone, capped to +-log(cap), averaged (slowing a few calls a lot
-    counts as it does in the speedup; a median would not see it). Alone it is the median: a
-    champion that plants a few very slow calls there (it can count its calls) would lift a
-    mean, and with it every A/B call's ratio; to move the median it must be slow in most of
-    them, and the alone rounds are a BASELINE run's calls call for call, so a BASELINE
-    champion's own record is then as slow (pace.check_champion_pace). The bound's spread is the
-    calls' spread alone (within each prompt), for the A/B calls too, and at most the
-    challenger's: a champion that varies its speed, beside the challenger or alone, cannot
-    widen the bound with it. For prefill_tps only the
-    prefill-kind prompts count, as in paired_ratios.
-    """
-    beside = [s for s in samples if s.worker == "champion" and s.repeat >= 0]
-    if metric == "prefill_tps":
-        alone = [s for s in alone if s.kind == "prefill"] or alone
-        beside = [s for s in beside if s.kind == "prefill"] or beside
-    by_prompt = {}
-    for s in alone:
-        by_prompt.setdefault(s.prompt, []).append(math.log(getattr(s, metric)))
-    beside = [s for s in beside if s.prompt in by_prompt]
-    if not beside:
-        return None, None
-    reference = {p: statistics.median(v) for p, v in by_prompt.items()}
-    bound = math.log(cap)
-    logs = [min(max(math.log(getattr(s, metric)) - reference[s.prompt], -bound), bound) for s in beside]
-    mean = sum(logs) / len(logs)
-    df = sum(len(v) - 1 for v in by_prompt.values())
-    if df < 1:
-        return math.exp(mean), None
-    spread = _spread_within_prompts(alone, metric)
-    # nor can it widen the bound by varying its speed alone (a red team planted 2x slow calls
-    # there: bound 1.07-1.63, KEEP +21-34 %): never wider than the challenger's own calls'
-    # spread beside it, which the challenger cannot inflate without widening its own interval
-    theirs = _spread_within_prompts([s for s in samples if s.worker == "challenger" and s.repeat >= 0], metric)
-    spread = max(min(spread, theirs) if theirs is not None else spread, ALONE_SPREAD_FLOOR)
-    share = {p: sum(s.prompt == p for s in beside) / len(beside) for p in by_prompt}
-    # a median of n normal draws varies pi/2 times as much as their mean
-    se = spread * math.sqrt(1 / len(beside) + math.pi / 2 * sum(share[p] ** 2 / len(v) for p, v in by_prompt.items()))
-    return math.exp(mean), math.exp(mean + stats.t_one_sided(0.05, df) * se)
-
-
-def yardstick_ratio(samples, worker, metric):
+def yardstick_ratio(samples, worker, metric, *, cap=stats.RATIO_CAP):
     """(log ratio, se): `worker`'s speed relative to the yardstick's in one run, or
     (None, None) without at least two yardstick calls. The machine's load, which moves both
     alike, cancels out; what is left is the pipeline's own pace, comparable across runs of
     the same protocol (pace.check_champion_yardstick).
 
-    Each of the worker's calls' log `metric` less the median log of the yardstick's calls
-    (all on one prompt: they differ by noise alone), averaged; the prompts' offsets are the
-    same in every run, each round having every prompt. The se uses the yardstick's spread for
+    The worker's side is the verdict's own statistic: each call's log `metric` about its
+    prompt's median, capped to +-log(cap), averaged (a champion slowing a few calls a lot
+    counts as it does in the speedup; a pipeline that plants slow calls to lower its record
+    pays for them in its speedup just as much). The yardstick's side is the median of its
+    calls, all on one prompt (they differ by noise alone); the prompts' offsets are the same
+    in every run, each round having every prompt. The se uses the yardstick's spread for
     both terms: the worker cannot widen it by varying its speed. For prefill_tps only the
     prefill-kind prompts count, as in paired_ratios.
     """
@@ -130,26 +86,17 @@ def yardstick_ratio(samples, worker, metric):
     theirs = [math.log(getattr(s, metric)) for s in samples if s.worker == "yardstick" and s.repeat >= 0]
     if not mine or len(theirs) < 2:
         return None, None
-    reference = statistics.median(theirs)
-    mean = sum(math.log(getattr(s, metric)) - reference for s in mine) / len(mine)
-    spread = max(statistics.stdev(theirs), ALONE_SPREAD_FLOOR)
-    # a median of n normal draws varies pi/2 times as much as their mean
-    return mean, spread * math.sqrt(1 / len(mine) + math.pi / 2 / len(theirs))
-
-
-ALONE_SPREAD_FLOOR = 0.005  # per-call log spread assumed at least (a few identical calls alone: not zero)
-
-
-def _spread_within_prompts(samples, metric):
-    """The standard deviation of the calls' log `metric` around each prompt's mean; None
-    without two calls of one prompt."""
     by_prompt = {}
-    for s in samples:
+    for s in mine:
         by_prompt.setdefault(s.prompt, []).append(math.log(getattr(s, metric)))
-    df = sum(len(v) - 1 for v in by_prompt.values())
-    if df < 1:
-        return None
-    return math.sqrt(sum((x - sum(v) / len(v)) ** 2 for v in by_prompt.values() for x in v) / df)
+    centre, bound = {p: statistics.median(v) for p, v in by_prompt.items()}, math.log(cap)
+    level = sum(centre[p] + min(max(x - centre[p], -bound), bound) for p, v in by_prompt.items() for x in v) / len(mine)
+    spread = max(statistics.stdev(theirs), SPREAD_FLOOR)
+    # a median of n normal draws varies pi/2 times as much as their mean
+    return level - statistics.median(theirs), spread * math.sqrt(1 / len(mine) + math.pi / 2 / len(theirs))
+
+
+SPREAD_FLOOR = 0.005  # per-call log spread assumed at least (a few identical calls: not zero)
 
 
 def min_detectable_effect(ratios, speedup, min_effect):

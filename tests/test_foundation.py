@@ -187,4 +187,4 @@ def test_tokens_handed_over_at_once_are_invalid(project):
     if result["decision"] != "INVALID":
         assert result["decision"] == "BASELINE"
         run = __import__("json").loads((project.root / result["run_file"]).read_text())
-        assert all(s["ttft_s"] > 0.9 * s["total_s"] for s in run["samples"])
+        assert all(s["ttft_s"] > 0.9 * s["total_s"] for s in run["samples"] if s["worker"] == "challenger")

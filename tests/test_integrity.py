@@ -343,11 +343,11 @@ def test_a_tree_too_deep_to_recurse_is_removed_and_the_run_ends_with_its_row(pro
 # file, which both sandboxes map read-only, is keyed by that file's inode, so a wake in one
 # sandbox reaches a waiter in the other (a red team won KEEP +20.5 % with it; it cannot be
 # refused: C++ static-init guards wait and wake shared futexes). Each version waits on its
-# own slot and, on load, wakes the slots of every older version: an older one that is woken
-# knows a newer challenger exists and slows down by about a third from then on.
+# own slot and, from its load on, keeps waking the slots of every older version: an older one
+# that is woken knows a newer challenger exists and slows down by about a third from then on.
 FUTEX_SLEEPER = '''
 
-import ctypes as _ctypes, os as _os, platform as _platform, sys as _sys, threading as _threading
+import ctypes as _ctypes, os as _os, platform as _platform, sys as _sys, threading as _threading, time as _time
 
 VERSION = __VERSION__
 _libc = _ctypes.CDLL(None, use_errno=True)
@@ -374,18 +374,24 @@ def _wait_for_a_newer_one():
 _honest_load = load
 
 
+def _keep_waking_the_older_ones():
+    while True:  # both run at once only while they load (after that one is always stopped): keep at it
+        for older in range(1, VERSION):
+            _libc.syscall(_FUTEX, _slot(older), 1, 1 << 30, None, None, 0)  # FUTEX_WAKE, shared
+        _time.sleep(0.01)
+
+
 def load(model_path, draft_model_path=None):
     _threading.Thread(target=_wait_for_a_newer_one, daemon=True).start()
-    for older in range(1, VERSION):
-        _libc.syscall(_FUTEX, _slot(older), 1, 1 << 30, None, None, 0)  # FUTEX_WAKE, shared
+    _threading.Thread(target=_keep_waking_the_older_ones, daemon=True).start()
     return _honest_load(model_path, draft_model_path)
 '''
 
 
 def test_a_sleeper_champion_that_slows_beside_a_newer_challenger_is_caught(project, sandboxed):
     """Covert channels between the two sandboxes cannot all be closed (shared futexes, the
-    machine's inode counter): the champion is timed alone before the challenger's worker
-    starts, and a KEEP that its slowdown beside the challenger explains is INVALID."""
+    machine's inode counter): a champion slowed by one is slower against the yardstick than
+    in its own BASELINE, and a KEEP that this explains is INVALID."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -403,52 +409,41 @@ def test_a_sleeper_champion_that_slows_beside_a_newer_challenger_is_caught(proje
     project.commit("sleeper, version 2: not faster")
     proc, result = project.evaluate()
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert result["champion_alone_pace"] < 0.9, result
+    assert result["champion_yardstick_pace"] < 0.9, result
     assert result["decision"] == "INVALID" and "(was: KEEP" in result["reason"], result
-    # the alone check catches it; on a busy machine its bound is looser, and then the champion's
-    # pace against its own earlier runs may be what catches it
-    assert ("beside the challenger against its own pace alone" in result["reason"]
-            or "in earlier runs" in result["reason"]), result
+    assert "against the run that made it the champion" in result["reason"], result
 
 
-# Appended to inference.py (with bench/power.py's SLEEPY_LOOP): a champion that knows its role
-# with no channel at all. The champion is timed alone right after its warm-up, its calls back
-# to back; a challenger is paused before its third call (by the yardstick or the champion).
-# Unpaused by then, it slows down for the rest of the run, alone and beside the challenger
-# alike, so its pace alone and beside agree.
-ROLE_BY_SCHEDULE_SLEEPER = '''
+# Appended to inference.py (with bench/power.py's SLEEPY_LOOP): a pipeline that slows down by
+# 40 % on a cue it can see (here a file appearing in a folder its sandbox can read, made by
+# the test once the pipeline was kept; in the wild: the clock, a coin it tosses). Every run
+# looks alike from inside, so no schedule tells it its role.
+CUE_SLEEPER = '''
 
-import time as _time
+import os as _os
 
-_seen = {"calls": 0, "paused": False, "end": None, "took": None}
 _honest_generate = generate
 
 
 def generate(pipeline, prompt, *, max_tokens, stop_at_eos):
     global SLEEP_FRACTION
-    start = _time.monotonic()
-    if _seen["end"] is not None and start - _seen["end"] > 0.5 * _seen["took"]:
-        _seen["paused"] = True
-    _seen["calls"] += 1
-    if _seen["calls"] == 3 and not _seen["paused"]:
-        SLEEP_FRACTION = 0.4  # called back to back since it loaded: timed alone, so the champion
-    try:
-        yield from _honest_generate(pipeline, prompt, max_tokens=max_tokens, stop_at_eos=stop_at_eos)
-    finally:
-        _seen["end"] = _time.monotonic()
-        _seen["took"] = _seen["end"] - start
+    if _os.path.exists(__CUE__):
+        SLEEP_FRACTION = 0.4
+    yield from _honest_generate(pipeline, prompt, max_tokens=max_tokens, stop_at_eos=stop_at_eos)
 '''
 
 
 def test_a_kept_challenger_that_slows_down_once_it_is_the_champion_is_caught(project, sandboxed):
-    """A pipeline kept on its merits as a challenger, slow as the champion from its first timed
-    call (its pace alone and beside the next challenger agree): its speed over the
-    yardstick's is below its own record from the run that kept it, and the next KEEP is INVALID."""
+    """A pipeline kept on its merits as a challenger, slow as the champion (alike in every call
+    of the run): its speed over the yardstick's is below its own record from the run that kept
+    it, and the next KEEP is INVALID, however the machine's load moved in between."""
     import sys
+    import uuid
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     from power import SLEEPY_LOOP, TOKEN_LOOP
 
+    cue = Path("/var/tmp") / f"mlx-hillclimb-test-cue-{uuid.uuid4().hex}"  # readable from inside the sandbox
     settings = project.settings()
     settings["workload"]["presets"]["quick"]["max_tokens"] = 128  # whole calls mostly decode: a KEEP is in reach
     project.write_settings(settings)
@@ -457,15 +452,21 @@ def test_a_kept_challenger_that_slows_down_once_it_is_the_champion_is_caught(pro
     project.commit("a slow baseline")
     assert project.evaluate()[1]["decision"] == "BASELINE"
     project.edit_inference("SLEEP_FRACTION = 0.4\n", "SLEEP_FRACTION = 0.0\n")
-    project.inference.write_text(project.inference.read_text() + ROLE_BY_SCHEDULE_SLEEPER)
-    project.commit("faster, and slow as the champion")
+    honest = project.inference.read_text()
+    project.inference.write_text(honest + CUE_SLEEPER.replace("__CUE__", repr(str(cue))))
+    project.commit("faster, and slow on a cue")
     proc, result = project.evaluate()
     assert result["decision"] == "KEEP" and result["yardstick_ratio"] > 0, result
-    project.inference.write_text(project.inference.read_text() + "\n_UNCHANGED = 1\n")
-    project.commit("no faster than the sleeper itself")
-    proc, result = project.evaluate()
+    try:
+        cue.touch()
+        project.inference.write_text(honest)
+        project.commit("the same pipeline without the sleeper: no faster than it really is")
+        proc, result = project.evaluate()
+    finally:
+        cue.unlink(missing_ok=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert result["champion_yardstick_pace"] < 0.85, result
     assert result["decision"] == "INVALID" and "(was: KEEP" in result["reason"], result
+    assert "against the run that made it the champion" in result["reason"], result
     rows, _ = ledger.read(project.root / "results.tsv")
     assert rows[-1]["decision"] == "INVALID" and float(rows[-1]["champion_yardstick_pace"]) < 0.85

@@ -73,7 +73,7 @@ def test_the_night_went_as_planned(night):
     # progress on a stderr that is not a terminal: timestamped stage and progress lines
     stderr = runs["keep"][2]
     assert re.search(r"^\[\d\d:\d\d:\d\d\] stage: speed: champion and challenger alternating, until the "
-                     r"interval decides$", stderr, re.M)
+                     r"interval decides, the yardstick once a round$", stderr, re.M)
     assert re.search(r"^\[\d\d:\d\d:\d\d\] speed \d+/\d+ calls \(", stderr, re.M)
     assert re.search(r"^\[\d\d:\d\d:\d\d\] stage: quality: tasks", stderr, re.M)
     assert "\r" not in stderr
