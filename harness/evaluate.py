@@ -123,7 +123,8 @@ def evaluate(ctx, *, inference_path=None, overrides=None, source="agent", apply=
                                                       code_hash=result["code_hash"]) if compare else ({}, 0)
         fewer_lines = (lines["delta"] or 0) < 0 and not lines["uncounted"]
         out = measure_run(ctx, standing, inference_path, overrides, compare=compare,
-                          ab={"earlier": earlier, "fewer_lines": fewer_lines})
+                          ab={"earlier": earlier, "fewer_lines": fewer_lines,
+                              "record": ledger.yardstick_record(standing.champion or {})})
         record_sandbox(result, out["workers"])
         result.update(out["speed"])
         if out["failure"]:

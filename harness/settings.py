@@ -62,7 +62,7 @@ class Preset:
     name: str              # full | quick
     max_tokens: int
     warmup: int
-    repeats: int           # rounds measured before the A/B first looks (and of a run alone)
+    repeats: int           # rounds measured before the A/B first looks (a run of one pipeline: measure.RECORD_ROUNDS at least)
     max_repeats: int       # rounds an A/B may grow to while its interval is undecided
     budget_s: float        # no new A/B round starts after this many seconds of speed calls
     prompts: tuple

@@ -96,6 +96,26 @@ def yardstick_ratio(samples, worker, metric, *, cap=stats.RATIO_CAP):
     return level - statistics.median(theirs), spread * math.sqrt(1 / len(mine) + math.pi / 2 / len(theirs))
 
 
+def champion_pace(samples, record, metric):
+    """(pace, high, factor): the champion's speed over the yardstick's in `samples`
+    (yardstick_ratio) against `record`, the same in the run that made it the champion
+    ((log ratio, se): ledger.yardstick_record); that pace's one-sided 95 % upper bound; and
+    the factor a KEEP's lower end is discounted by, min(1, high / YARDSTICK_PACE_TOLERANCE):
+    only evidence of a slowdown discounts. (None, None, 1.0) without a record or yardstick."""
+    now, se_now = yardstick_ratio(samples, "champion", metric)
+    then, se_then = record or (None, None)
+    if now is None or then is None:
+        return None, None, 1.0
+    calls = sum(s.worker == "yardstick" and s.repeat >= 0 for s in samples)
+    high = math.exp(now - then + stats.t_one_sided(0.05, calls - 1) * math.hypot(se_now, se_then))
+    return math.exp(now - then), high, min(1.0, high / YARDSTICK_PACE_TOLERANCE)
+
+
+# What of an honest champion's pace over the yardstick between runs is forgiven. Every run has
+# the same schedule from a pipeline's view (a run of one pipeline has the yardstick stand in for
+# the other), so none is: a KEEP of a chain of no-op commits, each champion a little slower
+# than when it won, could otherwise gain that much at every step (measured: see README).
+YARDSTICK_PACE_TOLERANCE = 1.0
 SPREAD_FLOOR = 0.005  # per-call log spread assumed at least (a few identical calls: not zero)
 
 
@@ -107,15 +127,18 @@ def min_detectable_effect(ratios, speedup, min_effect):
     return speedup * factor if factor and speedup else None
 
 
-def settled(comparison_figures, *, min_effect, fewer_lines=False):
+def settled(comparison_figures, *, min_effect, fewer_lines=False, factor=1.0):
     """True once more pairs cannot change the decision's direction: the speedup's
     interval lies wholly above the KEEP line 1 + min_effect (and, for decode, so does the
     whole-call ratio's, or that one lies wholly below), or wholly below it. With
     `fewer_lines` (a "simpler" KEEP is possible): also once it is surely no slower than
-    1 - min_effect (whole calls too, for decode), and wholly below only under that."""
+    1 - min_effect (whole calls too, for decode), and wholly below only under that. The
+    interval's lower end counts times `factor` (champion_pace: a champion slower than when
+    it won gives no win by that)."""
     low, high = comparison_figures["speedup_ci"]
     if low is None:
         return False
+    low *= factor
     need, floor = 1 + min_effect, 1 - min_effect
     whole_low, whole_high = comparison_figures["end_to_end_ci"]
     decode = comparison_figures["primary_metric"] == "decode_tps"

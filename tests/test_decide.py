@@ -96,6 +96,16 @@ def test_settled(what, ci, whole, metric, expected):
     assert settled(figures, min_effect=0.01) is expected
 
 
+def test_a_slower_champion_discounts_the_lower_end_before_the_ab_settles():
+    """verdict.champion_pace's factor: the A/B goes on while the lower end times it does not
+    clear the KEEP line (a champion slower than when it won gives no win by that)."""
+    figures = {"speedup_ci": [1.05, 1.2], "end_to_end_ci": [1.04, 1.2], "primary_metric": "decode_tps"}
+    assert settled(figures, min_effect=0.01, factor=0.97)
+    assert not settled(figures, min_effect=0.01, factor=0.95)
+    below = {"speedup_ci": [0.95, 1.005], "end_to_end_ci": [0.95, 1.005], "primary_metric": "decode_tps"}
+    assert settled(below, min_effect=0.01, factor=0.5)  # no win either way: decided
+
+
 def test_comparison_pools_earlier_pairs_in_front():
     samples = []
     for repeat in range(3):

@@ -411,7 +411,10 @@ def test_a_sleeper_champion_that_slows_beside_a_newer_challenger_is_caught(proje
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert result["champion_yardstick_pace"] < 0.9, result
     assert result["decision"] == "INVALID" and "(was: KEEP" in result["reason"], result
-    assert "against the run that made it the champion" in result["reason"], result
+    # the yardstick check catches it; on a very busy machine its bound may be loose, and then
+    # the champion's raw pace against its own earlier runs (a floor at 0.7) may be what does
+    assert ("against the run that made it the champion" in result["reason"]
+            or "in earlier runs" in result["reason"]), result
 
 
 # Appended to inference.py (with bench/power.py's SLEEPY_LOOP): a pipeline that slows down by
