@@ -44,6 +44,7 @@ def measure(ctx, inference_paths, *, reference, tasks, overrides=None, log_dir, 
             pipelines[STAND_IN] = workers["yardstick"]  # a run of one pipeline looks like an A/B from inside
         compare = "champion" in pipelines
         stage("speed: " + ("champion and challenger alternating, until the interval decides" if compare
+                           else "the pipeline, the yardstick standing in for a second" if STAND_IN in pipelines
                            else "the pipeline alone") + (", the yardstick once a round" if "yardstick" in workers else ""))
         out["speed"]["load_avg"] = round(os.getloadavg()[0], 2)
         rule = SequentialRule(ctx, **(ab or {})) if compare else None
