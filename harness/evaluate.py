@@ -122,9 +122,9 @@ def evaluate(ctx, *, inference_path=None, overrides=None, source="agent", apply=
         earlier, earlier_runs = ledger.earlier_ratios(standing.rows, protocol=ctx.protocol, champion=result["champion"],
                                                       code_hash=result["code_hash"]) if compare else ({}, 0)
         fewer_lines = (lines["delta"] or 0) < 0 and not lines["uncounted"]
+        record = ledger.yardstick_record(standing.rows, standing.champion) if compare else (None, None)
         out = measure_run(ctx, standing, inference_path, overrides, compare=compare,
-                          ab={"earlier": earlier, "fewer_lines": fewer_lines,
-                              "record": ledger.yardstick_record(standing.champion or {})})
+                          ab={"earlier": earlier, "fewer_lines": fewer_lines, "record": record})
         record_sandbox(result, out["workers"])
         result.update(out["speed"])
         if out["failure"]:
@@ -132,7 +132,7 @@ def evaluate(ctx, *, inference_path=None, overrides=None, source="agent", apply=
         else:
             figures(ctx, result, out, earlier)
             judge(ctx, result, standing, search=bool(overrides))
-            pace.check_champion_yardstick(ctx, result, out, standing)
+            pace.check_champion_yardstick(ctx, result, out, record)
             pace.check_champion_pace(ctx, result, standing)
             explain_noise(result, standing, earlier_runs)
     guard_ledger(ctx, result, standing)

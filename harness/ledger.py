@@ -61,9 +61,9 @@ COLUMNS = [
     "stopped",             # why the A/B stopped: decided | budget | max_repeats
     "code_hash",           # sha256 of inference.py's syntax tree without docstrings (re-rolls pool)
     "ratios",              # the pairs' ratios, JSON {"decode_tps": [...], "end_to_end": [...]}
-    "yardstick_ratio",     # the measured pipeline's speed over the yardstick's in this run
+    "yardstick_ratio",     # the measured pipeline's speed over the yardstick's in this run (a KEEP: at least what its win implies)
     "yardstick_se",        # the standard error of log(yardstick_ratio)
-    "champion_yardstick_pace",  # the champion's yardstick ratio now over its champion row's (1: as it was)
+    "champion_yardstick_pace",  # the champion's yardstick ratio now over its record (1: as it was)
 ]
 HEADER = "\t".join(COLUMNS) + "\n"  # no column name needs quoting, so this is also the csv header
 FIRST_COLUMNS = 32  # the columns of the first harness: every readable header has at least these
@@ -333,9 +333,25 @@ def earlier_ratios(rows, *, protocol, champion, code_hash):
         except ValueError:
             continue
         earlier_run = {k: [float(x) for x in v] for k, v in ratios.items() if isinstance(v, list)}
+        if _float(row.get("champion_yardstick_pace")) < POOL_PACE_FLOOR:
+            # its champion ran slow (a REVERT, yet its pairs flatter the challenger): neither it
+            # nor the runs it pooled count (red team: three such REVERTs pooled into KEEP +27 %)
+            pooled, runs = {}, 0
+            continue
         # a pooled row already holds the runs before it: the newest one holds them all
         pooled, runs = earlier_run, runs + 1
     return pooled, runs
+
+
+POOL_PACE_FLOOR = 0.97  # an earlier run whose champion ran below this against its record is not pooled
+
+
+def _float(text):
+    """A cell as a float; nan when empty or not a number."""
+    try:
+        return float(text or "nan")
+    except ValueError:
+        return math.nan
 
 
 def own_speed(rows, *, protocol, commit, metric):
@@ -355,18 +371,28 @@ def own_speed(rows, *, protocol, commit, metric):
     return statistics.median(figures) if figures else None
 
 
-def yardstick_record(row):
-    """(log ratio, se) of the pipeline's speed over the yardstick's in the run of `row`, or
-    (None, None) (a row of an older harness). For a champion, its champion row: the run
-    that made it the champion (its KEEP or BASELINE), never a later run of its own, which
-    it could have slowed down to lower its record."""
-    try:
-        ratio, se = float(row.get("yardstick_ratio") or "nan"), float(row.get("yardstick_se") or "nan")
-    except ValueError:
-        return None, None
-    if not (ratio > 0 and se > 0):  # nan fails both
-        return None, None
-    return math.log(ratio), se
+def yardstick_record(rows, champion):
+    """(log ratio, se): the pipeline's speed over the yardstick's that the `champion` row's
+    pipeline is held to, or (None, None) (rows of an older harness). The best of the clean
+    runs of its code (same code_hash, protocol; any branch, any role) with a ratio, the
+    champion row's own included: a pipeline that sandbagged a later run of its own (a
+    BASELINE on a new branch, a re-run as the champion) cannot lower it (red team: KEEP
+    +39-49 % for no-ops, once per branch, when the record was the champion row's alone)."""
+    best = (None, None)
+    for row in rows:
+        if row is not champion and not (row.get("code_hash") and row.get("code_hash") == champion.get("code_hash")
+                                        and row.get("protocol") == champion.get("protocol")
+                                        and row.get("trusted", True) and row.get("dirty") != "true"
+                                        and row.get("quality_pass") == "true" and row.get("decision") not in FAILED
+                                        and row.get("source") != "search"):
+            continue
+        try:
+            ratio, se = float(row.get("yardstick_ratio") or "nan"), float(row.get("yardstick_se") or "nan")
+        except ValueError:
+            continue
+        if ratio > 0 and se > 0 and (best[0] is None or math.log(ratio) > best[0]):  # nan fails
+            best = (math.log(ratio), se)
+    return best
 
 
 def usual_spread(rows, *, protocol, newest=20):

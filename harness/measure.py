@@ -18,7 +18,7 @@ YARDSTICK_PIPELINE = Path(__file__).resolve().parent / "yardstick.py"
 STAND_IN = "stand-in"  # the yardstick in the other pipeline's place, in a run of one pipeline
 # Rounds, at least, of a run of one pipeline (a BASELINE): its yardstick ratio is the record
 # the pipeline is held to as the champion, and a few yardstick calls bound it only loosely.
-RECORD_ROUNDS = 6
+RECORD_ROUNDS = verdict.YARDSTICK_MIN_CALLS
 
 
 def measure(ctx, inference_paths, *, reference, tasks, overrides=None, log_dir, ab=None):

@@ -1,7 +1,9 @@
 """Is the champion in this run the champion it was? Two checks on its speed that can turn a
-KEEP INVALID: against the run that made it the champion, both relative to the yardstick (a
-champion that slows down once it is the champion, whatever tells it so), and against its
-raw speed in its own earlier runs (a floor, for champions without a yardstick record)."""
+KEEP INVALID: against its record, both relative to the yardstick (a champion that slows down
+once it is the champion, whatever tells it so), and against its raw speed in its own earlier
+runs (a floor, for champions without a yardstick record)."""
+
+import math
 
 from harness import ledger, verdict
 from harness.ledger import Decision
@@ -25,25 +27,38 @@ def check_champion_pace(ctx, result, standing):
             f"(was: KEEP, {result['reason']})"))
 
 
-def check_champion_yardstick(ctx, result, out, standing):
+def check_champion_yardstick(ctx, result, out, record):
     """A KEEP that the champion's slowdown since it became the champion could explain becomes
-    INVALID. Its speed over the yardstick's now against the same in the run that made it the
-    champion (verdict.champion_pace; ledger.yardstick_record of its champion row), the very
-    calls it won or set its baseline with: the machine's load moves both alike, so a champion
-    slower now is slower itself, whatever told it that it is the champion. The interval's
-    lower end times the pace's 95 % upper bound must still clear 1 + min_effect (the A/B
-    goes on until it does, or its budget is spent: SequentialRule). Without a record (a row
-    of an older harness) nothing is checked here; check_champion_pace's floor still is."""
+    INVALID. Its speed over the yardstick's now against `record`, the same when it was
+    measured itself (verdict.champion_pace; ledger.yardstick_record): the machine's load
+    moves both alike, so a champion slower now is slower itself, whatever told it that it is
+    the champion. The interval's lower end times the pace's 95 % upper bound must still
+    clear 1 + min_effect (the A/B goes on until it does, or its budget is spent:
+    SequentialRule). A KEEP that stands records at least the speed its win implies (the
+    champion's record times that discounted lower end): a challenger that holds back where
+    the speedup's cap hides it (a champion over 1.5x slower) cannot bank a low record. Without
+    a record (rows of an older harness) nothing is checked here; check_champion_pace's floor
+    still is."""
     metric = ctx.settings.verdict.primary_metric
-    pace, high, factor = verdict.champion_pace(out["samples"], ledger.yardstick_record(standing.champion or {}), metric)
+    pace, high, factor = verdict.champion_pace(out["samples"], record, metric)
     if pace is None:
         return
     result["champion_yardstick_pace"] = pace
     low, need = (result.get("speedup_ci") or [None])[0], 1 + ctx.settings.verdict.min_effect
-    if result["decision"] != Decision.KEEP or factor >= 1 or low is None or low * factor > need:
+    if result["decision"] != Decision.KEEP or low is None:
+        return
+    if low * factor > need:
+        implied = math.exp(record[0]) * low * factor
+        result["yardstick_ratio"] = max(result.get("yardstick_ratio") or 0, implied)
+        return
+    if factor == 0:
+        result.update(decision=Decision.INVALID, reason=(
+            f"too few yardstick calls to tell the champion's pace against its record (fewer than "
+            f"{verdict.YARDSTICK_MIN_CALLS}: allow more rounds, a larger max_repeats or budget_s) "
+            f"(was: KEEP, {result['reason']})"))
         return
     result.update(decision=Decision.INVALID, reason=(
-        f"the champion ran {pct(pace)} against the run that made it the champion, each relative to the yardstick "
+        f"the champion ran {pct(pace)} against its record, each relative to the yardstick "
         f"(at most {pct(high)}): discounted by that, the win's lower end {pct(low * factor)} does not clear "
         f"{pct(need)}. A champion that slows down once it is the champion, or a machine that got busy; re-run on "
         f"a quiet machine (was: KEEP, {result['reason']})"))

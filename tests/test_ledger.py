@@ -213,10 +213,11 @@ def test_a_keep_against_a_champion_far_below_its_own_pace_is_invalid(tmp_path):
             assert "50 % below its own 10.0" in result["reason"] and "was: KEEP" in result["reason"]
 
 
-def test_a_keep_against_a_champion_slower_against_the_yardstick_than_when_it_won_is_invalid(tmp_path):
-    """The champion's speed over the yardstick's, now against the run that made it the
-    champion: a champion that slows down once it is the champion is caught whatever the
-    machine's load (the ratio cancels it); a win it cannot explain stands."""
+def test_a_keep_against_a_champion_slower_against_the_yardstick_than_its_record_is_invalid(tmp_path):
+    """The champion's speed over the yardstick's, now against its record (the best clean run
+    of its code): a champion that slows down once it is the champion is caught whatever the
+    machine's load (the ratio cancels it); a win it cannot explain stands, and records at
+    least the speed it implies."""
     import math
     from types import SimpleNamespace
 
@@ -224,23 +225,28 @@ def test_a_keep_against_a_champion_slower_against_the_yardstick_than_when_it_won
     from harness.bench import Sample
 
     path = tmp_path / "results.tsv"
-    ledger.append(path, _row("kept as challenger", commit="c0", protocol="p", quality_pass=True,
+    ledger.append(path, _row("kept as challenger", commit="c0", protocol="p", quality_pass=True, code_hash="h0",
                              yardstick_ratio=2.0, yardstick_se=0.004))
+    ledger.append(path, _row("its code sandbagged on another branch", commit="c0", protocol="p", quality_pass=True,
+                             code_hash="h0", decision="BASELINE", yardstick_ratio=1.0, yardstick_se=0.004))
+    ledger.append(path, _row("another code", commit="c2", protocol="p", quality_pass=True, code_hash="h2",
+                             yardstick_ratio=9.0, yardstick_se=0.004))
     ledger.append(path, _row("an older harness's row", commit="c1", protocol="p", quality_pass=True))
     rows, _ = ledger.read(path)
-    assert ledger.yardstick_record(rows[0]) == (pytest.approx(math.log(2.0)), pytest.approx(0.004))
-    assert ledger.yardstick_record(rows[1]) == (None, None)
+    record = ledger.yardstick_record(rows, rows[1])  # the sandbagged BASELINE is the champion row
+    assert record == (pytest.approx(math.log(2.0)), pytest.approx(0.004))  # the best run of its code
+    assert ledger.yardstick_record(rows, rows[3]) == (None, None)
     ctx = SimpleNamespace(protocol="p", settings=SimpleNamespace(verdict=SimpleNamespace(primary_metric="decode_tps",
                                                                                           min_effect=0.01)))
 
-    def run(champion_over_stick, load):
+    def run(champion_over_stick, load, calls=12):
         """Samples of one run: the machine `load` times slower for everyone."""
         def sample(worker, r, tps):
             return Sample(worker=worker, prompt="a", kind="decode", repeat=r, nonce="x", prompt_tokens=10, n_tokens=9,
                           ttft_s=0.1, total_s=1.0, decode_s=8 / tps, decode_tps=tps, prefill_tps=100.0,
                           peak_memory_bytes=1, prompt_ids=[], tokens=[])
-        stick = [sample("yardstick", r, 50 / load * (1 + 0.01 * (-1) ** r)) for r in range(12)]
-        return stick + [sample("champion", r, 50 * champion_over_stick / load) for r in range(12)]
+        stick = [sample("yardstick", r, 50 / load * (1 + 0.01 * (-1) ** r)) for r in range(calls)]
+        return stick + [sample("champion", r, 50 * champion_over_stick / load) for r in range(calls)]
 
     for over, load, speedup_low, expected in ((2.0, 1.5, 1.2, "KEEP"),     # as it was, on a busier machine
                                               (1.96, 1.0, 1.05, "KEEP"),   # 2 % slower: +5 % is still a win
@@ -248,14 +254,29 @@ def test_a_keep_against_a_champion_slower_against_the_yardstick_than_when_it_won
                                               (1.4, 1.0, 2.0, "KEEP"),     # a win too big for that to explain
                                               (1.4, 1.0, None, "REVERT")):
         result = {"decision": ledger.Decision("KEEP" if speedup_low else "REVERT"), "reason": "faster",
-                  "champion": "c0", "speedup_ci": [speedup_low, 3.0]}
-        pace.check_champion_yardstick(ctx, result, {"samples": run(over, load)}, SimpleNamespace(champion=rows[0]))
+                  "champion": "c0", "speedup_ci": [speedup_low, 3.0], "yardstick_ratio": 1.0}
+        pace.check_champion_yardstick(ctx, result, {"samples": run(over, load)}, record)
         assert result["decision"] == expected, (over, load, result)
         assert result["champion_yardstick_pace"] == pytest.approx(over / 2.0, rel=0.01)
         if expected == "INVALID":
-            assert "ran -30.0 % against the run that made it the champion" in result["reason"]
-            assert "was: KEEP" in result["reason"]
+            assert "ran -30.0 % against its record" in result["reason"] and "was: KEEP" in result["reason"]
+        if expected == "KEEP":  # at least the record times the (discounted) lower end
+            assert result["yardstick_ratio"] >= 2.0 * speedup_low * min(1.0, over / 2.0) * 0.98
+    # four yardstick calls bound nothing: no KEEP on them
+    result = {"decision": ledger.Decision.KEEP, "reason": "faster", "champion": "c0", "speedup_ci": [1.3, 1.5]}
+    pace.check_champion_yardstick(ctx, result, {"samples": run(1.4, 1.0, calls=4)}, record)
+    assert result["decision"] == "INVALID" and "too few yardstick calls" in result["reason"]
     # no record (an older harness's row): nothing checked here
     result = {"decision": ledger.Decision.KEEP, "reason": "faster", "champion": "c1", "speedup_ci": [1.2, 3.0]}
-    pace.check_champion_yardstick(ctx, result, {"samples": run(1.0, 1.0)}, SimpleNamespace(champion=rows[1]))
+    pace.check_champion_yardstick(ctx, result, {"samples": run(1.0, 1.0)}, (None, None))
     assert result["decision"] == "KEEP" and "champion_yardstick_pace" not in result
+
+
+def test_earlier_runs_against_a_champion_slower_than_its_record_are_not_pooled(tmp_path):
+    path = tmp_path / "results.tsv"
+    same = dict(protocol="p", champion="c0", code_hash="h", quality_pass=True, decision="REVERT")
+    ledger.append(path, _row("fine", **same, ratios='{"decode_tps": [1.1]}', champion_yardstick_pace=1.0))
+    ledger.append(path, _row("slow champion", **same, ratios='{"decode_tps": [1.1, 1.3]}', champion_yardstick_pace=0.8))
+    rows, _ = ledger.read(path)
+    assert ledger.earlier_ratios(rows, protocol="p", champion="c0", code_hash="h") == ({}, 0)
+    assert ledger.earlier_ratios(rows[:1], protocol="p", champion="c0", code_hash="h") == ({"decode_tps": [1.1]}, 1)
