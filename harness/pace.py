@@ -13,6 +13,8 @@ from harness.verdict import pct
 # that slows itself when it senses a newer challenger (a covert channel between the two
 # workers) would hand out KEEPs; load alone swings the speed here by 15-25 %.
 CHAMPION_PACE_FLOOR = 0.7
+
+
 def check_champion_pace(ctx, result, standing):
     """A KEEP won against a champion that ran below CHAMPION_PACE_FLOOR of its own earlier
     speed (ledger.own_speed) becomes INVALID: re-run on a quiet machine."""
