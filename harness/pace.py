@@ -61,6 +61,7 @@ def check_champion_yardstick(ctx, result, out, record):
         return
     result.update(decision=Decision.INVALID, reason=(
         f"the champion ran {pct(pace)} against its record, each relative to the yardstick "
-        f"(at most {pct(high)}): discounted by that, the win's lower end {pct(low * factor)} does not clear "
+        f"(at most {pct(high)}; {pct(verdict.YARDSTICK_PACE_TOLERANCE)} forgiven): discounted by the rest, the win's "
+        f"lower end {pct(low * factor)} does not clear "
         f"{pct(need)}. A champion that slows down once it is the champion, or a machine that got busy; re-run on "
         f"a quiet machine (was: KEEP, {result['reason']})"))
