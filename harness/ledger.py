@@ -346,6 +346,14 @@ def earlier_ratios(rows, *, protocol, champion, code_hash):
 POOL_PACE_FLOOR = 0.97  # an earlier run whose champion ran below this against its record is not pooled
 
 
+def _clean_run(row, protocol):
+    """A row the harness wrote of a committed pipeline measured cleanly under `protocol` that
+    passed every gate (not a search trial): what that pipeline ran at, measured itself."""
+    return (row.get("protocol") == protocol and row.get("trusted", True) and row.get("dirty") != "true"
+            and row.get("quality_pass") == "true" and row.get("decision") not in FAILED
+            and row.get("source") != "search")
+
+
 def _float(text):
     """A cell as a float; nan when empty or not a number."""
     try:
@@ -360,13 +368,8 @@ def own_speed(rows, *, protocol, commit, metric):
     was measured as the challenger itself."""
     figures = []
     for row in rows:
-        if (row.get("commit") == commit and row.get("protocol") == protocol and row.get("trusted", True)
-                and row.get("dirty") != "true" and row.get("quality_pass") == "true"
-                and row.get("decision") not in FAILED and row.get("source") != "search"):
-            try:
-                figures.append(float(row.get(metric) or "nan"))
-            except ValueError:
-                continue
+        if row.get("commit") == commit and _clean_run(row, protocol):
+            figures.append(_float(row.get(metric)))
     figures = [f for f in figures if f == f and f > 0]
     return statistics.median(figures) if figures else None
 
@@ -381,15 +384,9 @@ def yardstick_record(rows, champion):
     best = (None, None)
     for row in rows:
         if row is not champion and not (row.get("code_hash") and row.get("code_hash") == champion.get("code_hash")
-                                        and row.get("protocol") == champion.get("protocol")
-                                        and row.get("trusted", True) and row.get("dirty") != "true"
-                                        and row.get("quality_pass") == "true" and row.get("decision") not in FAILED
-                                        and row.get("source") != "search"):
+                                        and _clean_run(row, champion.get("protocol"))):
             continue
-        try:
-            ratio, se = float(row.get("yardstick_ratio") or "nan"), float(row.get("yardstick_se") or "nan")
-        except ValueError:
-            continue
+        ratio, se = _float(row.get("yardstick_ratio")), _float(row.get("yardstick_se"))
         if ratio > 0 and se > 0 and (best[0] is None or math.log(ratio) > best[0]):  # nan fails
             best = (math.log(ratio), se)
     return best
