@@ -74,7 +74,8 @@ def make_context(settings, *, quick, model=None, root=ROOT):
     tasks_sha = settings_mod.digest([(t.id, t.prompt, t.params) for t in load_tasks()])
     digests = {"model": model_digest(model_dir), "draft": model_digest(draft_dir) if draft_dir else None}
     protocol = settings_mod.protocol_hash(settings, quick, name, {"corpus": corpus_sha, "tasks": tasks_sha,
-                                                                  "draft": draft, "digests": digests})
+                                                                  "draft": draft, "digests": digests,
+                                                                  "yardstick": verdict.YARDSTICK_METRIC})
     vocab_size = geometry.model_geometry(model_dir).vocab_size or None
     return Context(settings=settings, quick=quick, model=name, model_dir=model_dir,
                    draft_dir=draft_dir, tokenizer=load_tokenizer(model_dir),
@@ -122,7 +123,8 @@ def evaluate(ctx, *, inference_path=None, overrides=None, source="agent", apply=
         earlier, earlier_runs = ledger.earlier_ratios(standing.rows, protocol=ctx.protocol, champion=result["champion"],
                                                       code_hash=result["code_hash"]) if compare else ({}, 0)
         fewer_lines = (lines["delta"] or 0) < 0 and not lines["uncounted"]
-        record = ledger.yardstick_record(standing.rows, standing.champion) if compare else (None, None)
+        record = (ledger.yardstick_record(standing.rows, standing.champion, standing.ancestry) if compare
+                  else (None, None))
         out = measure_run(ctx, standing, inference_path, overrides, compare=compare,
                           ab={"earlier": earlier, "fewer_lines": fewer_lines, "record": record})
         record_sandbox(result, out["workers"])
@@ -309,7 +311,7 @@ def figures(ctx, result, out, earlier=None):
     bandwidth = _bandwidth_gbs()
     if result["bytes_per_token"] and bandwidth:
         result["roofline_fraction"] = result["decode_tps"] * result["bytes_per_token"] / (bandwidth * 1e9)
-    log_ratio, result["yardstick_se"] = verdict.yardstick_ratio(samples, "challenger", ctx.settings.verdict.primary_metric)
+    log_ratio, result["yardstick_se"] = verdict.yardstick_ratio(samples, "challenger")
     result["yardstick_ratio"] = math.exp(log_ratio) if log_ratio is not None else None
     theirs = [s for s in samples if s.worker == "champion"]
     if theirs:

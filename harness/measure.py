@@ -88,7 +88,7 @@ class SequentialRule:
     def settled(self, samples):
         figures = verdict.comparison(samples, self.metric, min_effect=self.min_effect, earlier=self.earlier,
                                      detectable=False)
-        factor = verdict.champion_pace(samples, self.record, self.metric)[2]
+        factor = verdict.champion_pace(samples, self.record)[2]
         return verdict.settled(figures, min_effect=self.min_effect, fewer_lines=self.fewer_lines, factor=factor)
 
     def __call__(self, samples):

@@ -31,27 +31,31 @@ def check_champion_pace(ctx, result, standing):
 
 def check_champion_yardstick(ctx, result, out, record):
     """A KEEP that the champion's slowdown since it became the champion could explain becomes
-    INVALID. Its speed over the yardstick's now against `record`, the same when it was
-    measured itself (verdict.champion_pace; ledger.yardstick_record): the machine's load
-    moves both alike, so a champion slower now is slower itself, whatever told it that it is
-    the champion. The interval's lower end times the pace's 95 % upper bound must still
-    clear 1 + min_effect (the A/B goes on until it does, or its budget is spent:
-    SequentialRule). A KEEP that stands records at least the speed its win implies (the
-    champion's record times that discounted lower end): a challenger that holds back where
-    the speedup's cap hides it (a champion over 1.5x slower) cannot bank a low record. Without
-    a record (rows of an older harness) nothing is checked here; check_champion_pace's floor
-    still is."""
-    metric = ctx.settings.verdict.primary_metric
-    pace, high, factor = verdict.champion_pace(out["samples"], record, metric)
+    INVALID. Its whole-call speed over the yardstick's now against `record`, the same when it
+    (or code it descends from) was measured (verdict.champion_pace; ledger.yardstick_record):
+    the machine's load moves both alike, so a champion slower now is slower itself, whatever
+    told it that it is the champion. The lower ends of the speedup's interval and (for
+    decode) of the whole-call ratio's, times the pace's 95 % upper bound, must still clear
+    the line the KEEP was given on: 1 + min_effect for a win, 1 - min_effect for a simpler
+    KEEP (the A/B goes on until they do, or its budget is spent: SequentialRule). A win that
+    stands records at least the whole-call speed it implies (the champion's record times
+    the discounted whole-call lower end): a challenger that holds back where the speedup's
+    cap hides it (a champion over 1.5x slower) cannot bank a low record. Without a record
+    (rows of an older harness) nothing is checked here; check_champion_pace's floor still is."""
+    pace, high, factor = verdict.champion_pace(out["samples"], record)
     if pace is None:
         return
     result["champion_yardstick_pace"] = pace
-    low, need = (result.get("speedup_ci") or [None])[0], 1 + ctx.settings.verdict.min_effect
+    low, whole_low = (result.get("speedup_ci") or [None])[0], (result.get("end_to_end_ci") or [None])[0]
     if result["decision"] != Decision.KEEP or low is None:
         return
-    if low * factor > need:
-        implied = math.exp(record[0]) * low * factor
-        result["yardstick_ratio"] = max(result.get("yardstick_ratio") or 0, implied)
+    decode = ctx.settings.verdict.primary_metric == "decode_tps"
+    need, floor = 1 + ctx.settings.verdict.min_effect, 1 - ctx.settings.verdict.min_effect
+    line = need if low > need and (not decode or (whole_low or 0) > need) else floor  # a win, or simpler
+    shown = min(low, whole_low or 0) if decode else low
+    if shown * factor > line:
+        if line == need and whole_low:
+            result["yardstick_ratio"] = max(result.get("yardstick_ratio") or 0, math.exp(record[0]) * whole_low * factor)
         return
     if factor == 0:
         result.update(decision=Decision.INVALID, reason=(
@@ -60,8 +64,8 @@ def check_champion_yardstick(ctx, result, out, record):
             f"(was: KEEP, {result['reason']})"))
         return
     result.update(decision=Decision.INVALID, reason=(
-        f"the champion ran {pct(pace)} against its record, each relative to the yardstick "
+        f"the champion ran {pct(pace)} against its record, whole calls relative to the yardstick "
         f"(at most {pct(high)}; {pct(verdict.YARDSTICK_PACE_TOLERANCE)} forgiven): discounted by the rest, the win's "
-        f"lower end {pct(low * factor)} does not clear "
-        f"{pct(need)}. A champion that slows down once it is the champion, or a machine that got busy; re-run on "
+        f"lower end {pct(shown * factor)} does not clear "
+        f"{pct(line)}. A champion that slows down once it is the champion, or a machine that got busy; re-run on "
         f"a quiet machine (was: KEEP, {result['reason']})"))

@@ -65,7 +65,12 @@ def comparison(samples, primary_metric, *, min_effect, earlier=None, detectable=
             "ratios": {primary_metric: ratios, "end_to_end": whole}}
 
 
-def yardstick_ratio(samples, worker, metric, *, cap=stats.RATIO_CAP):
+def _speed(sample, metric):
+    """A call's `metric`; "end_to_end" is whole calls, 1 / (request to last token)."""
+    return 1 / sample.total_s if metric == "end_to_end" else getattr(sample, metric)
+
+
+def yardstick_ratio(samples, worker, metric=None, *, cap=stats.RATIO_CAP):
     """(log ratio, se): `worker`'s speed relative to the yardstick's in one run, or
     (None, None) without at least two yardstick calls. The machine's load, which moves both
     alike, cancels out; what is left is the pipeline's own pace, comparable across runs of
@@ -79,16 +84,18 @@ def yardstick_ratio(samples, worker, metric, *, cap=stats.RATIO_CAP):
     in every run, each round having every prompt. The se uses the yardstick's spread (robust:
     the median absolute deviation) for both terms: the worker cannot widen it by varying its
     speed. For prefill_tps only the prefill-kind prompts count, as in paired_ratios.
+    `metric` defaults to YARDSTICK_METRIC.
     """
+    metric = metric or YARDSTICK_METRIC
     mine = [s for s in samples if s.worker == worker and s.repeat >= 0]
     if metric == "prefill_tps":
         mine = [s for s in mine if s.kind == "prefill"] or mine
-    theirs = [math.log(getattr(s, metric)) for s in samples if s.worker == "yardstick" and s.repeat >= 0]
+    theirs = [math.log(_speed(s, metric)) for s in samples if s.worker == "yardstick" and s.repeat >= 0]
     if not mine or len(theirs) < 2:
         return None, None
     by_prompt = {}
     for s in mine:
-        by_prompt.setdefault(s.prompt, []).append(math.log(getattr(s, metric)))
+        by_prompt.setdefault(s.prompt, []).append(math.log(_speed(s, metric)))
     centre, bound = {p: statistics.median(v) for p, v in by_prompt.items()}, math.log(cap)
     level = sum(centre[p] + min(max(x - centre[p], -bound), bound) for p, v in by_prompt.items() for x in v) / len(mine)
     middle = statistics.median(theirs)
@@ -98,7 +105,7 @@ def yardstick_ratio(samples, worker, metric, *, cap=stats.RATIO_CAP):
     return level - middle, spread * math.sqrt(1 / len(mine) + math.pi / 2 / len(theirs))
 
 
-def champion_pace(samples, record, metric):
+def champion_pace(samples, record):
     """(pace, high, factor): the champion's speed over the yardstick's in `samples`
     (yardstick_ratio) against `record`, the same when it was measured itself
     ((log ratio, se): ledger.yardstick_record); that pace's one-sided 95 % upper bound; and
@@ -106,7 +113,7 @@ def champion_pace(samples, record, metric):
     only evidence of a slowdown beyond the tolerance discounts. (None, None, 1.0) without a record or yardstick;
     factor 0 (no KEEP yet) with fewer than YARDSTICK_MIN_CALLS yardstick calls: a few noisy
     ones bound nothing (a red team's champion, 25 % slower, passed on 4 of them: KEEP +50 %)."""
-    now, se_now = yardstick_ratio(samples, "champion", metric)
+    now, se_now = yardstick_ratio(samples, "champion")
     then, se_then = record or (None, None)
     if now is None or then is None:
         return None, None, 1.0
@@ -116,6 +123,11 @@ def champion_pace(samples, record, metric):
     return math.exp(now - then), high, factor
 
 
+# What the yardstick compares: whole calls, request to last token. Every slowdown a champion
+# can put anywhere in a call shows there (a pause before its first token is invisible to
+# decode_tps: red team 3 padded the champion's first token on cue and burst the challenger's
+# tokens, KEEP +34 % with whole calls no faster), and holding tokens back gains nothing there.
+YARDSTICK_METRIC = "end_to_end"
 # What of an honest champion's pace against its record is forgiven. An honest champion drifted
 # to -4.3 % (bound -2.3 %) on a quiet machine, which made an honest +2.8 % KEEP INVALID; a chain
 # of no-op commits, each champion slower than when it won, gains up to this much a step.
@@ -140,7 +152,7 @@ def settled(comparison_figures, *, min_effect, fewer_lines=False, factor=1.0):
     whole-call ratio's, or that one lies wholly below), or wholly below it. With
     `fewer_lines` (a "simpler" KEEP is possible): also once it is surely no slower than
     1 - min_effect (whole calls too, for decode), and wholly below only under that. The
-    interval's lower end counts times `factor` (champion_pace: a champion slower than when
+    intervals' lower ends count times `factor` (champion_pace: a champion slower than when
     it won gives no win by that)."""
     low, high = comparison_figures["speedup_ci"]
     if low is None:
@@ -148,6 +160,7 @@ def settled(comparison_figures, *, min_effect, fewer_lines=False, factor=1.0):
     low *= factor
     need, floor = 1 + min_effect, 1 - min_effect
     whole_low, whole_high = comparison_figures["end_to_end_ci"]
+    whole_low = None if whole_low is None else whole_low * factor
     decode = comparison_figures["primary_metric"] == "decode_tps"
     if fewer_lines:
         if low >= floor and (not decode or (whole_low is not None and whole_low >= floor)):

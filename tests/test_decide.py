@@ -99,9 +99,12 @@ def test_settled(what, ci, whole, metric, expected):
 def test_a_slower_champion_discounts_the_lower_end_before_the_ab_settles():
     """verdict.champion_pace's factor: the A/B goes on while the lower end times it does not
     clear the KEEP line (a champion slower than when it won gives no win by that)."""
-    figures = {"speedup_ci": [1.05, 1.2], "end_to_end_ci": [1.04, 1.2], "primary_metric": "decode_tps"}
+    figures = {"speedup_ci": [1.05, 1.2], "end_to_end_ci": [1.05, 1.2], "primary_metric": "decode_tps"}
     assert settled(figures, min_effect=0.01, factor=0.97)
     assert not settled(figures, min_effect=0.01, factor=0.95)
+    # whole calls are discounted too (the pace is taken on whole calls)
+    figures["end_to_end_ci"] = [1.03, 1.1]
+    assert settled(figures, min_effect=0.01) and not settled(figures, min_effect=0.01, factor=0.97)
     below = {"speedup_ci": [0.95, 1.005], "end_to_end_ci": [0.95, 1.005], "primary_metric": "decode_tps"}
     assert settled(below, min_effect=0.01, factor=0.5)  # no win either way: decided
 

@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+from conftest import git
 from harness import ledger
 
 # Appended to inference.py: the tokens are the model's own, but after the call the code
@@ -473,3 +474,97 @@ def test_a_kept_challenger_that_slows_down_once_it_is_the_champion_is_caught(pro
     assert "against its record" in result["reason"], result
     rows, _ = ledger.read(project.root / "results.tsv")
     assert rows[-1]["decision"] == "INVALID" and float(rows[-1]["champion_yardstick_pace"]) < 0.85
+
+
+CUE_PADDER = '''
+
+import os as _os
+import time as _time
+
+_honest_generate = generate
+_last_call_s = [0.0]
+
+
+def generate(pipeline, prompt, *, max_tokens, stop_at_eos):
+    started = _time.perf_counter()
+    pad = _last_call_s[0] * 0.6 if _os.path.exists(__CUE__) else 0.0
+    for n, step in enumerate(_honest_generate(pipeline, prompt, max_tokens=max_tokens, stop_at_eos=stop_at_eos)):
+        until = _time.perf_counter() + (pad if n == 0 else 0.0)
+        while _time.perf_counter() < until:
+            pass  # a pause before the first token: decode_tps, first to last token, is untouched
+        yield step
+    _last_call_s[0] = _time.perf_counter() - started - pad
+'''
+
+BURSTER = '''
+
+_honest_generate = generate
+
+
+def generate(pipeline, prompt, *, max_tokens, stop_at_eos):
+    held = []
+    for step in _honest_generate(pipeline, prompt, max_tokens=max_tokens, stop_at_eos=stop_at_eos):
+        held.append(step)
+        if len(held) * 10 >= max_tokens * 9:  # nine tenths held back, then all at once
+            yield from held
+            held = []
+    yield from held
+'''
+
+
+def test_a_champion_that_pauses_before_its_first_token_cannot_hand_a_burst_a_keep(project, sandboxed):
+    """Red team 3: the champion pauses before its first token on a cue (its decode_tps, first
+    to last token, untouched) and the challenger holds its tokens back and bursts them (its
+    decode_tps inflated many times): decode and whole calls both look faster. The champion's
+    pace against its record is taken on whole calls, where the pause shows: no KEEP."""
+    import uuid
+
+    cue = Path("/var/tmp") / f"mlx-hillclimb-test-cue-{uuid.uuid4().hex}"
+    settings = project.settings()
+    settings["workload"]["presets"]["quick"]["max_tokens"] = 128
+    project.write_settings(settings)
+    honest = project.inference.read_text()
+    project.inference.write_text(honest + CUE_PADDER.replace("__CUE__", repr(str(cue))))
+    project.commit("pauses before its first token on a cue")
+    assert project.evaluate()[1]["decision"] == "BASELINE"
+    project.inference.write_text(honest + BURSTER)
+    project.commit("bursts its tokens")
+    try:
+        cue.touch()
+        proc, result = project.evaluate()
+    finally:
+        cue.unlink(missing_ok=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert result["decision"] in ("INVALID", "REVERT"), result
+    assert result["speedup"] >= 1.4, result  # the burst did inflate decode_tps (the speedup counts it up to x1.5)
+    if result["decision"] == "INVALID":
+        assert "against its record" in result["reason"], result
+    assert result["champion_yardstick_pace"] < 0.85, result
+
+
+def test_a_sandbagged_first_baseline_on_a_new_branch_is_held_to_its_parents_record(project, sandboxed):
+    """Red team 3: a new branch whose first BASELINE is slowed code; the honest code back
+    again would be KEPT against it. The champion is held to the record of the commits it
+    descends from, so that KEEP is INVALID."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from power import SLEEPY_LOOP, TOKEN_LOOP
+
+    settings = project.settings()
+    settings["workload"]["presets"]["quick"]["max_tokens"] = 128
+    project.write_settings(settings)
+    project.edit_inference(TOKEN_LOOP, SLEEPY_LOOP)
+    project.edit_inference("NUM_DRAFT_TOKENS = 3 ", "SLEEP_FRACTION = 0.0\nNUM_DRAFT_TOKENS = 3 ")
+    project.commit("honest")
+    assert project.evaluate()[1]["decision"] == "BASELINE"
+    git(project.root, "checkout", "-qb", "sandbagged")
+    project.edit_inference("SLEEP_FRACTION = 0.0\n", "SLEEP_FRACTION = 0.6\n")
+    project.commit("slowed before this branch's first baseline")
+    assert project.evaluate()[1]["decision"] == "BASELINE"
+    project.edit_inference("SLEEP_FRACTION = 0.6\n", "SLEEP_FRACTION = 0.0\n")
+    project.commit("the honest code again")
+    proc, result = project.evaluate()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert result["decision"] == "INVALID" and "against its record" in result["reason"], result
+    assert result["champion_yardstick_pace"] < 0.85, result

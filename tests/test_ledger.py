@@ -221,7 +221,7 @@ def test_a_keep_against_a_champion_slower_against_the_yardstick_than_its_record_
     import math
     from types import SimpleNamespace
 
-    from harness import pace
+    from harness import pace, verdict
     from harness.bench import Sample
 
     path = tmp_path / "results.tsv"
@@ -232,38 +232,62 @@ def test_a_keep_against_a_champion_slower_against_the_yardstick_than_its_record_
     ledger.append(path, _row("another code", commit="c2", protocol="p", quality_pass=True, code_hash="h2",
                              yardstick_ratio=9.0, yardstick_se=0.004))
     ledger.append(path, _row("an older harness's row", commit="c1", protocol="p", quality_pass=True))
+    ledger.append(path, _row("slowed code, baselined on a new branch from c2", commit="c3", protocol="p",
+                             quality_pass=True, code_hash="h3", decision="BASELINE", yardstick_ratio=1.0,
+                             yardstick_se=0.004))
     rows, _ = ledger.read(path)
-    record = ledger.yardstick_record(rows, rows[1])  # the sandbagged BASELINE is the champion row
+    record = ledger.yardstick_record(rows, rows[1], ["c0"])  # the sandbagged BASELINE is the champion row
     assert record == (pytest.approx(math.log(2.0)), pytest.approx(0.004))  # the best run of its code
-    assert ledger.yardstick_record(rows, rows[3]) == (None, None)
+    assert ledger.yardstick_record(rows, rows[3], ["c1"]) == (None, None)
+    # a first BASELINE of new code is held to the record of the commits it descends from
+    assert ledger.yardstick_record(rows, rows[4], ["c9", "c3", "c2", "c1"])[0] == pytest.approx(math.log(9.0))
+    assert ledger.yardstick_record(rows, rows[4], ["c3", "c0", "c1"])[0] == pytest.approx(math.log(2.0))  # not c2's
+    assert ledger.yardstick_record(rows, rows[1], ["c3", "c0"])[0] == pytest.approx(math.log(2.0))  # only older ones
+    # new code on an orphan branch (nothing it descends from was measured): the best clean run of the protocol
+    assert ledger.yardstick_record(rows, rows[4], ["c3"])[0] == pytest.approx(math.log(9.0))
+    assert ledger.yardstick_record(rows, rows[4], ["c3", "c1"])[0] == pytest.approx(math.log(9.0))  # c1: no ratio
     ctx = SimpleNamespace(protocol="p", settings=SimpleNamespace(verdict=SimpleNamespace(primary_metric="decode_tps",
                                                                                           min_effect=0.01)))
 
-    def run(champion_over_stick, load, calls=12):
-        """Samples of one run: the machine `load` times slower for everyone."""
-        def sample(worker, r, tps):
+    def run(champion_over_stick, load, calls=12, pad=0.0):
+        """Samples of one run: the machine `load` times slower for everyone; the champion's
+        first token `pad` seconds late (its decode_tps unchanged)."""
+        def sample(worker, r, tps, pad=0.0):
             return Sample(worker=worker, prompt="a", kind="decode", repeat=r, nonce="x", prompt_tokens=10, n_tokens=9,
-                          ttft_s=0.1, total_s=1.0, decode_s=8 / tps, decode_tps=tps, prefill_tps=100.0,
-                          peak_memory_bytes=1, prompt_ids=[], tokens=[])
+                          ttft_s=0.001 + pad, total_s=8 / tps + pad, decode_s=8 / tps, decode_tps=tps,
+                          prefill_tps=100.0, peak_memory_bytes=1, prompt_ids=[], tokens=[])
         stick = [sample("yardstick", r, 50 / load * (1 + 0.01 * (-1) ** r)) for r in range(calls)]
-        return stick + [sample("champion", r, 50 * champion_over_stick / load) for r in range(calls)]
+        return stick + [sample("champion", r, 50 * champion_over_stick / load, pad) for r in range(calls)]
 
-    for over, load, speedup_low, expected in ((2.0, 1.5, 1.2, "KEEP"),     # as it was, on a busier machine
-                                              (1.96, 1.0, 1.05, "KEEP"),   # 2 % slower: +5 % is still a win
-                                              (1.4, 1.0, 1.2, "INVALID"),  # 30 % slower
-                                              (1.4, 1.0, 2.0, "KEEP"),     # a win too big for that to explain
-                                              (1.4, 1.0, None, "REVERT")):
-        result = {"decision": ledger.Decision("KEEP" if speedup_low else "REVERT"), "reason": "faster",
-                  "champion": "c0", "speedup_ci": [speedup_low, 3.0], "yardstick_ratio": 1.0}
+    for over, load, low, whole_low, expected in (
+            (2.0, 1.5, 1.2, 1.05, "KEEP"),     # as it was, on a busier machine
+            (1.96, 1.0, 1.05, 1.04, "KEEP"),   # 2 % slower: +4 % is still a win
+            (1.4, 1.0, 1.2, 1.08, "INVALID"),  # 30 % slower
+            (1.4, 1.0, 2.0, 1.1, "INVALID"),   # whole calls (capped at x1.1) cannot outrun that
+            (1.8, 1.0, 1.3, 1.1, "KEEP"),      # 10 % slower: a win of x1.1 on whole calls still clears
+            (2.0, 1.0, 0.995, 0.995, "KEEP"),  # a simpler KEEP (no slower than -1 %), champion as it was
+            (1.4, 1.0, None, None, "REVERT")):
+        result = {"decision": ledger.Decision("KEEP" if low else "REVERT"), "reason": "faster",
+                  "champion": "c0", "speedup_ci": [low, 3.0], "end_to_end_ci": [whole_low, 1.1],
+                  "yardstick_ratio": 1.0}
         pace.check_champion_yardstick(ctx, result, {"samples": run(over, load)}, record)
         assert result["decision"] == expected, (over, load, result)
         assert result["champion_yardstick_pace"] == pytest.approx(over / 2.0, rel=0.01)
         if expected == "INVALID":
             assert "ran -30.0 % against its record" in result["reason"] and "was: KEEP" in result["reason"]
-        if expected == "KEEP":  # at least the record times the (discounted) lower end
-            assert result["yardstick_ratio"] >= 2.0 * speedup_low * min(1.0, over / 2.0) * 0.98
+        if expected == "KEEP" and low > 1.01:  # a win records at least the record times the discounted lower end
+            assert result["yardstick_ratio"] >= 2.0 * whole_low * min(1.0, over / 2.0) * 0.98
+    # a champion that pauses before its first token is as fast as ever between first and last
+    # token, but not over whole calls: bursting the challenger's tokens buys nothing against it
+    padded = run(2.0, 1.0, pad=8 / 100 * 0.4)
+    assert verdict.yardstick_ratio(padded, "champion", "decode_tps")[0] == pytest.approx(math.log(2.0), abs=0.01)
+    result = {"decision": ledger.Decision.KEEP, "reason": "faster", "champion": "c0", "speedup_ci": [1.3, 1.5],
+              "end_to_end_ci": [1.05, 1.1]}
+    pace.check_champion_yardstick(ctx, result, {"samples": padded}, record)
+    assert result["decision"] == "INVALID" and result["champion_yardstick_pace"] == pytest.approx(1 / 1.4, rel=0.01)
     # four yardstick calls bound nothing: no KEEP on them
-    result = {"decision": ledger.Decision.KEEP, "reason": "faster", "champion": "c0", "speedup_ci": [1.3, 1.5]}
+    result = {"decision": ledger.Decision.KEEP, "reason": "faster", "champion": "c0", "speedup_ci": [1.3, 1.5],
+              "end_to_end_ci": [1.1, 1.1]}
     pace.check_champion_yardstick(ctx, result, {"samples": run(1.4, 1.0, calls=4)}, record)
     assert result["decision"] == "INVALID" and "too few yardstick calls" in result["reason"]
     # no record (an older harness's row): nothing checked here
