@@ -136,6 +136,7 @@ def evaluate(ctx, *, inference_path=None, overrides=None, source="agent", apply=
             judge(ctx, result, standing, search=bool(overrides))
             pace.check_champion_yardstick(ctx, result, out, record)
             pace.check_champion_pace(ctx, result, standing)
+            pace.note_baseline_below_record(ctx, result, standing)
             explain_noise(result, standing, earlier_runs)
     guard_ledger(ctx, result, standing)
     result["elapsed_s"] = round(time.perf_counter() - started, 1)

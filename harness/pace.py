@@ -1,7 +1,8 @@
 """Is the champion in this run the champion it was? Two checks on its speed that can turn a
 KEEP INVALID: against its record, both relative to the yardstick (a champion that slows down
 once it is the champion, whatever tells it so), and against its raw speed in its own earlier
-runs (a floor, for champions without a yardstick record)."""
+runs (a floor, for champions without a yardstick record). And a note on a BASELINE far
+below the record its branch's KEEPs will be held to."""
 
 import math
 
@@ -69,3 +70,23 @@ def check_champion_yardstick(ctx, result, out, record):
         f"lower end {pct(shown * factor)} does not clear "
         f"{pct(line)}. A champion that slows down once it is the champion, or a machine that got busy; re-run on "
         f"a quiet machine (was: KEEP, {result['reason']})"))
+
+
+# A BASELINE this far below the record of the code it descends from is told so: the KEEPs
+# of its branch are held to that record (ledger.yardstick_record).
+BASELINE_NOTE_BELOW = 0.9
+
+
+def note_baseline_below_record(ctx, result, standing):
+    """Add to a BASELINE's reason when it ran far below the record of the commits it
+    descends from (or, new code on an orphan branch, of the protocol): its branch's KEEPs
+    must make up the difference before they count."""
+    if result["decision"] != Decision.BASELINE or not result.get("yardstick_ratio"):
+        return
+    row = {k: result.get(k) for k in ("commit", "code_hash", "yardstick_ratio", "yardstick_se")}
+    row.update(protocol=ctx.protocol)
+    record = ledger.yardstick_record(standing.rows + [row], row, standing.ancestry)[0]
+    if record is not None and result["yardstick_ratio"] < BASELINE_NOTE_BELOW * math.exp(record):
+        result["reason"] += (f"; it runs {pct(result['yardstick_ratio'] / math.exp(record))} against the record of "
+                             f"the code it descends from (whole calls, relative to the yardstick): this branch's "
+                             f"KEEPs are held to that record")

@@ -561,7 +561,8 @@ def test_a_sandbagged_first_baseline_on_a_new_branch_is_held_to_its_parents_reco
     git(project.root, "checkout", "-qb", "sandbagged")
     project.edit_inference("SLEEP_FRACTION = 0.0\n", "SLEEP_FRACTION = 0.6\n")
     project.commit("slowed before this branch's first baseline")
-    assert project.evaluate()[1]["decision"] == "BASELINE"
+    result = project.evaluate()[1]
+    assert result["decision"] == "BASELINE" and "against the record of the code it descends from" in result["reason"]
     project.edit_inference("SLEEP_FRACTION = 0.6\n", "SLEEP_FRACTION = 0.0\n")
     project.commit("the honest code again")
     proc, result = project.evaluate()
