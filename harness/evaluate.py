@@ -123,8 +123,9 @@ def evaluate(ctx, *, inference_path=None, overrides=None, source="agent", apply=
         earlier, earlier_runs = ledger.earlier_ratios(standing.rows, protocol=ctx.protocol, champion=result["champion"],
                                                       code_hash=result["code_hash"]) if compare else ({}, 0)
         fewer_lines = (lines["delta"] or 0) < 0 and not lines["uncounted"]
-        record = (ledger.yardstick_record(standing.rows, standing.champion, standing.ancestry) if compare
-                  else (None, None))
+        record = (ledger.yardstick_record(standing.rows, standing.champion,
+                                          gitops.ancestry(ctx.root, standing.champion["commit"]))
+                  if compare else (None, None))
         out = measure_run(ctx, standing, inference_path, overrides, compare=compare,
                           ab={"earlier": earlier, "fewer_lines": fewer_lines, "record": record})
         record_sandbox(result, out["workers"])

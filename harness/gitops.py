@@ -8,11 +8,14 @@ EDITABLE = "inference.py"
 
 
 def open_repo(root):
-    """The git repository at `root`, or None when `root` is not inside one."""
+    """The git repository at `root`, or None when `root` is not inside one. Replace refs are
+    ignored: `git replace --graft` would rewrite what a commit descends from."""
     try:
-        return git.Repo(root, search_parent_directories=False)
+        repo = git.Repo(root, search_parent_directories=False)
     except (git.InvalidGitRepositoryError, git.NoSuchPathError):
         return None
+    repo.git.update_environment(GIT_NO_REPLACE_OBJECTS="1")
+    return repo
 
 
 def state(root):
@@ -26,12 +29,24 @@ def state(root):
     return {"commit": head.hexsha[:7], "subject": head.summary, "branch": branch, "dirty": dirty}
 
 
-def ancestry(root):
-    """Short hashes of HEAD and all its ancestors (the current branch's history)."""
+def ancestry(root, commit="HEAD"):
+    """Short hashes of `commit` and all its ancestors (HEAD's: the current branch's history),
+    newest first. Walked from the commit objects themselves, so neither replace refs nor a
+    grafts file (`.git/info/grafts`, which `git rev-list` honours) can hide a parent."""
     repo = open_repo(root)
     if repo is None or not repo.head.is_valid():
         return []
-    return [c.hexsha[:7] for c in repo.iter_commits("HEAD")]
+    start = repo.commit(commit)
+    seen, order, todo = {start.hexsha}, [], [start]
+    while todo:
+        todo.sort(key=lambda c: c.committed_date)
+        current = todo.pop()
+        order.append(current.hexsha[:7])
+        for parent in current.parents:
+            if parent.hexsha not in seen:
+                seen.add(parent.hexsha)
+                todo.append(parent)
+    return order
 
 
 def file_at(root, commit, path):

@@ -374,28 +374,28 @@ def own_speed(rows, *, protocol, commit, metric):
     return statistics.median(figures) if figures else None
 
 
-def yardstick_record(rows, champion, ancestry):
+def yardstick_record(rows, champion, lineage):
     """(log ratio, se): the pipeline's speed over the yardstick's that the `champion` row's
     pipeline is held to, or (None, None) (rows of an older harness). The best of the clean
     runs (same protocol, any branch, any role) of its code (same code_hash) and of the
-    commits it descends from (`ancestry`: HEAD's history, newest first), the champion row's
-    own included; of every clean run of the protocol when neither its code nor any commit
-    it descends from was measured before (new code on an orphan branch). A pipeline cannot
-    lower it by sandbagging a run of its own: a later BASELINE on a new branch or a re-run
-    as the champion (red team: KEEP +39-49 % for no-ops, once per branch), nor a first
-    BASELINE of slowed code on a new branch (red team: KEEP +45 % per branch)."""
+    commits in `lineage` (its commit and every commit it descends from:
+    gitops.ancestry(root, commit)), the champion row's own included; of every clean run of
+    the protocol when it does not descend from the protocol's first clean run (an orphan
+    branch, or one started before that run). A pipeline cannot lower it by sandbagging a run
+    of its own: a later BASELINE on a new branch or a re-run as the champion (red team: KEEP
+    +39-49 % for no-ops, once per branch), nor by baselining slowed code first on a new
+    branch (red team: KEEP +45 % per branch), an orphan one (+43-49 %, its code measured
+    before) or one whose history was grafted away (+48 %)."""
     protocol, code = champion.get("protocol"), champion.get("code_hash")
     if not _float(champion.get("yardstick_ratio")) > 0:
         return None, None
-    mine = ancestry.index(champion.get("commit")) if champion.get("commit") in ancestry else len(ancestry)
-    older = set(ancestry[mine + 1:])
     clean = [row for row in rows if _clean_run(row, protocol) and _float(row.get("yardstick_ratio")) > 0]
-    if not any(row.get("commit") in older or (row is not champion and code and row.get("code_hash") == code)
-               for row in clean):  # new code with no measured history
-        older = {row.get("commit") for row in clean}
+    lineage = set(lineage)
+    if clean and clean[0].get("commit") not in lineage:  # not descended from the protocol's first run
+        lineage = {row.get("commit") for row in clean}
     best = (None, None)
     for row in clean + [champion]:
-        if row is champion or row.get("commit") in older or (code and row.get("code_hash") == code):
+        if row is champion or row.get("commit") in lineage or (code and row.get("code_hash") == code):
             ratio, se = _float(row.get("yardstick_ratio")), _float(row.get("yardstick_se"))
             if ratio > 0 and se > 0 and (best[0] is None or math.log(ratio) > best[0]):  # nan fails
                 best = (math.log(ratio), se)

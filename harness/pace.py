@@ -85,7 +85,7 @@ def note_baseline_below_record(ctx, result, standing):
         return
     row = {k: result.get(k) for k in ("commit", "code_hash", "yardstick_ratio", "yardstick_se")}
     row.update(protocol=ctx.protocol)
-    record = ledger.yardstick_record(standing.rows + [row], row, standing.ancestry)[0]
+    record = ledger.yardstick_record(standing.rows + [row], row, standing.ancestry)[0]  # HEAD's: this commit's
     if record is not None and result["yardstick_ratio"] < BASELINE_NOTE_BELOW * math.exp(record):
         result["reason"] += (f"; it runs {pct(result['yardstick_ratio'] / math.exp(record))} against the record of "
                              f"the code it descends from (whole calls, relative to the yardstick): this branch's "

@@ -8,6 +8,7 @@ import json
 import marshal
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 from conftest import git
@@ -569,3 +570,29 @@ def test_a_sandbagged_first_baseline_on_a_new_branch_is_held_to_its_parents_reco
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert result["decision"] == "INVALID" and "against its record" in result["reason"], result
     assert result["champion_yardstick_pace"] < 0.85, result
+
+
+def test_what_a_commit_descends_from_cannot_be_grafted_away(tmp_path):
+    """The yardstick record counts the commits a champion descends from: neither a replace ref
+    (`git replace --graft`) nor a grafts file hides one, and the walk takes no order from
+    commit dates (a red team back-dated a commit so that `git rev-list` listed its parent first)."""
+    from harness import gitops
+
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "config", "user.email", "t@example.com")
+    git(tmp_path, "config", "user.name", "T")
+    commits = []
+    for i, date in enumerate(("2026-01-02T00:00:00", "2026-01-03T00:00:00", "2020-01-01T00:00:00")):
+        (tmp_path / "f").write_text(str(i))
+        git(tmp_path, "add", "f")
+        subprocess.run(["git", "commit", "-qm", f"c{i}"], cwd=tmp_path, check=True,
+                       env=dict(os.environ, GIT_COMMITTER_DATE=date, GIT_AUTHOR_DATE=date))
+        commits.append(git(tmp_path, "rev-parse", "--short=7", "HEAD"))
+    assert gitops.ancestry(tmp_path) == commits[::-1]
+    assert gitops.ancestry(tmp_path, commits[1]) == commits[1::-1]
+    git(tmp_path, "replace", "--graft", "HEAD")
+    assert git(tmp_path, "rev-list", "--count", "HEAD") == "1"  # git itself now sees no parent
+    assert gitops.ancestry(tmp_path) == commits[::-1]
+    git(tmp_path, "replace", "-d", git(tmp_path, "rev-parse", "HEAD"))
+    (tmp_path / ".git" / "info" / "grafts").write_text(git(tmp_path, "rev-parse", "HEAD") + "\n")
+    assert gitops.ancestry(tmp_path) == commits[::-1]

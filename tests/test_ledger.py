@@ -240,12 +240,12 @@ def test_a_keep_against_a_champion_slower_against_the_yardstick_than_its_record_
     assert record == (pytest.approx(math.log(2.0)), pytest.approx(0.004))  # the best run of its code
     assert ledger.yardstick_record(rows, rows[3], ["c1"]) == (None, None)
     # a first BASELINE of new code is held to the record of the commits it descends from
-    assert ledger.yardstick_record(rows, rows[4], ["c9", "c3", "c2", "c1"])[0] == pytest.approx(math.log(9.0))
+    assert ledger.yardstick_record(rows, rows[4], ["c3", "c2", "c0"])[0] == pytest.approx(math.log(9.0))
     assert ledger.yardstick_record(rows, rows[4], ["c3", "c0", "c1"])[0] == pytest.approx(math.log(2.0))  # not c2's
-    assert ledger.yardstick_record(rows, rows[1], ["c3", "c0"])[0] == pytest.approx(math.log(2.0))  # only older ones
-    # new code on an orphan branch (nothing it descends from was measured): the best clean run of the protocol
+    assert ledger.yardstick_record(rows, rows[1], ["c0"])[0] == pytest.approx(math.log(2.0))  # not its descendants'
+    # not descended from the protocol's first clean run (c0), e.g. an orphan branch: the best clean run of the protocol
     assert ledger.yardstick_record(rows, rows[4], ["c3"])[0] == pytest.approx(math.log(9.0))
-    assert ledger.yardstick_record(rows, rows[4], ["c3", "c1"])[0] == pytest.approx(math.log(9.0))  # c1: no ratio
+    assert ledger.yardstick_record(rows, rows[4], ["c3", "c2"])[0] == pytest.approx(math.log(9.0))
     ctx = SimpleNamespace(protocol="p", settings=SimpleNamespace(verdict=SimpleNamespace(primary_metric="decode_tps",
                                                                                           min_effect=0.01)))
 
