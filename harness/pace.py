@@ -66,7 +66,8 @@ def check_champion_yardstick(ctx, result, out, record):
         return
     result.update(decision=Decision.INVALID, reason=(
         f"the champion ran {pct(pace)} against its record, whole calls relative to the yardstick "
-        f"(at most {pct(high)}; {pct(verdict.YARDSTICK_PACE_TOLERANCE)} forgiven): discounted by the rest, the win's "
+        f"(at most {pct(high)}; forgiven: {(1 - verdict.YARDSTICK_PACE_TOLERANCE) * 100:.0f} % and up to "
+        f"{(verdict.YARDSTICK_WIDTH_FORGIVEN - 1) * 100:.0f} % of the bound's width): discounted by the rest, the win's "
         f"lower end {pct(shown * factor)} does not clear "
         f"{pct(line)}. A champion that slows down once it is the champion, or a machine that got busy; re-run on "
         f"a quiet machine (was: KEEP, {result['reason']})"))

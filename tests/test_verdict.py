@@ -331,3 +331,29 @@ def test_each_branch_starts_with_its_own_baseline(project):
     project.commit("fewer tokens, please")
     proc, result = project.evaluate()
     assert result["decision"] == "REJECT" and "harness.yaml" in result["reason"]
+
+
+def test_a_wide_pace_bound_forgives_no_more_than_two_percent_beyond_the_pace():
+    """champion_pace's factor: 3 % of slowdown forgiven, plus the bound's width up to 2 %. On a
+    busy machine (yardstick calls spread +-15 %) a champion 9 % slower than its record has an
+    upper bound above 0.97, yet its pace still discounts the win; idle, an honest champion
+    3.5 % under its record is not discounted."""
+    import dataclasses
+    import math
+
+    from harness.verdict import champion_pace
+
+    def call(worker, r, seconds):
+        return dataclasses.replace(_sample(worker, "a", r, 100), ttft_s=0.01, total_s=seconds)
+
+    def run(pace, spread, calls=12):
+        stick = [call("yardstick", r, 2.0 * (1 + spread * (-1) ** r)) for r in range(calls)]
+        return stick + [call("champion", r, 1.0 / pace) for r in range(calls)]
+
+    record = (math.log(2.0), 0.05)  # the champion's whole calls were twice as fast as the yardstick's
+    pace, high, factor = champion_pace(run(0.91, 0.15), record)
+    assert high > 0.97 and factor < 0.97
+    assert factor == pytest.approx(pace * 1.02 / 0.97)
+    pace, high, factor = champion_pace(run(0.965, 0.005), (record[0], 0.005))
+    assert 0.95 < pace < 0.97 and factor == 1.0
+    assert champion_pace(run(0.5, 0.005, calls=4), record)[2] == 0.0  # too few yardstick calls
