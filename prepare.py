@@ -164,20 +164,25 @@ def run_pristine(argv):
 def _git(repo, *args):
     import subprocess
 
-    proc = subprocess.run(["git", "-C", repo, *args], capture_output=True)
+    # the real history: no replace refs, no grafts file (either could rewrite a commit's parents)
+    env = {**os.environ, "GIT_NO_REPLACE_OBJECTS": "1", "GIT_GRAFT_FILE": os.devnull}
+    proc = subprocess.run(["git", "-C", repo, *args], capture_output=True, env=env)
     return proc.stdout if proc.returncode == 0 else None
 
 
 def _source_commit(repo):
     """This branch's BASELINE commit from results.tsv (an ancestor of HEAD), else HEAD;
-    None outside a git repository or before the first commit."""
+    None outside a git repository or before the first commit. The ledger's short hashes are
+    looked up among the commits, never the refs (a branch named like one would shadow it)."""
     head = _git(repo, "rev-parse", "--verify", "-q", "HEAD")
     if head is None:
         return None
     branch = (_git(repo, "symbolic-ref", "-q", "--short", "HEAD") or b"").decode().strip()
-    for commit in reversed(_baseline_commits(os.path.join(repo, "results.tsv"), branch)):
-        if _git(repo, "merge-base", "--is-ancestor", commit, "HEAD") is not None:
-            return commit
+    for short in reversed(_baseline_commits(os.path.join(repo, "results.tsv"), branch)):
+        found = (_git(repo, "rev-parse", f"--disambiguate={short}") or b"").decode().split()
+        commits = [h for h in found if (_git(repo, "cat-file", "-t", h) or b"").strip() == b"commit"]
+        if len(commits) == 1 and _git(repo, "merge-base", "--is-ancestor", commits[0], "HEAD") is not None:
+            return commits[0]
     return head.decode().strip()
 
 

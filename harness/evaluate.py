@@ -73,9 +73,11 @@ def make_context(settings, *, quick, model=None, root=ROOT):
     corpus_text, corpus_sha = load_corpus()
     tasks_sha = settings_mod.digest([(t.id, t.prompt, t.params) for t in load_tasks()])
     digests = {"model": model_digest(model_dir), "draft": model_digest(draft_dir) if draft_dir else None}
-    protocol = settings_mod.protocol_hash(settings, quick, name, {"corpus": corpus_sha, "tasks": tasks_sha,
-                                                                  "draft": draft, "digests": digests,
-                                                                  "yardstick": verdict.YARDSTICK_METRIC})
+    # the model by content, never by how it was named (a red team's `--model path//model`, the
+    # same folder spelled anew, began a protocol with no history: KEEP +49.5 % for a no-op)
+    protocol = settings_mod.protocol_hash(settings, quick, digests["model"],
+                                          {"corpus": corpus_sha, "tasks": tasks_sha, "digests": digests,
+                                           "yardstick": verdict.YARDSTICK_METRIC})
     vocab_size = geometry.model_geometry(model_dir).vocab_size or None
     return Context(settings=settings, quick=quick, model=name, model_dir=model_dir,
                    draft_dir=draft_dir, tokenizer=load_tokenizer(model_dir),

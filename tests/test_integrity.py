@@ -169,6 +169,10 @@ def test_damaged_reference_cache_is_rebuilt_and_a_changed_model_is_another_proto
     proc, changed = project.evaluate_model(model)
     assert proc.returncode == 0 and changed["protocol"] != first["protocol"], proc.stderr[-2000:]
     assert result["protocol"] == first["protocol"]
+    # ... and the same model named another way is the same protocol, with its history (a red
+    # team's `--model path//model` began a fresh protocol: a sandbagged BASELINE there, KEEP +49.5 %)
+    proc, alias = project.evaluate_model(str(project.model_dir).replace("/", "//"))
+    assert proc.returncode == 0 and alias["protocol"] == first["protocol"], proc.stderr[-2000:]
 
 
 # Appended to inference.py: print (into the worker's log) everything that could tell this
@@ -596,3 +600,31 @@ def test_what_a_commit_descends_from_cannot_be_grafted_away(tmp_path):
     git(tmp_path, "replace", "-d", git(tmp_path, "rev-parse", "HEAD"))
     (tmp_path / ".git" / "info" / "grafts").write_text(git(tmp_path, "rev-parse", "HEAD") + "\n")
     assert gitops.ancestry(tmp_path) == commits[::-1]
+
+
+def test_a_branch_named_like_a_short_hash_does_not_stand_in_for_the_commit(tmp_path):
+    """The ledger keeps short hashes; they are looked up among the commits, never the refs (a
+    red team's branch named like the baseline's short hash, pointing at a HEAD with a rewritten
+    harness, made the locked-file check compare HEAD with itself and the rewritten harness run)."""
+    from harness import gitops
+
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "config", "user.email", "t@example.com")
+    git(tmp_path, "config", "user.name", "T")
+    for i in range(2):
+        (tmp_path / "locked.txt").write_text(str(i))
+        git(tmp_path, "add", "locked.txt")
+        git(tmp_path, "commit", "-qm", f"c{i}")
+    base = git(tmp_path, "rev-parse", "--short=7", "HEAD~1")
+    git(tmp_path, "branch", base, "HEAD")
+    assert git(tmp_path, "rev-parse", base) == git(tmp_path, "rev-parse", "HEAD")  # git itself takes the ref
+    assert gitops.changed_locked_files(tmp_path, base) == ["locked.txt"]
+    assert gitops.ancestry(tmp_path, base) == [base]
+    assert gitops.file_at(tmp_path, base, "locked.txt") == "0"
+    # prepare.py copies the harness it runs from the branch's BASELINE commit, not the branch
+    branch = git(tmp_path, "symbolic-ref", "--short", "HEAD")
+    (tmp_path / "results.tsv").write_text(f"commit\tbranch\tdecision\n{base}\t{branch}\tBASELINE\n")
+    spec = importlib.util.spec_from_file_location("prepare_entry", Path(__file__).resolve().parent.parent / "prepare.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    assert entry._source_commit(str(tmp_path)) == git(tmp_path, "rev-parse", "HEAD~1")
