@@ -30,6 +30,8 @@ COMMAND_MODULES = ["harness.log", "harness.profile", "harness.search", "harness.
 # The commands that run pipeline code and write verdicts: always from a pristine copy.
 PRISTINE_COMMANDS = ("evaluate", "search")
 REPO_ENV = "MLX_HILLCLIMB_REPO"  # set in the pristine copy: the repository it measures
+CODE_ENV = "MLX_HILLCLIMB_HARNESS_COMMIT"  # ... and the commit its harness code is as of
+HARNESS_CODE = ("prepare.py", "harness")  # what runs as of it (harness/settings.py has both too)
 
 
 def parse_args(argv):
@@ -144,15 +146,22 @@ def run_pristine(argv):
     import tempfile
 
     commit = _source_commit(HERE)
+    code = _code_commit(HERE, commit) if commit else None
+    if commit and code is None:
+        print(f"error: HEAD descends from no commit with a BASELINE in results.tsv (the harness code "
+              f"runs as of the first one in HEAD's history): start branches from a measured commit, "
+              f"or move results.tsv and results.tsv.sha256 away to begin a new ledger", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="mlx-hillclimb-harness-") as home:
         if commit:
             _extract(HERE, commit, home)
+            _extract(HERE, code, home, only=HARNESS_CODE)
         else:  # not a git repository, or no commit yet: nothing is committed to copy
             print("warning: no git commit to copy the harness from: it runs from the working tree",
                   file=sys.stderr)
             home = HERE
         command = [sys.executable, "-I", "-B", os.path.join(home, "prepare.py"), *argv]
-        child = subprocess.Popen(command, env={**os.environ, REPO_ENV: HERE})
+        child = subprocess.Popen(command, env={**os.environ, REPO_ENV: HERE, CODE_ENV: code or ""})
         # Ctrl-C reaches the copy directly (same process group); this process only waits.
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
@@ -179,16 +188,38 @@ def _source_commit(repo):
         return None
     branch = (_git(repo, "symbolic-ref", "-q", "--short", "HEAD") or b"").decode().strip()
     for short in reversed(_baseline_commits(os.path.join(repo, "results.tsv"), branch)):
-        found = (_git(repo, "rev-parse", f"--disambiguate={short}") or b"").decode().split()
-        commits = [h for h in found if (_git(repo, "cat-file", "-t", h) or b"").strip() == b"commit"]
-        if len(commits) == 1 and _git(repo, "merge-base", "--is-ancestor", commits[0], "HEAD") is not None:
-            return commits[0]
+        full = _resolve(repo, short)
+        if full and _git(repo, "merge-base", "--is-ancestor", full, "HEAD") is not None:
+            return full
     return head.decode().strip()
 
 
+def _code_commit(repo, fallback):
+    """The commit the harness code (HARNESS_CODE) runs as of: the first BASELINE in HEAD's
+    history, of any branch. A new branch's first commit is its own (its BASELINE locks it),
+    so code taken from there would be code the agent wrote (a red team rewrote
+    harness/verdict.py there: KEEP +16.8 % for a no-op). `fallback` (HEAD's commit) before
+    the first BASELINE; None when results.tsv has BASELINEs but none in HEAD's history."""
+    shorts = _baseline_commits(os.path.join(repo, "results.tsv"), None)
+    for short in shorts:
+        full = _resolve(repo, short)
+        if full and _git(repo, "merge-base", "--is-ancestor", full, "HEAD") is not None:
+            return full
+    return None if shorts else fallback
+
+
+def _resolve(repo, short):
+    """The one commit whose hash starts with `short`, or None (looked up among the objects,
+    never the refs: a branch named like a short hash would shadow it)."""
+    found = (_git(repo, "rev-parse", f"--disambiguate={short}") or b"").decode().split()
+    commits = [h for h in found if (_git(repo, "cat-file", "-t", h) or b"").strip() == b"commit"]
+    return commits[0] if len(commits) == 1 else None
+
+
 def _baseline_commits(path, branch):
-    """Commits of the BASELINE rows of `branch` in results.tsv, oldest first (the ledger's
-    own reader lives in harness/ledger.py; this runs before any harness code may)."""
+    """Commits of the BASELINE rows of `branch` (every branch's when None) in results.tsv,
+    oldest first (the ledger's own reader lives in harness/ledger.py; this runs before any
+    harness code may)."""
     import csv
     import hashlib
 
@@ -209,16 +240,24 @@ def _baseline_commits(path, branch):
         return []
     at = {name: rows[0].index(name) for name in ("commit", "branch", "decision")}
     return [r[at["commit"]] for r in rows[1:] if len(r) == len(rows[0])
-            and r[at["decision"]] == "BASELINE" and r[at["branch"]] == branch]
+            and r[at["decision"]] == "BASELINE" and branch in (None, r[at["branch"]])]
 
 
-def _extract(repo, commit, home):
-    """Write the files of `commit` into `home` (git archive), inference.py left out:
-    the run reads the repository's own."""
+def _extract(repo, commit, home, only=None):
+    """Write the files of `commit` into `home` (git archive), inference.py left out: the
+    run reads the repository's own. With `only` (paths), just those, in place of what
+    `home` had there."""
     import io
+    import shutil
     import tarfile
 
-    blob = _git(repo, "archive", "--format=tar", commit)
+    blob = _git(repo, "archive", "--format=tar", commit, *(only or ()))
+    for path in only or ():
+        target = os.path.join(home, path)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        elif os.path.exists(target):
+            os.remove(target)
     with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
         members = [m for m in tar.getmembers() if m.name != "inference.py"]
         tar.extractall(home, members=members, filter="data")

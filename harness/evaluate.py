@@ -4,6 +4,7 @@ run file + ledger row. Each step is a plain function; prepare.py wires them."""
 
 import json
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -173,6 +174,15 @@ def locked_files_changed(ctx, standing):
     a baseline), so a locked file that differs from that commit, committed or not, would
     not even be what runs.
     """
+    code = os.environ.get(settings_mod.CODE_ENV)
+    if code and standing.git["commit"] != "none":
+        rewritten = [name for name in gitops.changed_locked_files(ctx.root, code)
+                     if name.split("/")[0] in settings_mod.HARNESS_CODE]
+        if rewritten:
+            return (f"harness code differs from {code[:7]}, the first BASELINE in this history, as "
+                    f"of which it runs: {', '.join(rewritten)} (only inference.py may change; to "
+                    f"adopt new harness code, move results.tsv and results.tsv.sha256 away and "
+                    f"begin a new ledger)")
     if standing.baseline:
         changed = gitops.changed_locked_files(ctx.root, standing.baseline["commit"])
         where = f"since the baseline {standing.baseline['commit']}"

@@ -23,6 +23,10 @@ HARNESS_HOME = Path(__file__).resolve().parent.parent
 # The repository being climbed: git, inference.py, results.tsv, runs/. prepare.py's pristine
 # copy is told where it is; otherwise it is the folder the harness lives in.
 REPO_ENV = "MLX_HILLCLIMB_REPO"
+# The commit prepare.py copied the harness code (prepare.py, harness/) from: the first
+# BASELINE in HEAD's history. Empty or unset: the code is as of the commit the run locks.
+CODE_ENV = "MLX_HILLCLIMB_HARNESS_COMMIT"
+HARNESS_CODE = ("prepare.py", "harness")
 ROOT = Path(os.environ.get(REPO_ENV) or HARNESS_HOME).resolve()
 SETTINGS_PATH = HARNESS_HOME / "harness.yaml"
 PROMPT_KINDS = ("decode", "prefill")

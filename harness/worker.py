@@ -65,7 +65,7 @@ def read_log_tail(path, limit=LOG_TAIL_BYTES):
 def worker_env():
     """The environment a worker starts with: the harness's, less what names the repository or
     the run's folders (MLX_HILLCLIMB_REPO, PWD, OLDPWD: paths a pipeline has no use for)."""
-    hidden = {"MLX_HILLCLIMB_REPO", "PWD", "OLDPWD"}
+    hidden = {"MLX_HILLCLIMB_REPO", "MLX_HILLCLIMB_HARNESS_COMMIT", "PWD", "OLDPWD"}
     return {**{k: v for k, v in os.environ.items() if k not in hidden}, "PYTHONUNBUFFERED": "1"}
 
 

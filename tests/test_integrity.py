@@ -628,3 +628,33 @@ def test_a_branch_named_like_a_short_hash_does_not_stand_in_for_the_commit(tmp_p
     entry = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(entry)
     assert entry._source_commit(str(tmp_path)) == git(tmp_path, "rev-parse", "HEAD~1")
+
+
+def test_harness_code_runs_as_of_the_first_baseline_in_the_history(project):
+    """A new branch's first commit is locked by its own BASELINE, so harness code changed
+    there would run (a red team rewrote harness/verdict.py there: KEEP +16.8 % for a no-op).
+    The code (prepare.py, harness/) runs as of the first BASELINE in HEAD's history, and a
+    branch whose code differs is REJECTed; harness.yaml still comes from the branch. A
+    history with no BASELINE in it (an orphan branch) does not run at all."""
+    assert project.evaluate()[1]["decision"] == "BASELINE"
+    git(project.root, "checkout", "-qb", "rewritten")
+    verdict = project.root / "harness" / "verdict.py"
+    verdict.write_text(verdict.read_text() + "\nMARK = 1  # a rewritten referee\n")
+    project.commit("a new branch whose first commit rewrites the referee")
+    proc, result = project.evaluate()
+    assert proc.returncode == 0 and result["decision"] == "REJECT", proc.stderr[-2000:]
+    assert "harness/verdict.py" in result["reason"] and "first BASELINE" in result["reason"], result
+    git(project.root, "checkout", "-q", "main")
+    git(project.root, "checkout", "-qb", "settings")
+    settings = project.settings()
+    settings["workload"]["presets"]["quick"]["max_tokens"] = 6
+    project.write_settings(settings)
+    project.commit("fewer tokens on this branch")
+    proc, result = project.evaluate()
+    assert proc.returncode == 0 and result["decision"] == "BASELINE", proc.stderr[-2000:]
+    run = json.loads((project.root / result["run_file"]).read_text())
+    assert {s["n_tokens"] for s in run["samples"]} == {6}  # the branch's harness.yaml ran
+    git(project.root, "checkout", "-q", "--orphan", "orphan")
+    project.commit("an orphan branch")
+    proc = project.run("--quick", "--json", "--model", str(project.model_dir))
+    assert proc.returncode == 2 and "descends from no commit with a BASELINE" in proc.stderr, proc.stderr[-2000:]
