@@ -27,8 +27,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 # Subcommands that live in their own harness module: each has add_parser(sub) and run(args).
 COMMAND_MODULES = ["harness.log", "harness.profile", "harness.search", "harness.analyze", "harness.morning"]
-# The commands that run pipeline code and write verdicts: always from a pristine copy.
-PRISTINE_COMMANDS = ("evaluate", "search")
+# The commands that run pipeline code, write verdicts or read them out: always from a pristine
+# copy (the morning read too: harness/log.py committed on a branch would otherwise run in place).
+PRISTINE_COMMANDS = ("evaluate", "search", "log", "analyze", "report")
 REPO_ENV = "MLX_HILLCLIMB_REPO"  # set in the pristine copy: the repository it measures
 CODE_ENV = "MLX_HILLCLIMB_HARNESS_COMMIT"  # ... and the commit its harness code is as of
 HARNESS_CODE = ("prepare.py", "harness")  # what runs as of it (harness/settings.py has both too)

@@ -59,10 +59,18 @@ def ancestry(root, commit="HEAD"):
         current = todo.pop()
         order.append(current.hexsha[:7])
         for parent in current.parents:
-            if parent.hexsha not in seen:
+            if parent.hexsha not in seen and _present(parent):
                 seen.add(parent.hexsha)
                 todo.append(parent)
     return order
+
+
+def _present(commit):
+    """Whether `commit`'s object is in the repository (a shallow clone's history stops short)."""
+    try:
+        return commit.committed_date is not None
+    except ValueError:
+        return False
 
 
 def file_at(root, commit, path):

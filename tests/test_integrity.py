@@ -661,3 +661,21 @@ def test_harness_code_runs_as_of_the_first_baseline_in_the_history(project):
     project.commit("an orphan branch")
     proc = project.run("--quick", "--json", "--model", str(project.model_dir))
     assert proc.returncode == 2 and "descends from no commit with a BASELINE" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_shallow_clone_history_ends_where_the_clone_does(tmp_path):
+    """A shallow clone has commits whose parents are missing: the walk stops there instead of
+    raising (a red team's `git clone --depth 2` made every run exit 1 with no row)."""
+    from harness import gitops
+
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    git(origin, "init", "-q")
+    git(origin, "config", "user.email", "t@example.com")
+    git(origin, "config", "user.name", "T")
+    for i in range(4):
+        (origin / "f").write_text(str(i))
+        git(origin, "add", "f")
+        git(origin, "commit", "-qm", f"c{i}")
+    subprocess.run(["git", "clone", "-q", "--depth", "2", f"file://{origin}", str(tmp_path / "shallow")], check=True)
+    assert len(gitops.ancestry(tmp_path / "shallow")) == 2
