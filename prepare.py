@@ -33,6 +33,10 @@ PRISTINE_COMMANDS = ("evaluate", "search", "log", "analyze", "report")
 REPO_ENV = "MLX_HILLCLIMB_REPO"  # set in the pristine copy: the repository it measures
 CODE_ENV = "MLX_HILLCLIMB_HARNESS_COMMIT"  # ... and the commit its harness code is as of
 HARNESS_CODE = ("prepare.py", "harness")  # what runs as of it (harness/settings.py has both too)
+# The settings come from the branch. Nothing else of the tree goes into the copy: it is on the
+# harness's path, where a package no library has installed but one probes for (gitdb's
+# `gitdb_speedups`) would run as harness code (red team 6: KEEP from a new branch's first commit).
+HARNESS_SETTINGS = ("harness.yaml",)
 
 
 def parse_args(argv):
@@ -155,7 +159,7 @@ def run_pristine(argv):
         return 2
     with tempfile.TemporaryDirectory(prefix="mlx-hillclimb-harness-") as home:
         if commit:
-            _extract(HERE, commit, home)
+            _extract(HERE, commit, home, only=HARNESS_SETTINGS)
             _extract(HERE, code, home, only=HARNESS_CODE)
         else:  # not a git repository, or no commit yet: nothing is committed to copy
             print("warning: no git commit to copy the harness from: it runs from the working tree",
@@ -244,24 +248,22 @@ def _baseline_commits(path, branch):
             and r[at["decision"]] == "BASELINE" and branch in (None, r[at["branch"]])]
 
 
-def _extract(repo, commit, home, only=None):
-    """Write the files of `commit` into `home` (git archive), inference.py left out: the
-    run reads the repository's own. With `only` (paths), just those, in place of what
-    `home` had there."""
+def _extract(repo, commit, home, only):
+    """Write the files `only` (paths) of `commit` into `home` (git archive), in place of
+    what `home` had there."""
     import io
     import shutil
     import tarfile
 
-    blob = _git(repo, "archive", "--format=tar", commit, *(only or ()))
-    for path in only or ():
+    blob = _git(repo, "archive", "--format=tar", commit, *only)
+    for path in only:
         target = os.path.join(home, path)
         if os.path.isdir(target):
             shutil.rmtree(target)
         elif os.path.exists(target):
             os.remove(target)
     with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
-        members = [m for m in tar.getmembers() if m.name != "inference.py"]
-        tar.extractall(home, members=members, filter="data")
+        tar.extractall(home, filter="data")
 
 
 if __name__ == "__main__":

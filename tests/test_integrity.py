@@ -9,6 +9,7 @@ import marshal
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from conftest import git
@@ -661,6 +662,28 @@ def test_harness_code_runs_as_of_the_first_baseline_in_the_history(project):
     project.commit("an orphan branch")
     proc = project.run("--quick", "--json", "--model", str(project.model_dir))
     assert proc.returncode == 2 and "descends from no commit with a BASELINE" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_nothing_of_the_tree_but_the_locked_harness_files_is_on_the_harness_path(project, tmp_path):
+    """The pristine copy holds prepare.py, harness/ and harness.yaml only: a package that no
+    library installed but one probes for (gitdb tries `gitdb_speedups` when GitPython is
+    imported), committed in a new branch's first commit, would otherwise run as harness code
+    (a red team's patched the verdict: KEEP for a no-op)."""
+    marker = tmp_path / "ran"
+    package = project.root / "gitdb_speedups"
+    package.mkdir()
+    (package / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('harness code')\n")
+    git(project.root, "checkout", "-qb", "probe")
+    project.commit("a package a library probes for, in a new branch's first commit")
+    # The payload is live: on a path, `import git` runs it.
+    subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.append({str(project.root)!r}); import git"],
+                   check=True, capture_output=True)
+    assert marker.exists()
+    marker.unlink()
+    for command in (["log"], ["--quick", "--json", "--model", str(project.model_dir)]):
+        proc = project.run(*command)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert not marker.exists(), command
 
 
 def test_a_shallow_clone_history_ends_where_the_clone_does(tmp_path):
