@@ -48,7 +48,9 @@ def _import_inference(path):
     with open(path, "rb") as f:
         source = f.read()
     try:
-        code = compile(source, path, "exec", dont_inherit=True)
+        # Compiled from the UTF-8 text the harness read (a str's coding cookie is ignored): from
+        # bytes, a `# -*- coding: utf-7 -*-` line made comments to the harness run as code here.
+        code = compile(source.decode("utf-8"), path, "exec", dont_inherit=True)
     finally:
         os.unlink(path)
         linecache.clearcache()

@@ -340,7 +340,7 @@ def without_comments_and_docstrings(source):
         tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
     except (SyntaxError, tokenize.TokenError, ValueError):
         return source
-    lines = source.splitlines(keepends=True)
+    lines = _lines(source)  # as the tokenizer counts rows (str.splitlines also splits at \x0c, \x1c, ...)
 
     def char_col(row, byte_col):  # the AST counts UTF-8 bytes, tokenize characters
         return len(lines[row - 1].encode()[:byte_col].decode(errors="ignore"))
@@ -357,13 +357,18 @@ def without_comments_and_docstrings(source):
             edits.append((tok.start, tok.end, _blanked_string(tok.string)))
     for (row, col), (end_row, end_col), text in reversed(edits):
         head, tail = lines[row - 1][:col], lines[end_row - 1][end_col:]
-        lines[row - 1:end_row] = (head + text + tail).splitlines(keepends=True) or [""]
+        lines[row - 1:end_row] = _lines(head + text + tail) or [""]
     result = "".join(lines)
     try:
         same = code_hash(result) == code_hash(source) and result.count("\n") == source.count("\n")
     except RecursionError:
         same = False
     return result if same else source
+
+
+def _lines(text):
+    """`text`'s lines, line breaks kept, split at \\n only, as tokenize reads them."""
+    return io.StringIO(text).readlines()
 
 
 def _blanked_string(literal):

@@ -502,6 +502,10 @@ def test_a_worker_runs_its_code_without_comments_or_docstrings():
     real = BASELINE
     assert code_size.code_hash(code_size.without_comments_and_docstrings(real)) == code_size.code_hash(real)
     assert code_size.without_comments_and_docstrings("def broken(:\n") == "def broken(:\n"
+    # A form feed (or any break str.splitlines knows and the tokenizer does not) moves no edit.
+    odd = "import os\n# a\x0cb\nX = 1  # c\n# d\n"
+    ran = code_size.without_comments_and_docstrings(odd)
+    assert "#" not in ran and ran.count("\n") == odd.count("\n"), repr(ran)
 
 
 def test_statements_packed_into_expressions_do_not_count_as_fewer_lines():

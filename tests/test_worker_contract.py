@@ -361,3 +361,19 @@ def test_remove_folder_changes_nothing_above_the_folder(tmp_path):
     assert not folder.exists() and (parent.stat().st_mode & 0o777) == 0o755
     worker_module.remove_folder(folder)  # gone already: nothing to do, nothing changed
     assert (parent.stat().st_mode & 0o777) == 0o755
+
+
+def test_the_worker_runs_the_utf8_text_the_harness_read_whatever_coding_it_declares(tmp_path, monkeypatch):
+    """The harness judges inference.py as UTF-8 text; compiled from bytes, a
+    `# -*- coding: utf-7 -*-` line would make `# +AAo-...` (a comment in UTF-8) a line of code
+    (a red team hid a whole pipeline there: "simpler" KEEP, code_hash of another program)."""
+    from harness import child
+
+    path = tmp_path / "inference.py"
+    path.write_text("# -*- coding: utf-7 -*-\nHIDDEN = False\n# +AAo-HIDDEN = True\n"
+                    "def load(*a): pass\ndef generate(*a): pass\ndef score(*a): pass\n")
+    from_bytes = {}
+    exec(compile(path.read_bytes(), "inference.py", "exec"), from_bytes)
+    assert from_bytes["HIDDEN"] is True  # the trick is live where bytes are compiled
+    monkeypatch.setitem(__import__("sys").modules, "inference", None)
+    assert child._import_inference(str(path)).HIDDEN is False
