@@ -309,18 +309,23 @@ def uncounted_lines(old_source, new_source):
 def code_hash(source):
     """The sha256 (hex) of `source`'s syntax tree without docstrings and positions: edits of
     comments, docstrings, blank lines and line breaks keep it, any change to the code does
-    not. Source that does not parse hashes as its text. (Huge ints are dumped in hex:
-    knobs.parse.)"""
+    not. Source that does not parse, or nests too deep for ast.dump (an expression of ~1000
+    terms compiles but made the run exit with a RecursionError and no row), hashes as its
+    text. (Huge ints are dumped in hex: knobs.parse.)"""
+    as_text = hashlib.sha256(source.encode(errors="surrogateescape")).hexdigest()
     try:
         tree = parse(source)
-    except SyntaxError:
-        return hashlib.sha256(source.encode()).hexdigest()
+    except (SyntaxError, RecursionError, MemoryError):
+        return as_text
     for node in ast.walk(tree):
         for name in ("body", "orelse", "finalbody"):  # every statement list (handlers have a body)
             statements = getattr(node, name, None)
             if isinstance(statements, list):
                 setattr(node, name, [n for n in statements if not _is_docstring(n)])
-    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()
+    try:
+        return hashlib.sha256(ast.dump(tree).encode()).hexdigest()
+    except RecursionError:
+        return as_text
 
 
 def _is_docstring(node):

@@ -252,26 +252,31 @@ class Channel:
 # Decoding replies (parent side): anything malformed is WorkerInvalid, never a harness error
 # ---------------------------------------------------------------------------
 def _is_count(value):
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    # Below 2**53: a float holds it (a reported peak of 10**400 overflowed in the report: no row).
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** 53
 
 
 def _is_shape(value):
     return isinstance(value, list) and len(value) == 2 and all(_is_count(v) for v in value)
 
 
+def _is_number(value):
+    return not isinstance(value, bool) and (isinstance(value, float)
+                                            or isinstance(value, int) and abs(value) < 2 ** 53)
+
+
 def _is_numbers(value):
-    return isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                           for v in value)
+    return isinstance(value, list) and all(_is_number(v) for v in value)
 
 
 # Fields the harness computes with: a wrong type must end as INVALID here, not as a
 # TypeError somewhere in the report. (Token ids "t" are checked by Worker.generate.)
 _FIELDS = {
     "shape": (_is_shape, "[rows, vocab], two non-negative integers"),
-    "peak_memory_bytes": (lambda v: v is None or _is_count(v), "a non-negative integer"),
-    "weight_bytes": (_is_count, "a non-negative integer"),
-    "float_itemsize": (lambda v: _is_count(v) and v > 0, "a positive integer"),
-    "rows": (_is_count, "a non-negative integer"),
+    "peak_memory_bytes": (lambda v: v is None or _is_count(v), "a non-negative integer below 2**53"),
+    "weight_bytes": (_is_count, "a non-negative integer below 2**53"),
+    "float_itemsize": (lambda v: _is_count(v) and 0 < v <= 16, "a positive integer up to 16"),
+    "rows": (_is_count, "a non-negative integer below 2**53"),
     "nll": (_is_numbers, "a list of numbers"),
     "entropy": (_is_numbers, "a list of numbers"),
 }

@@ -483,6 +483,11 @@ def test_code_hash_ignores_comments_and_docstrings_only():
     for other in (edit("TEMP = 0.7 ", "TEMP = 0.6 "), edit("    mx.eval(model.parameters())\n", "")):
         assert code_size.code_hash(other) != code_size.code_hash(BASELINE)
     assert code_size.code_hash("def broken(:") != code_size.code_hash("def broken(:\n")
+    # Nested deeper than ast.dump can recurse, yet Python compiles it: hashed as its text,
+    # never a RecursionError (a red team's made every run of that commit exit 1, no row).
+    deep = "X = (" + " + ".join(["0"] * 1500) + ")\n"
+    compile(deep, "inference.py", "exec")
+    assert len(code_size.code_hash(deep)) == 64 and code_size.code_hash(deep) != code_size.code_hash(deep + "# c\n")
 
 
 def test_a_worker_runs_its_code_without_comments_or_docstrings():

@@ -297,7 +297,10 @@ def test_json_frame_that_is_not_a_dict(pair, body):
 @pytest.mark.parametrize("message", [{"shape": 5}, {"shape": [1.5, 2]}, {"shape": [True, 2]}, {"shape": [-1, 2]},
                                      {"shape": [1, 2, 3]}, {"done": True, "peak_memory_bytes": "lots"},
                                      {"loaded": True, "weight_bytes": -1}, {"loaded": True, "float_itemsize": 0},
-                                     {"nll": [1, "x"], "entropy": []}, {"done": True, "rows": None}])
+                                     {"nll": [1, "x"], "entropy": []}, {"done": True, "rows": None},
+                                     # integers no float holds (a peak of 10**400 overflowed the report: no row)
+                                     {"done": True, "peak_memory_bytes": 10 ** 400}, {"loaded": True, "weight_bytes": 2 ** 60},
+                                     {"loaded": True, "float_itemsize": 10 ** 6}, {"nll": [10 ** 400], "entropy": []}])
 def test_reply_field_of_the_wrong_type(message):
     with pytest.raises(WorkerInvalid) as info:
         decode_reply(json.dumps(message).encode(), "score()")
