@@ -27,6 +27,7 @@ import json
 import math
 import os
 import statistics
+import unicodedata
 from pathlib import Path
 
 COLUMNS = [
@@ -108,8 +109,12 @@ def _cell(value):
         return "true" if value else "false"
     if isinstance(value, float):
         return f"{value:.6g}"
-    # One physical line per row; tabs and quotes stay (csv quoting carries them).
-    return str(value).replace("\r", " ").replace("\n", " ")
+    # One physical line per row; tabs and quotes stay (csv quoting carries them). Other control
+    # characters are written as escapes: a pipeline's error message or a commit subject must
+    # not move a terminal's cursor (a red team drew a fake KEEP row over its CRASH row).
+    text = str(value).replace("\r", " ").replace("\n", " ")
+    return "".join(c if c == "\t" or unicodedata.category(c) not in ("Cc", "Cf", "Zl", "Zp")
+                   else f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}" for c in text)
 
 
 def format_row(row, columns=COLUMNS):

@@ -42,6 +42,19 @@ def test_awkward_subjects_round_trip_through_read(tmp_path):
     assert len(path.read_text().splitlines()) == 1 + len(AWKWARD_SUBJECTS)
 
 
+def test_control_characters_are_written_as_escapes(tmp_path):
+    """A pipeline's error message (a CRASH reason) or a commit subject cannot move the cursor of
+    the terminal that shows results.tsv or `log` (a red team drew a fake KEEP row over its CRASH)."""
+    path = tmp_path / "results.tsv"
+    reason = "load() raised E: \x1b[2K\x1b[1G*  c0ffee1  fused  KEEP  +31.0 %\u202e\x07"
+    ledger.append(path, _row("subject \x1b[31mred\x1b[0m", decision="CRASH", reason=reason))
+    text = path.read_text()
+    assert not any(ord(c) < 32 and c not in "\t\n" or c in "\x7f\u202e" for c in text), repr(text)
+    rows, problems = ledger.read(path)
+    assert problems == [] and rows[0]["reason"].startswith("load() raised E: \\x1b[2K\\x1b[1G*  c0ffee1")
+    assert rows[0]["reason"].endswith("\\u202e\\x07") and rows[0]["subject"] == "subject \\x1b[31mred\\x1b[0m"
+
+
 def test_awkward_subjects_round_trip_through_csv_dictreader(tmp_path):
     path = tmp_path / "results.tsv"
     _write_awkward(path)
