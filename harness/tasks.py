@@ -30,6 +30,7 @@ import yaml
 
 from harness import sandbox
 from harness.models import cache_dir
+from harness.settings import ROOT
 
 TASKS_PATH = Path(__file__).resolve().parent / "data" / "tasks.yaml"
 
@@ -386,10 +387,10 @@ def _run_tests(code: str, tests: list[str], timeout_s: float) -> tuple[bool, str
     # An empty scratch directory, the sandbox's one writable folder, as cwd: relative-path
     # file operations in the answer land there, not in the repository.
     with tempfile.TemporaryDirectory(prefix="task-code-") as scratch:
-        # no reference, and no temp folder (the workers' folders are there); the scratch
-        # folder inside it is bound back writable
+        # no reference, no repository (results.tsv, runs/, .git) and no temp folder (the
+        # workers' folders are there); the scratch folder inside it is bound back writable
         box = sandbox.wrap([sys.executable, "-I", "-c", _RUNNER], scratch,
-                           hide=[cache_dir() / "reference", tempfile.gettempdir()], expose=[sys.prefix])
+                           hide=[cache_dir() / "reference", ROOT, tempfile.gettempdir()], expose=[sys.prefix])
         returncode, stdout = _run_confined(box, job, scratch, timeout_s)
     if returncode is None:
         return False, f"timed out after {_short_number(timeout_s)}s"

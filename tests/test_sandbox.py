@@ -294,9 +294,13 @@ def test_code_task_answers_run_sandboxed(sandboxed, tmp_path):
             except OSError:
                 return "denied"
         """)
+    # The repository (results.tsv, runs/, .git) is hidden too, as from the pipeline's workers.
+    from harness.settings import ROOT as repo
+    assert (repo / "harness").is_dir()
     tests_ = ["assert probe() == 'denied'", "open('scratch.txt', 'w').write('ok')",
-              "assert len([p for p in os.listdir('/proc') if p.isdigit()]) <= 3"]
-    assert tasks._run_tests(code, tests_, 5.0) == (True, "passed 3 tests")
+              "assert len([p for p in os.listdir('/proc') if p.isdigit()]) <= 3",
+              f"assert not os.path.exists({str(repo / 'harness')!r})"]
+    assert tasks._run_tests(code, tests_, 5.0) == (True, "passed 4 tests")
     assert not target.exists()
 
 
