@@ -113,12 +113,15 @@ def weight_bytes(model_dir, compute_dtype="float32"):
 
 def bytes_per_token(model_dir, info, samples):
     """Bytes read per decoded token: every weight once (`info["weight_bytes"]`, as the worker
-    reported it), plus the KV cache at the speed calls' mean context length (keys and
-    values, all layers, in the activations' dtype). None without the weights' size."""
+    reported it, but never more than the model folder's weights in float32: a red team hung a
+    never-evaluated 8 GiB array on its model and reported a roofline_fraction of 232), plus the
+    KV cache at the speed calls' mean context length (keys and values, all layers, in the
+    activations' dtype, at most float32). None without the weights' size."""
     if not info.get("weight_bytes"):
         return None
+    weights = min(info["weight_bytes"], weight_bytes(model_dir, "float32") or info["weight_bytes"])
     if not samples:
-        return info["weight_bytes"]
-    per_position = model_geometry(model_dir).kv_bytes_per_position(info.get("float_itemsize", 4))
+        return weights
+    per_position = model_geometry(model_dir).kv_bytes_per_position(min(info.get("float_itemsize", 4), 4))
     context = sum(s.prompt_tokens + s.n_tokens / 2 for s in samples) / len(samples)
-    return int(info["weight_bytes"] + per_position * context)
+    return int(weights + per_position * context)

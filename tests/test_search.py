@@ -139,6 +139,10 @@ def test_memory_estimate_and_prune_reason(tiny_llama):
     on_disk = sum(p.stat().st_size for p in Path(tiny_llama).glob("*.safetensors"))
     assert abs(f32["weights"] - on_disk) < 0.01 * on_disk  # float32 weights: the file's size
     assert geometry.weight_bytes(tiny_llama, "float32") == f32["weights"]
+    # The roofline's bytes per token: a smaller report (quantized weights) stands, a bigger
+    # one than the folder's weights in float32 does not (a hung, never-evaluated array).
+    assert geometry.bytes_per_token(tiny_llama, {"weight_bytes": 1000}, []) == 1000
+    assert geometry.bytes_per_token(tiny_llama, {"weight_bytes": 2 ** 52}, []) == f32["weights"]
     assert f16["weights"] < 0.55 * f32["weights"] and kv4["kv_cache"] < 0.2 * f32["kv_cache"]
     assert search_objective.fits(f32, 64 * 2**30) == (True, "")
     ok, reason = search_objective.fits(f32, f32["total"])  # no room for the headroom
