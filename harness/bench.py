@@ -7,10 +7,9 @@ prompt tokens / time to first token.
 
 import random
 import secrets
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 
 from harness import stats
-from harness.pipe import KEPT_CALLS
 from harness.worker import WorkerInvalid
 from harness.workload import build_prompt
 
@@ -36,9 +35,10 @@ class Sample:
     prompt_ids: list
     tokens: list
     call_id: str | None = None  # the id the worker kept this call's log-probs under (see run_workload)
+    own: dict | None = field(default=None, repr=False)  # what `keep_rows` made of them (not in to_dict)
 
     def to_dict(self):
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "own"}
 
 
 def time_call(worker, name, prompt, *, max_tokens, timeout_s, repeat=-1, keep=None):
@@ -67,40 +67,20 @@ def time_call(worker, name, prompt, *, max_tokens, timeout_s, repeat=-1, keep=No
         prompt_ids=prompt.tokens, tokens=tokens, call_id=keep)
 
 
-class Reservoir:
-    """Which measured calls of one worker keep their log-probs for the quality check: a
-    uniform random sample of KEPT_CALLS of them however many there are (Vitter's
-    algorithm R), drawn here in the parent. Every call is kept while it runs; the ones
-    that leave the sample are released afterwards (Worker.release), so no call is known
-    to go unchecked while it is timed, whatever its place in the run."""
-
-    def __init__(self, worker):
-        self.worker, self.kept, self.seen = worker, [], 0
-
-    def add(self, call_id, measured):
-        """After a call: a warm-up is released at once; a measured call joins the sample."""
-        if not measured:
-            self.worker.release([call_id])
-            return
-        self.seen += 1
-        if len(self.kept) < KEPT_CALLS:
-            self.kept.append(call_id)
-            return
-        slot = secrets.randbelow(self.seen)
-        if slot < KEPT_CALLS:
-            self.kept[slot], call_id = call_id, self.kept[slot]
-        self.worker.release([call_id])
-
-
-def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress=None, more=None, yardstick=None):
+def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress=None, more=None, yardstick=None,
+                 keep_rows=None):
     """Warm up, then measure every prompt on each worker in rounds, interleaved.
 
     While one worker is timed, every other one is stopped (Worker.pause), so an idle one
     cannot compete for the CPU or the memory bus; all run again on return or raise.
 
     No request tells a worker its role or whether the call counts: every call, warm-ups
-    included, keeps its log-probs under a fresh random id (Sample.call_id; a Reservoir
-    releases all but a random sample), and who goes first is drawn at random.
+    included, keeps its log-probs under a fresh random id (Sample.call_id), and who goes
+    first is drawn at random. Right after each measured call, untimed, the parent takes
+    its rows from every worker alike (checked against the digests sent with its tokens)
+    and hands the rows of a worker named in `keep_rows` to keep_rows[name](rows, tokens),
+    whose result becomes Sample.own: every timed call is quality-checked, none is left to
+    chance. A warm-up's rows are released.
 
     Args:
         workers: {name: Worker}; with two, calls alternate A B, B A, ... so drift
@@ -110,6 +90,8 @@ def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress
         progress: optional callable(done, total, label) for a progress bar.
         yardstick: optional Worker of harness/yardstick.py: one call a round on the first
             prompt, after its other calls (Samples of worker "yardstick": verdict.yardstick_ratio).
+        keep_rows: optional {worker name: callable(rows, tokens)} -> what to keep of its
+            measured calls' log-prob rows (quality.own_rows); other workers' are dropped.
     Returns:
         A list of Samples (warm-up calls are not included).
     """
@@ -118,7 +100,6 @@ def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress
     most = preset.max_repeats if more else preset.repeats
     warm_up = [_round_calls(names, preset.prompts, None, yardstick) for _ in range(preset.warmup)]
     total, done = sum(map(len, warm_up)) + most * len(_round_calls(names, preset.prompts, 0, yardstick)), 0
-    reservoirs = {name: Reservoir(worker) for name, worker in workers.items()}
 
     def call(name, spec, repeat):
         nonlocal done
@@ -127,11 +108,15 @@ def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress
             if other is not everyone[name]:
                 other.pause()
         everyone[name].resume()
-        keep = secrets.token_hex(8) if name in reservoirs else None  # the yardstick keeps nothing
+        keep = secrets.token_hex(8) if name in workers else None  # the yardstick keeps nothing
         sample = time_call(everyone[name], name, prompt, max_tokens=preset.max_tokens,
                            timeout_s=timeout_s, repeat=repeat, keep=keep)
-        if keep:
-            reservoirs[name].add(sample.call_id, measured=repeat >= 0)
+        if keep and repeat < 0:
+            everyone[name].release([keep])
+        elif keep:  # both workers alike: no request differs by role
+            rows = everyone[name].timed_logprobs([keep], timeout_s=timeout_s)[keep]
+            if name in (keep_rows or {}):
+                sample.own = keep_rows[name](rows, sample.tokens)
         done += 1
         if progress:
             progress(done, total, ("warm-up" if repeat < 0 else f"round {repeat + 1}") + f": {name} {spec.name}")

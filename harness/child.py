@@ -151,9 +151,9 @@ def _generate(channel, module, pipeline, request, kept):
     A call whose request carries "keep": <call id> (every speed call of both workers, warm-up
     calls included; task calls never do) keeps its (n_tokens, vocab) float32 rows in `kept`
     until an {"op": "logprobs"} request takes them or a later request's "drop" list releases
-    them (the parent's reservoir, harness.pipe.KEPT_CALLS calls). Memory bound: KEPT_CALLS + 1
-    calls x max_tokens x vocab x 4 bytes, plus this call's own buffer (64 tokens of a 150k
-    vocabulary: 38 MB a call, 346 MB in all).
+    them (the parent takes every measured call's rows right after it). Memory bound:
+    harness.pipe.KEPT_CALLS + 1 calls x max_tokens x vocab x 4 bytes, plus this call's own
+    buffer (64 tokens of a 150k vocabulary: 38 MB a call, 115 MB in all).
     """
     import mlx.core as mx
 

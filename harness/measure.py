@@ -54,7 +54,7 @@ def measure(ctx, inference_paths, *, reference, tasks, overrides=None, log_dir, 
             preset = dataclasses.replace(preset, repeats=min(preset.max_repeats, max(preset.repeats, RECORD_ROUNDS)))
         samples = bench.run_workload(pipelines, preset, ctx.tokenizer, ctx.corpus_text,
                                      timeout_s=ctx.settings.timeouts.call_s, progress=Progress("speed", unit="calls"),
-                                     more=rule, yardstick=workers.get("yardstick"))
+                                     more=rule, yardstick=workers.get("yardstick"), keep_rows={"challenger": quality.own_rows})
         out["samples"] = [s for s in samples if s.worker != STAND_IN]
         out["speed"]["speed_s"] = round(time.perf_counter() - started, 1)
         out["speed"]["stopped"] = rule.why_stopped(out["samples"]) if rule else None
@@ -142,19 +142,13 @@ def start_workers(ctx, inference_paths, overrides, log_dir, workers, out, blame,
 
 
 def quality_pass(ctx, workers, out, reference, tasks, log_dir, blame):
-    """The challenger's quality: the timed calls' own log-probs (calls picked only now, after
-    every speed call), the corpus through its score(), the tasks; then the reference's side."""
+    """The challenger's quality: the corpus through its score(), the tasks; then the
+    reference's side, which teacher-forces every timed call (their own log-probs were taken
+    right after each, bench.run_workload)."""
     started = time.perf_counter()
     blame["stage"] = "challenger"
     challenger = workers["challenger"]
     mine = [s for s in out["samples"] if s.worker == "challenger"]
-    # The worker holds the log-probs of a random sample of its measured calls (bench.Reservoir).
-    kept = set(challenger.kept_calls())
-    picked = quality.pick_calls_to_verify([s for s in mine if s.call_id in kept],
-                                          ctx.settings.quality.verify_calls[ctx.preset.name])
-    stage(f"quality: the log-probs of {len(picked)} timed calls, picked at random")
-    logprobs = challenger.timed_logprobs([s.call_id for s in picked], timeout_s=ctx.settings.timeouts.call_s)
-    quality.check_timed_logprobs(picked, logprobs)
     stage("quality: corpus (perplexity, KL, top-1 against the reference)")
     measured = quality.score_corpus(challenger, ctx, reference)
     stage(f"quality: tasks ({len(tasks)})")
@@ -162,7 +156,7 @@ def quality_pass(ctx, workers, out, reference, tasks, log_dir, blame):
     _close(workers.pop("challenger"), out)
     blame["stage"] = "reference"
     stage("quality: the reference reads the timed calls")
-    measured.update(quality.measure_timed_calls(ctx, picked, logprobs, log_dir))
+    measured.update(quality.measure_timed_calls(ctx, mine, log_dir))
     per_call = [quality.repetition(s.tokens) for s in mine]
     measured.update(repetition=sum(per_call) / len(per_call), repetition_per_call=per_call,
                     sanity=sum(a["passed"] for a in answers) / len(answers), tasks=answers,

@@ -47,17 +47,17 @@ MESSAGE_LIMIT = 1 << 20  # 1 MiB: the largest request or reply is a few tens of 
 BLOCK_LIMIT = 64 << 20  # 64 MiB of float32 scores per frame (about 100 rows of a 150k vocabulary)
 _SMALL = 1 << 16  # up to this size header and body go in one os.write: one system call, no torn small frame
 
-# How many measured speed calls' log-probs a worker holds for the quality check: a
-# reservoir the parent draws at random over all of them (bench.Reservoir), so no call is
-# known to go unchecked while it runs. Every speed call of both workers carries a keep id
-# (no request tells a pipeline that it is measured, or that it is the challenger); the
-# parent releases the ids that leave the reservoir with the worker's next request.
-KEPT_CALLS = 8
+# How many speed calls' log-probs a worker holds for the quality check: the parent takes
+# each measured call's rows right after it (bench.run_workload) and releases a warm-up's
+# with the next request, so one is all it ever needs. Every speed call of both workers
+# carries a keep id (no request tells a pipeline that it is measured, or that it is the
+# challenger).
+KEPT_CALLS = 1
 
 
 def keep_recent(store, call, value):
     """Put `value` under `call` as the newest entry of the dict `store`, then evict the oldest
-    entries until at most KEPT_CALLS + 1 are left (the reservoir and the call just made). A
+    entries until at most KEPT_CALLS + 1 are left (one not taken yet and the call just made). A
     safety net for memory: the parent's releases keep the store below it. The child (its
     log-prob rows) and the parent (their digests) both store through here, so they keep the
     same ids in the same order."""

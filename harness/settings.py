@@ -101,7 +101,6 @@ class Gates:
 @dataclass(frozen=True)
 class QualitySettings:
     corpus_tokens: PerPreset       # int per preset
-    verify_calls: PerPreset        # int per preset
     tasks: PerPreset               # tuple of task ids per preset
     max_tokens: MappingProxyType   # task kind -> answer cap
     gates: Gates
@@ -277,7 +276,6 @@ def _quality(raw):
     gates = _typed(q, "gates", dict, "quality.")
     return QualitySettings(
         corpus_tokens=_per_preset(q, "corpus_tokens", lambda m, k, w: _int(m, k, w, least=2), "quality."),
-        verify_calls=_per_preset(q, "verify_calls", lambda m, k, w: _int(m, k, w, least=1), "quality."),
         tasks=_task_lists(q, caps),
         max_tokens=MappingProxyType(dict(caps)),
         gates=_gates(gates))

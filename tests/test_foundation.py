@@ -136,7 +136,7 @@ def test_unknown_model_is_usage_error(project):
     ("bad_yaml", ["not valid YAML"]),
     ("bad_type", ["max_tokens", "integer"]),
     ("unknown_prompt", ["unknown prompt"]),
-    ("bad_verify_calls", ["verify_calls.quick", "positive integer"]),
+    ("bad_corpus_tokens", ["corpus_tokens.quick", "at least 2"]),
 ])
 def test_bad_settings_are_usage_errors(project, breakage, words):
     project.evaluate()
@@ -151,8 +151,8 @@ def test_bad_settings_are_usage_errors(project, breakage, words):
     elif breakage == "bad_type":
         settings["workload"]["presets"]["quick"]["max_tokens"] = "many"
         project.write_settings(settings)
-    elif breakage == "bad_verify_calls":
-        settings["quality"]["verify_calls"]["quick"] = 0
+    elif breakage == "bad_corpus_tokens":
+        settings["quality"]["corpus_tokens"]["quick"] = 1
         project.write_settings(settings)
     else:
         settings["workload"]["presets"]["quick"]["prompts"].append("nope")

@@ -360,6 +360,9 @@ def test_a_paused_worker_is_resumed_when_a_call_raises(monkeypatch):
                 raise bench.WorkerInvalid("boom")
             return {"tokens": list(range(4)), "times": [0.1, 0.2, 0.3, 0.4], "peak_memory_bytes": 0}
 
+        def timed_logprobs(self, ids, timeout_s):
+            return {call: None for call in ids}
+
     monkeypatch.setattr(bench, "build_prompt", lambda tokenizer, spec, corpus: types.SimpleNamespace(
         tokens=[1], name=spec.name, kind="decode", nonce="n"))
     preset = types.SimpleNamespace(prompts=[types.SimpleNamespace(name="p")], warmup=0, repeats=1, max_tokens=4)

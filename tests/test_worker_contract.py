@@ -1,5 +1,5 @@
 """The worker's side of generate()'s contract: (token, logprobs) pairs, read inside the timed
-window, and the speed calls' log-probs kept for the quality checks (the newest KEPT_CALLS only);
+window, and the speed calls' log-probs kept for the quality checks (taken after every call);
 and output without end, which must end as a CRASH with a bounded log.
 
 A stand-in inference.py (no model, a 32-token vocabulary) yields pairs in every accepted form
@@ -12,9 +12,10 @@ import secrets
 import numpy as np
 import pytest
 
+import types
+
 from conftest import require_bwrap
-from harness import memory, sandbox, worker as worker_module
-from harness.bench import Reservoir
+from harness import bench, memory, sandbox, worker as worker_module
 from harness.pipe import KEPT_CALLS
 from harness.worker import Worker, WorkerCrash, WorkerInvalid, read_log_tail
 
@@ -214,17 +215,17 @@ def test_import_leaves_no_source_behind(tmp_path, monkeypatch):
 
 def test_kept_logprobs_come_back_once_and_tasks_keep_nothing(start):
     worker = start("pairs")
-    for call in range(3):
+    for call in range(KEPT_CALLS + 1):
         worker.generate([1, 2], max_tokens=4 + call, stop_at_eos=False, timeout_s=30, keep=call)
     worker.generate([1, 2], max_tokens=3, stop_at_eos=True, timeout_s=30)  # a task call
-    assert worker.kept_calls() == [0, 1, 2]  # the task call kept nothing
-    got = worker.timed_logprobs([2, 0], timeout_s=30)
-    assert sorted(got) == [0, 2]
+    calls = list(range(KEPT_CALLS + 1))
+    assert worker.kept_calls() == calls  # the task call kept nothing
+    got = worker.timed_logprobs(calls[::-1], timeout_s=30)
+    assert sorted(got) == calls
     for call, rows in got.items():
         assert rows.dtype == np.float32 and rows.shape == (4 + call, 32)
         np.testing.assert_allclose(rows, expected(4 + call), atol=2e-3)  # float16 in between
-    assert worker.kept_calls() == [1]
-    assert worker.timed_logprobs([1], timeout_s=30)[1].shape == (5, 32)
+    assert worker.kept_calls() == []
     with pytest.raises(ValueError, match=r"calls \[0\] are not kept"):
         worker.timed_logprobs([0], timeout_s=30)  # taken and freed already: the harness's bug
     assert worker.alive()  # refused before anything was sent
@@ -241,8 +242,8 @@ def test_released_calls_are_freed_on_both_sides(start):
         worker.generate([1, 2], max_tokens=2, stop_at_eos=True, timeout_s=30)  # task calls keep nothing
     newest = ids[-(KEPT_CALLS + 1):]
     assert worker.kept_calls() == newest  # the safety net dropped the oldest three
-    worker.release(newest[:2])
-    kept = newest[2:]
+    worker.release(newest[:1])
+    kept = newest[1:]
     assert worker.kept_calls() == kept
     with pytest.raises(ValueError, match="not kept"):
         worker.timed_logprobs([newest[0], kept[0]], timeout_s=30)
@@ -262,32 +263,33 @@ def test_released_calls_are_freed_on_both_sides(start):
         worker.timed_logprobs([newest[0]], timeout_s=30)
 
 
-class _Releases:
-    def __init__(self):
-        self.released = []
+def test_every_measured_call_is_taken_for_the_check_and_warm_ups_are_released(start, monkeypatch):
+    """The rows of every measured speed call, of both workers alike, are taken right after
+    it (checked against its digests), and the challenger's handed to keep_rows; none is left
+    to chance, and no worker is left holding rows when the workload ends."""
+    workers = {"champion": start("pairs"), "challenger": start("pairs")}
+    monkeypatch.setattr(bench, "build_prompt", lambda tokenizer, spec, corpus: types.SimpleNamespace(
+        tokens=[1, 2, 3], name=spec.name, kind="decode", nonce="n"))
+    preset = types.SimpleNamespace(prompts=[types.SimpleNamespace(name="p"), types.SimpleNamespace(name="q")],
+                                   warmup=1, repeats=3, max_tokens=5)
+    handed = []
 
-    def release(self, ids):
-        self.released.extend(ids)
+    def keep_rows(rows, tokens):
+        handed.append((rows, tokens))
+        return len(handed)
 
-
-def test_reservoir_keeps_every_measured_call_alike():
-    """Whatever its place in the run, each measured call ends up kept with the same chance
-    (KEPT_CALLS / calls), so no call is known to go unchecked while it runs; warm-ups never."""
-    calls, runs = 20, 4000
-    counts = np.zeros(calls)
-    for _ in range(runs):
-        fake = _Releases()
-        reservoir = Reservoir(fake)
-        reservoir.add("warm", measured=False)
-        for i in range(calls):
-            reservoir.add(i, measured=True)
-        assert fake.released[0] == "warm" and len(reservoir.kept) == KEPT_CALLS
-        assert sorted(reservoir.kept + fake.released[1:]) == list(range(calls))  # each call kept or released
-        counts[reservoir.kept] += 1
-    share = counts / runs
-    expected_share = KEPT_CALLS / calls
-    se = (expected_share * (1 - expected_share) / runs) ** 0.5
-    assert np.all(np.abs(share - expected_share) < 5 * se), share
+    samples = bench.run_workload(workers, preset, None, "", timeout_s=30, keep_rows={"challenger": keep_rows})
+    assert len(samples) == 2 * 2 * 3 and len(handed) == 2 * 3  # workers x prompts x rounds; warm-ups not
+    mine = [s for s in samples if s.worker == "challenger"]
+    assert sorted(s.own for s in mine) == list(range(1, len(handed) + 1))
+    assert all(s.own is None for s in samples if s.worker == "champion")
+    for rows, tokens in handed:
+        np.testing.assert_allclose(rows, expected(5), atol=1e-6)
+        assert tokens == list(range(5))
+    for worker in workers.values():
+        assert worker.kept_calls() == []  # the warm-ups' released, the others' taken
+        assert worker.alive()
+    assert "own" not in samples[0].to_dict()
 
 
 @pytest.mark.parametrize("sandboxed", [False, True], ids=["no-sandbox", "bwrap"])
