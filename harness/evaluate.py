@@ -7,6 +7,7 @@ import math
 import os
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -136,12 +137,17 @@ def evaluate(ctx, *, inference_path=None, overrides=None, source="agent", apply=
         if out["failure"]:
             record_failure(result, out["failure"])
         else:
-            figures(ctx, result, out, earlier)
-            judge(ctx, result, standing, search=bool(overrides))
-            pace.check_champion_yardstick(ctx, result, out, record)
-            pace.check_champion_pace(ctx, result, standing)
-            pace.note_baseline_below_record(ctx, result, standing)
-            explain_noise(result, standing, earlier_runs)
+            try:
+                figures(ctx, result, out, earlier)
+                judge(ctx, result, standing, search=bool(overrides))
+                pace.check_champion_yardstick(ctx, result, out, record)
+                pace.check_champion_pace(ctx, result, standing)
+                pace.note_baseline_below_record(ctx, result, standing)
+                explain_noise(result, standing, earlier_runs)
+            except Exception as exc:  # whatever the workers returned, the run ends with its row
+                note("".join(traceback.format_exception(exc))[-4000:])
+                result.update(decision=Decision.CRASH, reason=f"harness error while judging the run: "
+                              f"{type(exc).__name__}: {str(exc)[:200]} (a harness bug: please report it)")
     guard_ledger(ctx, result, standing)
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
     result["run_file"] = write_run_file(ctx, result, stamp, out, changes)

@@ -27,8 +27,9 @@ import json
 import math
 import os
 import statistics
-import unicodedata
 from pathlib import Path
+
+from harness.report import visible
 
 COLUMNS = [
     "timestamp",           # ISO 8601, UTC
@@ -112,9 +113,7 @@ def _cell(value):
     # One physical line per row; tabs and quotes stay (csv quoting carries them). Other control
     # characters are written as escapes: a pipeline's error message or a commit subject must
     # not move a terminal's cursor (a red team drew a fake KEEP row over its CRASH row).
-    text = str(value).replace("\r", " ").replace("\n", " ")
-    return "".join(c if c == "\t" or unicodedata.category(c) not in ("Cc", "Cf", "Zl", "Zp")
-                   else f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}" for c in text)
+    return visible(str(value).replace("\r", " ").replace("\n", " "))
 
 
 def format_row(row, columns=COLUMNS):

@@ -4,6 +4,7 @@ progress, stage lines and notes for people on stderr."""
 import json
 import sys
 import time
+import unicodedata
 
 # The key: value block, in order. Later keys are added at the end, never renamed.
 BLOCK_KEYS = [
@@ -20,6 +21,15 @@ BLOCK_KEYS = [
 ]
 
 
+def visible(text, *, newlines=False):
+    """`text` with control and format characters written as escapes (tab kept; newlines kept
+    when `newlines`): what a pipeline wrote (an error message, its log) must not move a
+    terminal's cursor (a red team drew a fake KEEP row over its CRASH row)."""
+    keep = "\t\n" if newlines else "\t"
+    return "".join(c if c in keep or unicodedata.category(c) not in ("Cc", "Cf", "Zl", "Zp")
+                   else f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}" for c in str(text))
+
+
 def _block_text(value):
     if value is None:
         return "-"
@@ -29,7 +39,7 @@ def _block_text(value):
         return f"{value:.6g}"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_block_text(v) for v in value) + "]"
-    return str(value)
+    return visible(str(value).replace("\r", " ").replace("\n", " "))
 
 
 def block(result):
@@ -51,8 +61,8 @@ def json_line(result):
 
 
 def note(message):
-    """A line for people, on stderr."""
-    print(message, file=sys.stderr, flush=True)
+    """A line for people, on stderr (control characters escaped: see visible)."""
+    print(visible(message, newlines=True), file=sys.stderr, flush=True)
 
 
 def _clock():

@@ -37,13 +37,16 @@ def document(tokenizer, corpus_text, n_tokens):
     return tokenizer.decode(ids[:n_tokens])
 
 
-# Every speed call's reply opens with words of the corpus from two random places (each
-# EXCERPT_TOKENS tokens): the continuation then depends on them, so no call's tokens or
-# log-probs fit another's. A nonce alone does not do that: measured on the offline model, a
-# call's greedy tokens replayed for the same prompt with another nonce matched 32 of 32 tokens
-# in some calls and passed every timed-call gate (KL 0.004-0.04 nats). Two places, not one:
-# the corpus's ~2,700 windows could all be answered ahead of time in load(); their pairs cannot.
+# Every speed call's reply opens with EXCERPT_TOKENS tokens of the corpus from a random place,
+# then OPENING_WORDS words of it drawn one by one at random: the continuation depends on them,
+# so no call's tokens or log-probs fit another's. Measured on the offline model: with a nonce
+# alone, a call's greedy tokens replayed for the same prompt with another nonce matched 32 of
+# 32 tokens in some calls and passed every timed-call gate (KL 0.004-0.04 nats); with an
+# excerpt alone, a continuation worked out ahead (in load(), for each of the corpus's ~2,700
+# places) were 0.04-0.34 nats from the reference; with the drawn words (~1,000^3 choices, too many to work
+# out ahead) it is 0.18-0.43 nats from the reference (the gate: 0.05).
 EXCERPT_TOKENS = 6
+OPENING_WORDS = 3
 
 
 @lru_cache(maxsize=8)
@@ -51,20 +54,24 @@ def _corpus_ids(tokenizer, corpus_text):
     return tokenizer.encode(corpus_text, add_special_tokens=False)
 
 
+@lru_cache(maxsize=8)
+def _corpus_words(corpus_text):
+    return sorted(set(corpus_text.split()))
+
+
 def opening(tokenizer, corpus_text):
-    """Two excerpts of the corpus from random places, as text: the opening of a speed call's reply."""
-    ids = _corpus_ids(tokenizer, corpus_text)
-    parts = []
-    for _ in range(2):
-        start = secrets.randbelow(max(1, len(ids) - EXCERPT_TOKENS))
-        parts.append(tokenizer.decode(ids[start:start + EXCERPT_TOKENS]).strip())
-    return " ".join(parts)
+    """The opening of a speed call's reply, as text: an excerpt of the corpus from a random
+    place and words of it drawn at random."""
+    ids, words = _corpus_ids(tokenizer, corpus_text), _corpus_words(corpus_text)
+    start = secrets.randbelow(max(1, len(ids) - EXCERPT_TOKENS))
+    drawn = [words[secrets.randbelow(len(words))] for _ in range(OPENING_WORDS)] if words else []
+    return " ".join([tokenizer.decode(ids[start:start + EXCERPT_TOKENS]).strip(), *drawn])
 
 
 def build_prompt(tokenizer, spec, corpus_text):
     """Render one prompt of the workload (a settings.PromptSpec) fresh: a random nonce first,
     so no call can reuse another call's prompt (or a cached prefix of it beyond the chat
-    template's fixed header), and the reply opened with random words of the corpus
+    template's fixed header), and the reply opened with words of the corpus at random
     (`opening`), so no call's continuation is another's.
     """
     nonce = secrets.token_hex(4)

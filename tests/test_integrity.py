@@ -345,6 +345,25 @@ def test_a_tree_too_deep_to_recurse_is_removed_and_the_run_ends_with_its_row(pro
     assert not [folder for folder in after if (folder / "d").exists()]  # no deep tree left (others may run meanwhile)
 
 
+def test_a_harness_error_while_judging_ends_as_a_crash_row_not_a_traceback(project, monkeypatch):
+    """Whatever the workers return, a run ends with its row: an exception while the figures
+    are computed (a harness bug no input should reach, simulated here) is a CRASH row."""
+    from harness import evaluate
+    from harness.settings import load_settings
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("simulated")
+
+    monkeypatch.setattr(evaluate, "figures", broken)
+    ctx = evaluate.make_context(load_settings(project.root / "harness.yaml"), quick=True,
+                                model=str(project.model_dir), root=project.root)
+    result = evaluate.evaluate(ctx)
+    assert result["decision"] == "CRASH" and "harness error" in result["reason"]
+    assert "ZeroDivisionError: simulated" in result["reason"]
+    rows, problems = ledger.read(project.root / "results.tsv")
+    assert problems == [] and [r["decision"] for r in rows] == ["CRASH"]
+
+
 # Appended to inference.py (whose token loop sleeps SLEEP_FRACTION of each token's time,
 # bench/power.py's SLEEPY_LOOP): a "sleeper". A shared futex on a page of the interpreter
 # file, which both sandboxes map read-only, is keyed by that file's inode, so a wake in one

@@ -55,6 +55,20 @@ def test_control_characters_are_written_as_escapes(tmp_path):
     assert rows[0]["reason"].endswith("\\u202e\\x07") and rows[0]["subject"] == "subject \\x1b[31mred\\x1b[0m"
 
 
+def test_the_run_s_own_output_escapes_control_characters_too(capsys):
+    """The key: value block on stdout and the notes on stderr print a CRASH reason or a
+    worker's log as visible escapes, as results.tsv does."""
+    from harness import report
+
+    reason = "load() raised E: \x1b[2K\x1b[1G*  KEEP  +31.0 %\u202e\x07"
+    text = report.block({"decision": "CRASH", "reason": reason + "\nsecond line"})
+    line = next(x for x in text.splitlines() if x.startswith("reason: "))
+    assert line == "reason: load() raised E: \\x1b[2K\\x1b[1G*  KEEP  +31.0 %\\u202e\\x07 second line"
+    report.note("last lines of the worker's output:\n\x1b[31mred\x1b[0m\tok")
+    err = capsys.readouterr().err
+    assert err == "last lines of the worker's output:\n\\x1b[31mred\\x1b[0m\tok\n"
+
+
 def test_awkward_subjects_round_trip_through_csv_dictreader(tmp_path):
     path = tmp_path / "results.tsv"
     _write_awkward(path)
