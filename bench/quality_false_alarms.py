@@ -115,6 +115,33 @@ CANNED_WHEN_TIMED = _fake_when_timed('''    text = ("Transformers are neural net
         yield tokens[i % len(tokens)], flat
 ''')
 
+# Speed calls answered from a cache keyed on the user's message (the nonce taken out): the
+# warm-up call works, every later call of the same prompt replays its tokens and log-probs.
+REPLAY_WHEN_TIMED = '''
+
+import re as _re
+
+_honest_generate = generate
+_answers = {}
+
+
+def generate(pipeline, prompt, *, max_tokens, stop_at_eos):
+    if stop_at_eos:
+        yield from _honest_generate(pipeline, prompt, max_tokens=max_tokens, stop_at_eos=stop_at_eos)
+        return
+    text = pipeline.tokenizer.decode(prompt)
+    key = _re.sub(r"\\[request [0-9a-f]+\\]", "", text.split("<|im_start|>assistant")[0])
+    if key in _answers:
+        yield from _answers[key][:max_tokens]
+        return
+    pairs = []
+    for token, logprobs in _honest_generate(pipeline, prompt, max_tokens=max_tokens, stop_at_eos=False):
+        mx.eval(logprobs)
+        pairs.append((token, logprobs))
+        yield token, logprobs
+    _answers[key] = pairs
+'''
+
 HONEST = {
     "comment_only": lambda: BASE + "\n# A comment: nothing changes.\n",
     "argmax": lambda: knobs.patched_source(BASE, {"TEMP": 0.0}),
@@ -130,6 +157,7 @@ DAMAGE = {
     "fixed_token": lambda: BASE + FIXED_TOKEN,
     "loop_when_timed": lambda: BASE + LOOP_WHEN_TIMED,
     "canned_when_timed": lambda: BASE + CANNED_WHEN_TIMED,
+    "replay_when_timed": lambda: BASE + REPLAY_WHEN_TIMED,
 }
 
 

@@ -3,6 +3,7 @@
 data out: the samples and figures evaluate.py judges."""
 
 import dataclasses
+import functools
 import os
 import random
 import secrets
@@ -52,9 +53,10 @@ def measure(ctx, inference_paths, *, reference, tasks, overrides=None, log_dir, 
         preset = ctx.preset
         if not compare and "yardstick" in workers:  # its figures become a champion's record: not on 3 calls
             preset = dataclasses.replace(preset, repeats=min(preset.max_repeats, max(preset.repeats, RECORD_ROUNDS)))
+        keep_rows = {"challenger": functools.partial(quality.own_rows, folder=log_dir)}
         samples = bench.run_workload(pipelines, preset, ctx.tokenizer, ctx.corpus_text,
                                      timeout_s=ctx.settings.timeouts.call_s, progress=Progress("speed", unit="calls"),
-                                     more=rule, yardstick=workers.get("yardstick"), keep_rows={"challenger": quality.own_rows})
+                                     more=rule, yardstick=workers.get("yardstick"), keep_rows=keep_rows)
         out["samples"] = [s for s in samples if s.worker != STAND_IN]
         out["speed"]["speed_s"] = round(time.perf_counter() - started, 1)
         out["speed"]["stopped"] = rule.why_stopped(out["samples"]) if rule else None

@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -234,50 +235,28 @@ def _log_softmax(rows):
         return rows - (top + np.log(np.sum(np.exp(rows - top), axis=-1, keepdims=True)))
 
 
-# How much of each timed call's log-prob rows is kept until the reference reads the call:
-# the pipeline's likeliest tokens one by one, the rest pooled (own_rows, pooled_kl). Whole
-# rows for every call would cost calls x tokens x vocabulary x 4 bytes (180 calls of 32
-# tokens of a 128k vocabulary: 3 GB); this keeps 256 KB a call. Measured on the offline
-# model with a 4-bit KV cache (KL 0.07-0.14 nats): the pooled KL is 3-7 % below the whole
-# one with 1024 tokens kept, 5-14 % with 256, 1-2 % with 4096.
-TOP_TOKENS = 1024
-
-
-def own_rows(rows, tokens):
+def own_rows(rows, tokens, folder):
     """What the timed-call check keeps of one call's log-prob rows (n_tokens, vocab), taken
-    right after the call: per position, the pipeline's TOP_TOKENS likeliest token ids and
-    their log-probs, the mass of all others (`rest`), its argmax, and where the token sits
-    in its own distribution (own_pit, own_pit_var: the self-consistency test)."""
+    right after the call: the rows themselves, renormalized, in a float16 file in `folder`
+    (the run's temporary folder, which no worker can see), until the reference reads the
+    call; and, from the float32 rows, their argmax and where each token sits in the
+    pipeline's own distribution (own_pit, own_pit_var: the self-consistency test).
+
+    On disk, not in memory: every timed call is checked, and calls x tokens x vocabulary
+    add up (180 calls of 32 tokens of a 150k vocabulary: 1.7 GB at 2 bytes). Whole rows, not
+    the pipeline's likeliest tokens with the rest pooled: a red team's pipeline computed a
+    third of the vocabulary and spread a flat tail over the rest, and a KL pooled that way
+    showed 0.03 nats where the whole-vocabulary KL was 0.32.
+    """
     mine = _log_softmax(rows)
     if mine.ndim != 2 or mine.shape[0] != len(tokens):
         raise WorkerInvalid(f"generate() log-probs: shape {tuple(mine.shape)}, expected one row per token "
                             f"({len(tokens)})")
-    k = min(TOP_TOKENS, mine.shape[1])
-    with np.errstate(invalid="ignore"):
-        top = np.argpartition(-np.nan_to_num(mine, nan=np.inf), k - 1, axis=-1)[:, :k]
-        probs = np.exp(mine.astype(np.float64))
-        outside = np.ones(probs.shape, dtype=bool)
-        np.put_along_axis(outside, top, False, axis=-1)
-        return {"top": top.astype(np.int32), "top_logp": np.take_along_axis(mine, top, axis=-1),
-                "rest": np.sum(np.where(outside, probs, 0.0), axis=-1), "argmax": np.argmax(mine, axis=-1),
-                "own_pit": token_pit(probs, tokens), "own_pit_var": pit_null_variance(probs)}
-
-
-def pooled_kl(ref, own):
-    """Per position, KL(reference || pipeline) over the pipeline's TOP_TOKENS likeliest tokens
-    one by one and all the others as one outcome (own_rows). Pooling outcomes never raises a
-    divergence, so this is at most the whole-vocabulary KL, and equal to it when the
-    pipeline spreads its tail as the reference does (how close on the offline model: README)."""
-    idx = own["top"].astype(np.int64)
-    p_ref = np.exp(np.asarray(ref, dtype=np.float64))
-    outside = np.ones(p_ref.shape, dtype=bool)
-    np.put_along_axis(outside, idx, False, axis=-1)
-    ref_top, p_top = np.take_along_axis(np.asarray(ref, dtype=np.float64), idx, axis=-1), np.take_along_axis(p_ref, idx, axis=-1)
-    ref_rest = np.sum(np.where(outside, p_ref, 0.0), axis=-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        head = np.sum(np.where(p_top > 0, p_top * (ref_top - own["top_logp"]), 0.0), axis=-1)
-        tail = np.where(ref_rest > 0, ref_rest * (np.log(ref_rest) - np.log(own["rest"])), 0.0)
-    return head + tail
+    path = Path(folder) / f"timed-rows-{secrets.token_hex(8)}.npy"
+    np.save(path, mine.astype(np.float16))
+    probs = np.exp(mine.astype(np.float64))
+    return {"path": str(path), "argmax": np.argmax(mine, axis=-1),
+            "own_pit": token_pit(probs, tokens), "own_pit_var": pit_null_variance(probs)}
 
 
 def measure_timed_calls(ctx, samples, log_dir):
@@ -329,14 +308,15 @@ def _reference_rows(worker, ctx, prompt, tokens):
 
 
 def _compare_positions(ref, own, tokens, out):
-    """Append per-position KL(ref || pipeline) (pooled_kl), top-1 agreement, the reference's
-    NLL and entropy, and each token's rank in the reference's and the pipeline's own
-    distribution (PIT) to `out`; `own` is what own_rows kept of the pipeline's rows."""
+    """Append per-position KL(ref || pipeline), top-1 agreement, the reference's NLL and
+    entropy, and each token's rank in the reference's and the pipeline's own distribution
+    (PIT) to `out`; `own` is what own_rows kept of the pipeline's rows."""
+    mine = np.load(own["path"]).astype(np.float32)
     idx = np.arange(len(tokens)), np.asarray(tokens)
     p_ref = np.exp(ref)
     with np.errstate(invalid="ignore", over="ignore"):
         ref_entropy = -np.sum(p_ref * ref, axis=-1)
-    out["kl"].extend(pooled_kl(ref, own).astype(np.float64))
+        out["kl"].extend(np.sum(p_ref * (ref - mine), axis=-1).astype(np.float64))
     out["top1"].extend(np.argmax(ref, axis=-1) == own["argmax"])
     out["ref_nll"].extend(-ref[idx].astype(np.float64))
     out["ref_entropy"].extend(ref_entropy.astype(np.float64))
