@@ -253,7 +253,9 @@ def own_rows(rows, tokens, folder):
         raise WorkerInvalid(f"generate() log-probs: shape {tuple(mine.shape)}, expected one row per token "
                             f"({len(tokens)})")
     path = Path(folder) / f"timed-rows-{secrets.token_hex(8)}.npy"
-    np.save(path, mine.astype(np.float16))
+    # Floored where float16 still holds it: a masked -1e9 (or -inf) would become -inf there,
+    # and 0 x inf a NaN where the reference's probability underflows to 0.
+    np.save(path, np.maximum(mine, -60000.0).astype(np.float16))
     probs = np.exp(mine.astype(np.float64))
     return {"path": str(path), "argmax": np.argmax(mine, axis=-1),
             "own_pit": token_pit(probs, tokens), "own_pit_var": pit_null_variance(probs)}
