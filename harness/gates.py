@@ -14,6 +14,11 @@ share of runs. The tests, per gate (n = positions, calls or tasks behind the fig
       (1 - sum p^3) / 12, when it was; the gate fails when the z-score of the sum,
       (sum(u) - n (1/2 + margin)) / sqrt(sum of those variances), is above z (sharper
       sampling, as temperature below 1 or top-p, only lowers the mean: it never fails);
+  self_consistency_tail: more timed tokens sit beyond TAIL_PIT (0.99) of the
+      distribution the pipeline reported for them (its place drawn uniformly within ties, so
+      a token drawn from it lands there with probability 0.01, less when sampling sharper)
+      than a true share of 1 - TAIL_PIT would give (binomial tail below alpha): a mix of
+      argmax tokens and random ones keeps the mean under 1/2 but not the tail;
   kl_p99, timed_kl_p99: more positions have a KL above the threshold than a true 99th
       percentile at the threshold would give (binomial tail below alpha);
   top1_agreement, timed_top1, sanity: fewer agreements / passes than a true share at the
@@ -28,6 +33,13 @@ import math
 import numpy as np
 
 from harness import stats
+
+
+# The self-consistency tail: tokens this far out in the distribution the pipeline reported
+# for them (quality.token_pit, drawn within ties). Drawn from it, 1 % of tokens land there
+# (fewer when sampling sharper); a red team mixed argmax tokens with uniformly random ones, a
+# third of them: the mean place stayed under 1/2 (the mean test passed), the text was word salad.
+TAIL_PIT = 0.99
 
 
 def _gate(name, value, op, threshold, failed, bound=None, test=""):
@@ -67,6 +79,14 @@ def _quantile_gate(name, shown, values, threshold, alpha, quantile=0.99):
     return _gate(name, shown, "<=", threshold, failed, above, f"{above}/{x.size} above: binomial")
 
 
+def _tail_gate(name, shown, pits, alpha):
+    """Fail when more tokens sit beyond TAIL_PIT of their distribution than draws from it would."""
+    x = np.asarray(pits, dtype=float)
+    beyond = int(np.sum(~(x < TAIL_PIT)))  # NaN counts as beyond
+    failed = stats.share_above(beyond, x.size, 1 - TAIL_PIT, alpha)
+    return _gate(name, shown, "<=", round(1 - TAIL_PIT, 6), failed, beyond, f"{beyond}/{x.size} beyond {TAIL_PIT}: binomial")
+
+
 def _share_gate(name, flags, threshold, alpha):
     """Fail when the share of true `flags` is below `threshold` with confidence."""
     k, n = int(np.sum(flags)), len(flags)
@@ -85,7 +105,7 @@ def gates(settings, measured, reference):
     g = settings.quality.gates
     corpus, timed = measured["corpus"], measured["timed"]
     names = ["perplexity", "kl_mean", "kl_p99", "top1_agreement", "timed_kl_mean", "timed_kl_p99",
-             "timed_top1", "self_consistency", "continuation", "sanity", "repetition"]
+             "timed_top1", "self_consistency", "self_consistency_tail", "continuation", "sanity", "repetition"]
     alpha = g.false_alarm_rate / len(names)
     sanity_min = max(reference["sanity"] - g.sanity_tolerance, g.sanity_floor)
     log_ratio = math.log1p(g.perplexity_increase_pct / 100)
@@ -99,6 +119,7 @@ def gates(settings, measured, reference):
         _quantile_gate("timed_kl_p99", measured["timed_kl_p99"], timed["kl"], g.kl_p99_max, alpha),
         _share_gate("timed_top1", timed["top1"], g.top1_agreement_min, alpha),
         _pit_gate("self_consistency", timed["own_pit"], timed["own_pit_var"], g.self_consistency_margin, alpha),
+        _tail_gate("self_consistency_tail", measured["self_consistency_tail"], timed["own_pit_drawn"], alpha),
         _pit_gate("continuation", timed["ref_pit"], timed["ref_pit_var"], g.continuation_margin, alpha),
         _share_gate("sanity", [a["passed"] for a in measured["tasks"]], sanity_min, alpha),
         _mean_gate("repetition", measured["repetition"], measured["repetition_per_call"],

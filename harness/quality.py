@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from harness import settings as settings_mod
+from harness.gates import TAIL_PIT
 from harness.models import cache_dir
 from harness.report import Progress, note, stage
 from harness.tasks import check, load_tasks
@@ -258,7 +259,8 @@ def own_rows(rows, tokens, folder):
     np.save(path, np.maximum(mine, -60000.0).astype(np.float16))
     probs = np.exp(mine.astype(np.float64))
     return {"path": str(path), "argmax": np.argmax(mine, axis=-1),
-            "own_pit": token_pit(probs, tokens), "own_pit_var": pit_null_variance(probs)}
+            "own_pit": token_pit(probs, tokens), "own_pit_var": pit_null_variance(probs),
+            "own_pit_drawn": token_pit(probs, tokens, draw=np.random.default_rng(secrets.randbits(64)))}
 
 
 def measure_timed_calls(ctx, samples, log_dir):
@@ -276,7 +278,7 @@ def measure_timed_calls(ctx, samples, log_dir):
         continuation_nll, reference_entropy, verified_calls.
     """
     timed = {"kl": [], "top1": [], "own_pit": [], "ref_pit": [], "own_pit_var": [], "ref_pit_var": [],
-             "ref_nll": [], "ref_entropy": []}
+             "own_pit_drawn": [], "ref_nll": [], "ref_entropy": []}
     worker = Worker(REFERENCE_PIPELINE, Path(log_dir) / "reference.log", expose=[ctx.model_dir])
     try:
         worker.load(ctx.model_dir, timeout_s=ctx.settings.timeouts.load_s)
@@ -293,6 +295,7 @@ def measure_timed_calls(ctx, samples, log_dir):
             "timed_kl_p99": float(np.percentile(kl, 99)) if np.all(np.isfinite(kl)) else float("inf"),
             "timed_top1": float(np.mean(timed["top1"])),
             "self_consistency": float(np.mean(timed["own_pit"])),
+            "self_consistency_tail": float(np.mean(np.asarray(timed["own_pit_drawn"]) >= TAIL_PIT)),
             "continuation_fit": float(np.mean(timed["ref_pit"])),
             "continuation_nll": float(np.mean(timed["ref_nll"])),
             "reference_entropy": float(np.mean(timed["ref_entropy"])),
@@ -326,6 +329,7 @@ def _compare_positions(ref, own, tokens, out):
     out["own_pit"].extend(own["own_pit"])
     out["ref_pit_var"].extend(pit_null_variance(p_ref))
     out["own_pit_var"].extend(own["own_pit_var"])
+    out["own_pit_drawn"].extend(own["own_pit_drawn"])
 
 
 def pit_null_variance(probs):
@@ -337,20 +341,24 @@ def pit_null_variance(probs):
     return list((1.0 - np.sum((probs / total) ** 3, axis=-1)) / 12.0)
 
 
-def token_pit(probs, tokens):
+def token_pit(probs, tokens, draw=None):
     """Per position, where the token sits in the distribution it is said to come from: the
     mass of the tokens more likely than it, plus half the mass of those as likely (mid-p).
 
     For a token drawn from `probs` itself this has mean 1/2 and variance at most 1/12 (the
     probability integral transform); sampling sharper than `probs` (lower temperature,
     top-p, argmax) gives less, sampling flatter or from something else gives more.
+    With `draw` (a numpy Generator, the harness's own entropy), a uniform share of the tied
+    mass instead of half: then a token drawn from `probs` lands above any u with
+    probability exactly 1 - u (at most that, sampling sharper), the tail test's null.
     """
     probs = np.nan_to_num(np.asarray(probs, dtype=np.float64), nan=0.0)
     chosen = probs[np.arange(len(tokens)), np.asarray(tokens)][:, None]
     more = np.sum(np.where(probs > chosen, probs, 0.0), axis=-1)
     same = np.sum(np.where(probs == chosen, probs, 0.0), axis=-1)
     total = np.maximum(np.sum(probs, axis=-1), 1e-30)
-    return list((more + 0.5 * same) / total)
+    share = 0.5 if draw is None else draw.random(len(tokens))
+    return list((more + share * same) / total)
 
 
 def repetition(tokens, n=4):

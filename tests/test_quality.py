@@ -18,7 +18,8 @@ def rows(rng, n, vocab, scale=3.0):
 
 def compared(ref, mine, folder, tokens=None):
     tokens = list(range(len(ref))) if tokens is None else tokens
-    out = {k: [] for k in ("kl", "top1", "own_pit", "ref_pit", "own_pit_var", "ref_pit_var", "ref_nll", "ref_entropy")}
+    out = {k: [] for k in ("kl", "top1", "own_pit", "ref_pit", "own_pit_var", "ref_pit_var", "own_pit_drawn",
+                           "ref_nll", "ref_entropy")}
     _compare_positions(ref, own_rows(mine, tokens, folder), tokens, out)
     return out
 
@@ -134,3 +135,43 @@ def test_every_speed_prompt_opens_its_reply_with_corpus_words_at_random(tiny_lla
         assert " ".join(excerpt).replace(" ", "") in corpus.replace(" ", ""), text
     assert len({w for text in openings for w in text.split()[-OPENING_WORDS:]}) > OPENING_WORDS * 10
 
+
+def test_every_prefill_call_reads_a_document_of_its_own(tiny_llama):
+    """With one document for every call, a pipeline reused an earlier call's cache for it
+    (computed after another nonce): each call now gets a window of the corpus at random."""
+    from mlx_lm.utils import load_tokenizer
+
+    from harness.workload import document
+
+    tokenizer = load_tokenizer(tiny_llama)
+    corpus = " ".join(f"word{i}" for i in range(400))
+    documents = [document(tokenizer, corpus, 16) for _ in range(10)]
+    assert len(set(documents)) == len(documents)
+    assert all(d.replace(" ", "") in corpus.replace(" ", "") for d in documents)
+    short = document(tokenizer, "tiny corpus", 16)  # shorter than asked: the corpus repeated
+    assert len(short.replace(" ", "")) > len("tinycorpus")
+
+
+def test_argmax_tokens_mixed_with_random_ones_fail_the_tail_test_though_their_mean_passes():
+    """Red team 8 reported honest rows but mixed argmax tokens with uniformly random ones (a
+    third): each token's mean place stayed under 1/2, so the mean test passed on word salad.
+    Drawn from the distribution, 1 % of tokens land beyond 0.99; sharper sampling, fewer."""
+    from harness import gates
+    from harness.quality import pit_null_variance, token_pit
+
+    rng, draw = np.random.default_rng(5), np.random.default_rng(6)
+    alpha = 0.01 / 12
+    n, vocab = 400, 2000
+    probs = np.exp(rows(rng, n, vocab, scale=2.5).astype(np.float64))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    argmax = list(np.argmax(probs, axis=-1))
+    salad = [int(rng.integers(vocab)) if i % 3 == 2 else t for i, t in enumerate(argmax)]
+    assert gates._pit_gate("mean", token_pit(probs, salad), pit_null_variance(probs), 0.0, alpha)["passed"]
+    assert not gates._tail_gate("tail", 0, token_pit(probs, salad, draw=draw), alpha)["passed"]
+    assert gates._tail_gate("tail", 0, token_pit(probs, argmax, draw=draw), alpha)["passed"]
+    # Honest draws at temperature 1: the gate's false alarms stay near its alpha.
+    fails = 0
+    for _ in range(300):
+        drawn = [int(draw.choice(vocab, p=p)) for p in probs[:100]]
+        fails += not gates._tail_gate("tail", 0, token_pit(probs[:100], drawn, draw=draw), alpha)["passed"]
+    assert fails <= 2
