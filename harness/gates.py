@@ -14,11 +14,12 @@ share of runs. The tests, per gate (n = positions, calls or tasks behind the fig
       (1 - sum p^3) / 12, when it was; the gate fails when the z-score of the sum,
       (sum(u) - n (1/2 + margin)) / sqrt(sum of those variances), is above z (sharper
       sampling, as temperature below 1 or top-p, only lowers the mean: it never fails);
-  self_consistency_tail: more timed tokens sit beyond TAIL_PIT (0.99) of the
-      distribution the pipeline reported for them (its place drawn uniformly within ties, so
-      a token drawn from it lands there with probability 0.01, less when sampling sharper)
-      than a true share of 1 - TAIL_PIT would give (binomial tail below alpha): a mix of
-      argmax tokens and random ones keeps the mean under 1/2 but not the tail;
+  self_consistency_tail: the timed tokens sit further out in the distribution the pipeline
+      reported for them than draws from it would (each place drawn uniformly within ties, so
+      for such draws it is uniform, and sharper sampling only moves it down): more beyond
+      TAIL_PIT (0.99) than a share of 1 % gives (binomial), or, at some u, a share at or
+      beyond u above 1 - u by more than the one-sided DKW bound; a mix of argmax tokens and
+      unlikely ones keeps the mean under 1/2 but not the tail;
   kl_p99, timed_kl_p99: more positions have a KL above the threshold than a true 99th
       percentile at the threshold would give (binomial tail below alpha);
   top1_agreement, timed_top1, sanity: fewer agreements / passes than a true share at the
@@ -80,11 +81,22 @@ def _quantile_gate(name, shown, values, threshold, alpha, quantile=0.99):
 
 
 def _tail_gate(name, shown, pits, alpha):
-    """Fail when more tokens sit beyond TAIL_PIT of their distribution than draws from it would."""
+    """Fail when the tokens sit further out in their distributions than draws from them (or
+    sharper ones) would, with confidence: their places, drawn within ties, are uniform for
+    such draws, so no share of them may lie at or beyond any u by more than 1 - u allows.
+    Two tests, alpha/2 each: beyond TAIL_PIT, binomial (the far tail: a few random tokens);
+    at every u, the one-sided Dvoretzky-Kiefer-Wolfowitz bound sqrt(ln(2/alpha) / 2n) on the
+    excess (the whole range: many unlikely-but-not-absurd tokens)."""
     x = np.asarray(pits, dtype=float)
+    n = x.size
     beyond = int(np.sum(~(x < TAIL_PIT)))  # NaN counts as beyond
-    failed = stats.share_above(beyond, x.size, 1 - TAIL_PIT, alpha)
-    return _gate(name, shown, "<=", round(1 - TAIL_PIT, 6), failed, beyond, f"{beyond}/{x.size} beyond {TAIL_PIT}: binomial")
+    far = stats.share_above(beyond, n, 1 - TAIL_PIT, alpha / 2)
+    ordered = np.sort(np.nan_to_num(x, nan=1.0))
+    # at u = ordered[i], the share at or beyond it is (n - i) / n, where draws allow 1 - u
+    excess = float(np.max((n - np.arange(n)) / n - (1 - ordered))) if n else 0.0
+    wide = n > 0 and excess > math.sqrt(math.log(2 / alpha) / (2 * n))
+    return _gate(name, shown, "<=", round(1 - TAIL_PIT, 6), far or wide, beyond,
+                 f"{beyond}/{n} beyond {TAIL_PIT}: binomial; excess {excess:.3f}: DKW")
 
 
 def _share_gate(name, flags, threshold, alpha):

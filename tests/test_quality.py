@@ -169,7 +169,16 @@ def test_argmax_tokens_mixed_with_random_ones_fail_the_tail_test_though_their_me
     assert gates._pit_gate("mean", token_pit(probs, salad), pit_null_variance(probs), 0.0, alpha)["passed"]
     assert not gates._tail_gate("tail", 0, token_pit(probs, salad, draw=draw), alpha)["passed"]
     assert gates._tail_gate("tail", 0, token_pit(probs, argmax, draw=draw), alpha)["passed"]
-    # Honest draws at temperature 1: the gate's false alarms stay near its alpha.
+    # Unlikely but not absurd tokens instead (each at 0.9-0.98 of its distribution), as many
+    # as keep the mean under 1/2: past the far tail, but not past the whole-range test.
+    places = np.cumsum(-np.sort(-probs, axis=-1), axis=-1)
+    ranked = np.argsort(-probs, axis=-1)
+    unlikely = [int(ranked[i][np.searchsorted(places[i], 0.9 + 0.08 * rng.random())]) if i % 5 < 2 else t
+                for i, t in enumerate(argmax)]
+    assert gates._pit_gate("mean", token_pit(probs, unlikely), pit_null_variance(probs), 0.0, alpha)["passed"]
+    assert not gates._tail_gate("tail", 0, token_pit(probs, unlikely, draw=draw), alpha)["passed"]
+    # Honest draws at temperature 1 (the hardest case: sharper ones sit lower): false alarms
+    # stay near the gate's alpha.
     fails = 0
     for _ in range(300):
         drawn = [int(draw.choice(vocab, p=p)) for p in probs[:100]]
