@@ -111,12 +111,8 @@ def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress
         keep = secrets.token_hex(8) if name in workers else None  # the yardstick keeps nothing
         sample = time_call(everyone[name], name, prompt, max_tokens=preset.max_tokens,
                            timeout_s=timeout_s, repeat=repeat, keep=keep)
-        if keep and repeat < 0:
-            everyone[name].release([keep])
-        elif keep:  # both workers alike: no request differs by role
-            rows = everyone[name].timed_logprobs([keep], timeout_s=timeout_s)[keep]
-            if name in (keep_rows or {}):
-                sample.own = keep_rows[name](rows, sample.tokens)
+        if keep:  # both workers alike: no request differs by role
+            _settle_rows(everyone[name], name, sample, keep_rows or {}, timeout_s)
         done += 1
         if progress:
             progress(done, total, ("warm-up" if repeat < 0 else f"round {repeat + 1}") + f": {name} {spec.name}")
@@ -135,6 +131,17 @@ def run_workload(workers, preset, tokenizer, corpus_text, *, timeout_s, progress
         for worker in everyone.values():
             worker.resume()  # a dead one was killed already; resume() is then a no-op
     return samples
+
+
+def _settle_rows(worker, name, sample, keep_rows, timeout_s):
+    """After a call: a warm-up's kept rows are released; a measured call's are taken now,
+    untimed (checked against its digests), and handed to keep_rows[name] when it is named."""
+    if sample.repeat < 0:
+        worker.release([sample.call_id])
+        return
+    rows = worker.timed_logprobs([sample.call_id], timeout_s=timeout_s)[sample.call_id]
+    if name in keep_rows:
+        sample.own = keep_rows[name](rows, sample.tokens)
 
 
 def _round_calls(names, specs, parity, yardstick):

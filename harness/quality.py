@@ -258,9 +258,11 @@ def own_rows(rows, tokens, folder):
     # and 0 x inf a NaN where the reference's probability underflows to 0.
     np.save(path, np.maximum(mine, -60000.0).astype(np.float16))
     probs = np.exp(mine.astype(np.float64))
+    more, same, total = _pit_parts(probs, tokens)
+    drawn = np.random.default_rng(secrets.randbits(64)).random(len(tokens))
     return {"path": str(path), "argmax": np.argmax(mine, axis=-1),
-            "own_pit": token_pit(probs, tokens), "own_pit_var": pit_null_variance(probs),
-            "own_pit_drawn": token_pit(probs, tokens, draw=np.random.default_rng(secrets.randbits(64)))}
+            "own_pit": list((more + 0.5 * same) / total), "own_pit_var": pit_null_variance(probs),
+            "own_pit_drawn": list((more + drawn * same) / total)}
 
 
 def measure_timed_calls(ctx, samples, log_dir):
@@ -352,13 +354,19 @@ def token_pit(probs, tokens, draw=None):
     mass instead of half: then a token drawn from `probs` lands above any u with
     probability exactly 1 - u (at most that, sampling sharper), the tail test's null.
     """
+    more, same, total = _pit_parts(probs, tokens)
+    share = 0.5 if draw is None else draw.random(len(tokens))
+    return list((more + share * same) / total)
+
+
+def _pit_parts(probs, tokens):
+    """Per position: the mass of tokens likelier than the chosen one, of those as likely
+    (itself included), and the row's total."""
     probs = np.nan_to_num(np.asarray(probs, dtype=np.float64), nan=0.0)
     chosen = probs[np.arange(len(tokens)), np.asarray(tokens)][:, None]
     more = np.sum(np.where(probs > chosen, probs, 0.0), axis=-1)
     same = np.sum(np.where(probs == chosen, probs, 0.0), axis=-1)
-    total = np.maximum(np.sum(probs, axis=-1), 1e-30)
-    share = 0.5 if draw is None else draw.random(len(tokens))
-    return list((more + share * same) / total)
+    return more, same, np.maximum(np.sum(probs, axis=-1), 1e-30)
 
 
 def repetition(tokens, n=4):

@@ -443,26 +443,20 @@ class Worker:
             self._peak_rss = max(self._peak_rss, watch.peak)
 
     def kept_calls(self):
-        """The keep ids whose log-probs the worker still holds, oldest call first: the
-        generate(..., keep=id) calls not released, less those timed_logprobs() took."""
+        """Keep ids of calls whose log-probs the worker holds (not released or taken), oldest first."""
         return list(self._digests)
 
     def release(self, call_ids):
-        """Let the worker free these calls' log-probs: they will never be asked for. The
-        worker learns it with the next generate request, after the calls were timed."""
+        """Let the worker free these calls' log-probs (it learns with the next generate request)."""
         for call in call_ids:
             if self._digests.pop(call, None) is not None:
                 self._released.append(call)
 
     def timed_logprobs(self, call_ids, *, timeout_s):
-        """The log-probs that generate(..., keep=id) calls yielded, as the worker kept them:
-        {call_id: float32 array (n_tokens, vocab)}, each row checked against the digest sent
-        with its token. The worker frees them once sent.
-
-        Raises ValueError, before anything is sent, for an id not in kept_calls() (never
-        kept, released, or taken already) or named twice: a harness bug, not the pipeline's
-        doing.
-        """
+        """{call_id: float32 array (n_tokens, vocab)}: the log-probs generate(..., keep=id) calls
+        yielded, each row checked against the digest sent with its token; freed once sent.
+        Raises ValueError, before sending, for an id not in kept_calls() or named twice (a
+        harness bug, not the pipeline's doing)."""
         call_ids = list(call_ids)
         gone = [call for call in call_ids if call not in self._digests]
         if gone or len(set(call_ids)) != len(call_ids):
