@@ -52,6 +52,25 @@ HALF_LAYERS_WHEN_TIMED = _when_timed(
     "    inner = pipeline.model.model\n    layers = inner.layers\n    inner.layers = layers[:len(layers) // 2]",
     "        inner.layers = layers")
 
+# Red team 9's tail shaping: draws at temperature 1 from the distribution it reports, but
+# every 8th token sits just inside the far tail (0.975-0.987 of that distribution).
+TAIL_SHAPED_WHEN_TIMED = '''
+
+_drawn = [0]
+
+
+def _shaped_sampler(logprobs):
+    _drawn[0] += 1
+    if _drawn[0] % 8:
+        return mx.random.categorical(logprobs)
+    order = mx.argsort(-logprobs[0])
+    places = mx.cumsum(mx.exp(logprobs[0][order].astype(mx.float32)))
+    target = 0.975 + 0.012 * mx.random.uniform()
+    i = min(int(mx.sum(places < target).item()), order.size - 1)
+    return order[i:i + 1]
+''' + _when_timed("    honest_sampler = pipeline.sampler\n    pipeline.sampler = _shaped_sampler",
+                    "        pipeline.sampler = honest_sampler")
+
 NOISY_LOGITS = '''
 
 class _Noisy:
@@ -147,6 +166,8 @@ HONEST = {
     "argmax": lambda: knobs.patched_source(BASE, {"TEMP": 0.0}),
     "prefill_step_64": lambda: knobs.patched_source(BASE, {"PREFILL_STEP_SIZE": 64}),
     "cache_limit_4gb": lambda: knobs.patched_source(BASE, {"CACHE_LIMIT_GB": 4}),
+    # draws from the whole reported distribution: the tail tests' hardest honest case
+    "temp_1": lambda: knobs.patched_source(BASE, {"TEMP": 1.0, "TOP_P": 1.0}),
 }
 DAMAGE = {
     "kv4_from_0": lambda: knobs.patched_source(BASE, {"KV_BITS": 4, "QUANTIZED_KV_START": 0}),
@@ -158,6 +179,7 @@ DAMAGE = {
     "loop_when_timed": lambda: BASE + LOOP_WHEN_TIMED,
     "canned_when_timed": lambda: BASE + CANNED_WHEN_TIMED,
     "replay_when_timed": lambda: BASE + REPLAY_WHEN_TIMED,
+    "tail_shaped_when_timed": lambda: BASE + TAIL_SHAPED_WHEN_TIMED,
 }
 
 

@@ -16,10 +16,10 @@ share of runs. The tests, per gate (n = positions, calls or tasks behind the fig
       sampling, as temperature below 1 or top-p, only lowers the mean: it never fails);
   self_consistency_tail: the timed tokens sit further out in the distribution the pipeline
       reported for them than draws from it would (each place drawn uniformly within ties, so
-      for such draws it is uniform, and sharper sampling only moves it down): more beyond
-      TAIL_PIT (0.99) than a share of 1 % gives (binomial), or, at some u, a share at or
-      beyond u above 1 - u by more than the one-sided DKW bound; a mix of argmax tokens and
-      unlikely ones keeps the mean under 1/2 but not the tail;
+      for such draws it is uniform, and sharper sampling only moves it down): at some u in
+      TAIL_PLACES (0.5 ... 0.999), more at or beyond u than a share of 1 - u gives
+      (binomial, alpha split between the places); a mix of argmax tokens and unlikely ones
+      keeps the mean under 1/2 but not the tail;
   kl_p99, timed_kl_p99: more positions have a KL above the threshold than a true 99th
       percentile at the threshold would give (binomial tail below alpha);
   top1_agreement, timed_top1, sanity: fewer agreements / passes than a true share at the
@@ -41,6 +41,10 @@ from harness import stats
 # (fewer when sampling sharper); a red team mixed argmax tokens with uniformly random ones, a
 # third of them: the mean place stayed under 1/2 (the mean test passed), the text was word salad.
 TAIL_PIT = 0.99
+# Where the tail is tested, each with a binomial test. One whole-range bound (DKW) instead
+# passed red team 9's every 8th token at 0.975-0.987 (excess 0.10 under a bound of 0.12 at
+# n = 256); a place every factor of 2-2.5 leaves such shaping at most one step's share.
+TAIL_PLACES = (0.5, 0.75, 0.9, 0.95, 0.975, 0.99, 0.995, 0.999)
 
 
 def _gate(name, value, op, threshold, failed, bound=None, test=""):
@@ -83,20 +87,15 @@ def _quantile_gate(name, shown, values, threshold, alpha, quantile=0.99):
 def _tail_gate(name, shown, pits, alpha):
     """Fail when the tokens sit further out in their distributions than draws from them (or
     sharper ones) would, with confidence: their places, drawn within ties, are uniform for
-    such draws, so no share of them may lie at or beyond any u by more than 1 - u allows.
-    Two tests, alpha/2 each: beyond TAIL_PIT, binomial (the far tail: a few random tokens);
-    at every u, the one-sided Dvoretzky-Kiefer-Wolfowitz bound sqrt(ln(2/alpha) / 2n) on the
-    excess (the whole range: many unlikely-but-not-absurd tokens)."""
-    x = np.asarray(pits, dtype=float)
+    such draws, so the share at or beyond each u in TAIL_PLACES is 1 - u (less when sharper).
+    One binomial test per place, alpha / len(TAIL_PLACES) each (Bonferroni)."""
+    x = np.nan_to_num(np.asarray(pits, dtype=float), nan=1.0)  # NaN counts as beyond
     n = x.size
-    beyond = int(np.sum(~(x < TAIL_PIT)))  # NaN counts as beyond
-    far = stats.share_above(beyond, n, 1 - TAIL_PIT, alpha / 2)
-    ordered = np.sort(np.nan_to_num(x, nan=1.0))
-    # at u = ordered[i], the share at or beyond it is (n - i) / n, where draws allow 1 - u
-    excess = float(np.max((n - np.arange(n)) / n - (1 - ordered))) if n else 0.0
-    wide = n > 0 and excess > math.sqrt(math.log(2 / alpha) / (2 * n))
-    return _gate(name, shown, "<=", round(1 - TAIL_PIT, 6), far or wide, beyond,
-                 f"{beyond}/{n} beyond {TAIL_PIT}: binomial; excess {excess:.3f}: DKW")
+    tests = [(u, int(np.sum(x >= u))) for u in TAIL_PLACES]
+    failed = [(u, k) for u, k in tests if stats.share_above(k, n, 1 - u, alpha / len(TAIL_PLACES))]
+    u, k = failed[0] if failed else (TAIL_PIT, dict(tests)[TAIL_PIT])
+    return _gate(name, shown, "<=", round(1 - TAIL_PIT, 6), bool(failed), k,
+                 f"{k}/{n} beyond {u}: binomial at {len(TAIL_PLACES)} places")
 
 
 def _share_gate(name, flags, threshold, alpha):

@@ -158,20 +158,24 @@ def mean_lower_bound(values, alpha):
     return mean, mean - z_one_sided(alpha) * se
 
 
-def binomial_cdf(k, n, p):
-    """P(Binomial(n, p) <= k)."""
-    if k < 0:
+def binomial_mass(low, high, n, p):
+    """P(low <= Binomial(n, p) <= high), summed in log space (math.comb overflows a float
+    past n of about 1030, and a full preset checks thousands of timed tokens)."""
+    low, high = max(low, 0), min(high, n)
+    if low > high:
         return 0.0
-    if k >= n:
-        return 1.0
-    return float(sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k + 1)))
+    if p <= 0.0 or p >= 1.0:
+        return float(low <= (n if p >= 1.0 else 0) <= high)
+    log_p, log_q, log_n = math.log(p), math.log1p(-p), math.lgamma(n + 1)
+    return min(1.0, math.fsum(math.exp(log_n - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+                                       + i * log_p + (n - i) * log_q) for i in range(low, high + 1)))
 
 
 def share_below(k, n, p, alpha):
     """True when k successes of n show, at level 1 - alpha, that the true share is below p."""
-    return n > 0 and binomial_cdf(k, n, p) < alpha
+    return n > 0 and binomial_mass(0, k, n, p) < alpha
 
 
 def share_above(k, n, p, alpha):
     """True when k successes of n show, at level 1 - alpha, that the true share is above p."""
-    return n > 0 and 1.0 - binomial_cdf(k - 1, n, p) < alpha
+    return n > 0 and binomial_mass(k, n, n, p) < alpha

@@ -170,13 +170,21 @@ def test_argmax_tokens_mixed_with_random_ones_fail_the_tail_test_though_their_me
     assert not gates._tail_gate("tail", 0, token_pit(probs, salad, draw=draw), alpha)["passed"]
     assert gates._tail_gate("tail", 0, token_pit(probs, argmax, draw=draw), alpha)["passed"]
     # Unlikely but not absurd tokens instead (each at 0.9-0.98 of its distribution), as many
-    # as keep the mean under 1/2: past the far tail, but not past the whole-range test.
+    # as keep the mean under 1/2: past the far tail, but not past the tests nearer in.
     places = np.cumsum(-np.sort(-probs, axis=-1), axis=-1)
     ranked = np.argsort(-probs, axis=-1)
-    unlikely = [int(ranked[i][np.searchsorted(places[i], 0.9 + 0.08 * rng.random())]) if i % 5 < 2 else t
-                for i, t in enumerate(argmax)]
+
+    def at_place(i, low, high):  # a token of row i whose place lies in [low, high)
+        return int(ranked[i][np.searchsorted(places[i], low + (high - low) * rng.random())])
+
+    unlikely = [at_place(i, 0.9, 0.98) if i % 5 < 2 else t for i, t in enumerate(argmax)]
     assert gates._pit_gate("mean", token_pit(probs, unlikely), pit_null_variance(probs), 0.0, alpha)["passed"]
     assert not gates._tail_gate("tail", 0, token_pit(probs, unlikely, draw=draw), alpha)["passed"]
+    # Red team 9: honest draws, but every 8th token just inside the far tail (0.975-0.987 of
+    # its distribution), on the quick preset's 256 tokens: a whole-range DKW bound passed it.
+    shaped = [at_place(i, 0.975, 0.987) if i % 8 == 7 else int(draw.choice(vocab, p=probs[i]))
+              for i in range(256)]
+    assert not gates._tail_gate("tail", 0, token_pit(probs[:256], shaped, draw=draw), alpha)["passed"]
     # Honest draws at temperature 1 (the hardest case: sharper ones sit lower): false alarms
     # stay near the gate's alpha.
     fails = 0

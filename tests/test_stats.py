@@ -69,3 +69,17 @@ def test_robust_spread_ignores_one_outlier():
     assert abs(stats.robust_spread(x) - 0.1) < 0.015
     assert abs(stats.robust_spread(x + [50.0]) - stats.robust_spread(x)) < 0.005
     assert stats.robust_spread([1.0, 2.0, 3.0]) is None
+
+
+def test_binomial_tests_hold_exact_sums_and_take_thousands_of_tokens():
+    """The gates' binomial tails match the exact sum where math.comb fits a float, and still
+    answer past n of about 1030 (a full preset checks thousands of timed tokens; the plain sum
+    raised OverflowError there)."""
+    for n, p in [(10, 0.3), (256, 0.01), (900, 0.9)]:
+        for k in (0, 1, n // 3, n - 1):
+            exact = sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k + 1))
+            assert stats.binomial_mass(0, k, n, p) == pytest.approx(exact, rel=1e-9, abs=1e-15)
+    assert stats.share_below(2900, 3000, 0.99, 1e-4)      # 96.7 % agreement against 99 %
+    assert not stats.share_below(2975, 3000, 0.99, 1e-4)  # 99.2 %
+    assert stats.share_above(80, 4000, 0.01, 1e-4) and not stats.share_above(45, 4000, 0.01, 1e-4)
+    assert stats.binomial_mass(0, 20_000, 20_000, 0.5) == pytest.approx(1.0)
