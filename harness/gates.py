@@ -7,7 +7,8 @@ share of runs. The tests, per gate (n = positions, calls or tasks behind the fig
 
   mean gates (perplexity, kl_mean, timed_kl_mean, repetition): the figure's one-sided
       lower bound, mean - z * standard error, is above the threshold (z for alpha per gate,
-      about 3.1);
+      about 3.1); in the test each position counts within +-POSITION_CAP_NATS (1 nat), or a
+      few huge values would widen the standard error at the pipeline's will;
   self_consistency, continuation: were the timed tokens drawn from the pipeline's own
       reported distribution / from the reference's? Each token's place in it (token_pit in
       quality.py) has mean 1/2 and a variance known from the distribution,
@@ -47,13 +48,24 @@ TAIL_PIT = 0.99
 TAIL_PLACES = (0.5, 0.75, 0.9, 0.95, 0.975, 0.99, 0.995, 0.999)
 
 
+# A position counts at most this many nats either way in a mean test (NaN as the worst): the
+# sample standard error is otherwise the pipeline's to widen. Red team 10 hid a timed KL of
+# 0.46 per token (9x the budget) behind two positions at 30,000 nats: the bound went below
+# zero. Capped, k such positions lower the bound by at most z^2 * cap / (4 n) (0.01 nats on
+# the quick preset's 256 timed tokens); positions past the cap are kl_p99's concern.
+POSITION_CAP_NATS = 1.0
+
+
 def _gate(name, value, op, threshold, failed, bound=None, test=""):
     return {"name": name, "value": value, "op": op, "threshold": threshold, "passed": not failed,
             "bound": bound, "test": test}
 
 
-def _mean_gate(name, shown, values, threshold, alpha, *, shift=0.0, show_threshold=None):
-    """Fail when the lower bound of mean(values) + shift is above `threshold`."""
+def _mean_gate(name, shown, values, threshold, alpha, *, shift=0.0, show_threshold=None, cap=None):
+    """Fail when the lower bound of mean(values) + shift is above `threshold`, each value
+    first brought within [-cap, cap] when a cap is given (NaN counts as cap)."""
+    if cap is not None:
+        values = np.clip(np.nan_to_num(np.asarray(values, dtype=float), nan=cap, posinf=cap, neginf=-cap), -cap, cap)
     mean, low = stats.mean_lower_bound(values, alpha)
     if mean is None or not np.isfinite(mean):
         return _gate(name, shown, "<=", show_threshold or threshold, True, None, "mean: no finite figure")
@@ -121,12 +133,13 @@ def gates(settings, measured, reference):
     sanity_min = max(reference["sanity"] - g.sanity_tolerance, g.sanity_floor)
     log_ratio = math.log1p(g.perplexity_increase_pct / 100)
     out = [
-        _mean_gate("perplexity", measured["perplexity"], corpus["nll_diff"], log_ratio, alpha,
+        _mean_gate("perplexity", measured["perplexity"], corpus["nll_diff"], log_ratio, alpha, cap=POSITION_CAP_NATS,
                    show_threshold=measured["reference_perplexity"] * (1 + g.perplexity_increase_pct / 100)),
-        _mean_gate("kl_mean", measured["kl_mean"], corpus["kl"], g.kl_mean_max, alpha),
+        _mean_gate("kl_mean", measured["kl_mean"], corpus["kl"], g.kl_mean_max, alpha, cap=POSITION_CAP_NATS),
         _quantile_gate("kl_p99", measured["kl_p99"], corpus["kl"], g.kl_p99_max, alpha),
         _share_gate("top1_agreement", corpus["top1"], g.top1_agreement_min, alpha),
-        _mean_gate("timed_kl_mean", measured["timed_kl_mean"], timed["kl"], g.kl_mean_max, alpha),
+        _mean_gate("timed_kl_mean", measured["timed_kl_mean"], timed["kl"], g.kl_mean_max, alpha,
+                   cap=POSITION_CAP_NATS),
         _quantile_gate("timed_kl_p99", measured["timed_kl_p99"], timed["kl"], g.kl_p99_max, alpha),
         _share_gate("timed_top1", timed["top1"], g.top1_agreement_min, alpha),
         _pit_gate("self_consistency", timed["own_pit"], timed["own_pit_var"], g.self_consistency_margin, alpha),

