@@ -51,8 +51,9 @@ TAIL_PLACES = (0.5, 0.75, 0.9, 0.95, 0.975, 0.99, 0.995, 0.999)
 # A position counts at most this many nats either way in a mean test (NaN as the worst): the
 # sample standard error is otherwise the pipeline's to widen. Red team 10 hid a timed KL of
 # 0.46 per token (9x the budget) behind two positions at 30,000 nats: the bound went below
-# zero. Capped, k such positions lower the bound by at most z^2 * cap / (4 n) (0.01 nats on
-# the quick preset's 256 timed tokens); positions past the cap are kl_p99's concern.
+# zero. Capped, k such positions lower the bound by at most z^2 * cap / (4 n) (0.009 nats on
+# the full preset's 288 timed tokens, the fewest an A/B checks); positions past the cap are
+# kl_p99's concern.
 POSITION_CAP_NATS = 1.0
 
 
