@@ -71,6 +71,42 @@ def _shaped_sampler(logprobs):
 ''' + _when_timed("    honest_sampler = pipeline.sampler\n    pipeline.sampler = _shaped_sampler",
                     "        pipeline.sampler = honest_sampler")
 
+# Red team 11's word salad: on speed calls, greedy, but where the top token has under half
+# the mass, 60 % of the time a token the model gives < 1e-4, lifted in the reported row to
+# just under the token at the middle of the distribution (so it sits mid-row there).
+SALAD_WHEN_TIMED = '''
+
+import numpy as _np
+
+_honest_generate = generate
+
+
+def _salad(pipeline, prompt, max_tokens):
+    rng, cache = _np.random.default_rng(), _new_cache(pipeline)
+    _prefill(pipeline, cache, prompt)
+    feed = prompt[-1:]
+    for n in range(max_tokens):
+        row = _np.array(_log_softmax(_forward(pipeline, cache, feed)[-1:])[0])
+        p = _np.exp(row.astype(_np.float64))
+        order = _np.argsort(-p)
+        token = int(order[0])
+        if n >= 1 and p[token] < 0.5 and rng.random() < 0.6:
+            middle = max(1, int(_np.searchsorted(_np.cumsum(p[order]), 0.5)))
+            token = int(rng.choice(_np.flatnonzero(p < 1e-4)))
+            row = row.copy()
+            row[token] = row[order[middle]] - 1e-3
+        feed = mx.array([token])
+        yield token, row
+
+
+def generate(pipeline, prompt, *, max_tokens, stop_at_eos):
+    if stop_at_eos:
+        yield from _honest_generate(pipeline, prompt, max_tokens=max_tokens, stop_at_eos=stop_at_eos)
+        return
+    with mx.stream(pipeline.stream):
+        yield from _salad(pipeline, mx.array(prompt), max_tokens)
+'''
+
 NOISY_LOGITS = '''
 
 class _Noisy:
@@ -180,6 +216,7 @@ DAMAGE = {
     "canned_when_timed": lambda: BASE + CANNED_WHEN_TIMED,
     "replay_when_timed": lambda: BASE + REPLAY_WHEN_TIMED,
     "tail_shaped_when_timed": lambda: BASE + TAIL_SHAPED_WHEN_TIMED,
+    "salad_when_timed": lambda: BASE + SALAD_WHEN_TIMED,
 }
 
 

@@ -350,7 +350,8 @@ def figures(ctx, result, out, earlier=None):
     score = gates.quality_score(max(measured["kl_mean"], measured.get("timed_kl_mean") or 0))
     result.update({k: measured[k] for k in (
         "perplexity", "perplexity_se", "kl_mean", "kl_p99", "top1_agreement", "timed_kl_mean", "timed_kl_p99",
-        "timed_top1", "self_consistency", "self_consistency_tail", "continuation_fit", "continuation_nll", "reference_entropy", "sanity",
+        "timed_top1", "self_consistency", "self_consistency_tail", "continuation_fit", "continuation_tail",
+        "continuation_nll", "reference_entropy", "sanity",
         "repetition",
         "quality_s")})
     result.update({

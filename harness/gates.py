@@ -21,6 +21,10 @@ share of runs. The tests, per gate (n = positions, calls or tasks behind the fig
       TAIL_PLACES (0.5 ... 0.999), more at or beyond u than a share of 1 - u gives
       (binomial, alpha split between the places); a mix of argmax tokens and unlikely ones
       keeps the mean under 1/2 but not the tail;
+  continuation_tail: the same in the reference's distribution, against continuation_tail_factor
+      x (1 - u): a pipeline that emits tokens the reference finds absurd and reports them in
+      the middle of its own rows keeps the continuation mean under 1/2 with likely tokens
+      elsewhere;
   kl_p99, timed_kl_p99: more positions have a KL above the threshold than a true 99th
       percentile at the threshold would give (binomial tail below alpha);
   top1_agreement, timed_top1, sanity: fewer agreements / passes than a true share at the
@@ -97,17 +101,19 @@ def _quantile_gate(name, shown, values, threshold, alpha, quantile=0.99):
     return _gate(name, shown, "<=", threshold, failed, above, f"{above}/{x.size} above: binomial")
 
 
-def _tail_gate(name, shown, pits, alpha):
+def _tail_gate(name, shown, pits, alpha, factor=1.0):
     """Fail when the tokens sit further out in their distributions than draws from them (or
     sharper ones) would, with confidence: their places, drawn within ties, are uniform for
     such draws, so the share at or beyond each u in TAIL_PLACES is 1 - u (less when sharper).
-    One binomial test per place, alpha / len(TAIL_PLACES) each (Bonferroni)."""
+    One binomial test per place against `factor` x (1 - u), alpha / len(TAIL_PLACES) each
+    (Bonferroni); a place where that allows every token is not tested."""
     x = np.nan_to_num(np.asarray(pits, dtype=float), nan=1.0)  # NaN counts as beyond
     n = x.size
     tests = [(u, int(np.sum(x >= u))) for u in TAIL_PLACES]
-    failed = [(u, k) for u, k in tests if stats.share_above(k, n, 1 - u, alpha / len(TAIL_PLACES))]
+    failed = [(u, k) for u, k in tests
+              if factor * (1 - u) < 1 and stats.share_above(k, n, factor * (1 - u), alpha / len(TAIL_PLACES))]
     u, k = failed[0] if failed else (TAIL_PIT, dict(tests)[TAIL_PIT])
-    return _gate(name, shown, "<=", round(1 - TAIL_PIT, 6), bool(failed), k,
+    return _gate(name, shown, "<=", round(factor * (1 - TAIL_PIT), 6), bool(failed), k,
                  f"{k}/{n} beyond {u}: binomial at {len(TAIL_PLACES)} places")
 
 
@@ -129,7 +135,8 @@ def gates(settings, measured, reference):
     g = settings.quality.gates
     corpus, timed = measured["corpus"], measured["timed"]
     names = ["perplexity", "kl_mean", "kl_p99", "top1_agreement", "timed_kl_mean", "timed_kl_p99",
-             "timed_top1", "self_consistency", "self_consistency_tail", "continuation", "sanity", "repetition"]
+             "timed_top1", "self_consistency", "self_consistency_tail", "continuation", "continuation_tail", "sanity",
+             "repetition"]
     alpha = g.false_alarm_rate / len(names)
     sanity_min = max(reference["sanity"] - g.sanity_tolerance, g.sanity_floor)
     log_ratio = math.log1p(g.perplexity_increase_pct / 100)
@@ -146,6 +153,8 @@ def gates(settings, measured, reference):
         _pit_gate("self_consistency", timed["own_pit"], timed["own_pit_var"], g.self_consistency_margin, alpha),
         _tail_gate("self_consistency_tail", measured["self_consistency_tail"], timed["own_pit_drawn"], alpha),
         _pit_gate("continuation", timed["ref_pit"], timed["ref_pit_var"], g.continuation_margin, alpha),
+        _tail_gate("continuation_tail", measured["continuation_tail"], timed["ref_pit_drawn"], alpha,
+                   factor=g.continuation_tail_factor),
         _share_gate("sanity", [a["passed"] for a in measured["tasks"]], sanity_min, alpha),
         _mean_gate("repetition", measured["repetition"], measured["repetition_per_call"],
                    g.repetition_max, alpha),

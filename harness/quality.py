@@ -276,11 +276,12 @@ def measure_timed_calls(ctx, samples, log_dir):
         Per-position arrays under "timed" (kl, top1, own_pit / ref_pit = each token's place
         in the pipeline's own / the reference's distribution, see token_pit; ref_nll,
         ref_entropy) and their summaries: timed_kl_mean, timed_kl_p99, timed_top1,
-        self_consistency (mean own_pit), continuation_fit (mean ref_pit),
+        self_consistency (mean own_pit), continuation_fit (mean ref_pit), self_consistency_tail /
+        continuation_tail (share of own_pit_drawn / ref_pit_drawn beyond gates.TAIL_PIT),
         continuation_nll, reference_entropy, verified_calls.
     """
     timed = {"kl": [], "top1": [], "own_pit": [], "ref_pit": [], "own_pit_var": [], "ref_pit_var": [],
-             "own_pit_drawn": [], "ref_nll": [], "ref_entropy": []}
+             "own_pit_drawn": [], "ref_pit_drawn": [], "ref_nll": [], "ref_entropy": []}
     worker = Worker(REFERENCE_PIPELINE, Path(log_dir) / "reference.log", expose=[ctx.model_dir])
     try:
         worker.load(ctx.model_dir, timeout_s=ctx.settings.timeouts.load_s)
@@ -299,6 +300,7 @@ def measure_timed_calls(ctx, samples, log_dir):
             "self_consistency": float(np.mean(timed["own_pit"])),
             "self_consistency_tail": float(np.mean(np.asarray(timed["own_pit_drawn"]) >= TAIL_PIT)),
             "continuation_fit": float(np.mean(timed["ref_pit"])),
+            "continuation_tail": float(np.mean(np.asarray(timed["ref_pit_drawn"]) >= TAIL_PIT)),
             "continuation_nll": float(np.mean(timed["ref_nll"])),
             "reference_entropy": float(np.mean(timed["ref_entropy"])),
             "verified_calls": [[s.prompt, s.repeat] for s in samples]}
@@ -327,7 +329,10 @@ def _compare_positions(ref, own, tokens, out):
     out["top1"].extend(np.argmax(ref, axis=-1) == own["argmax"])
     out["ref_nll"].extend(-ref[idx].astype(np.float64))
     out["ref_entropy"].extend(ref_entropy.astype(np.float64))
-    out["ref_pit"].extend(token_pit(p_ref, tokens))
+    more, same, total = _pit_parts(p_ref, tokens)
+    drawn = np.random.default_rng(secrets.randbits(64)).random(len(tokens))  # within ties: the tail tests
+    out["ref_pit"].extend(list((more + 0.5 * same) / total))
+    out["ref_pit_drawn"].extend(list((more + drawn * same) / total))
     out["own_pit"].extend(own["own_pit"])
     out["ref_pit_var"].extend(pit_null_variance(p_ref))
     out["own_pit_var"].extend(own["own_pit_var"])

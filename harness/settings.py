@@ -33,8 +33,8 @@ PROMPT_KINDS = ("decode", "prefill")
 PRESET_NAMES = ("full", "quick")
 PRIMARY_METRICS = ("decode_tps", "prefill_tps")
 GATE_KEYS = ("false_alarm_rate", "perplexity_increase_pct", "kl_mean_max", "kl_p99_max", "top1_agreement_min",
-             "sanity_tolerance", "sanity_floor", "continuation_margin", "self_consistency_margin",
-             "repetition_max")
+             "sanity_tolerance", "sanity_floor", "continuation_margin", "continuation_tail_factor",
+             "self_consistency_margin", "repetition_max")
 KNOB_SPEC_KEYS = {"choices", "low", "high", "log", "step"}
 
 
@@ -94,6 +94,7 @@ class Gates:
     sanity_tolerance: float
     sanity_floor: float
     continuation_margin: float     # PIT units: see harness/gates.py
+    continuation_tail_factor: float  # x (1 - u): see harness/gates.py
     self_consistency_margin: float  # PIT units
     repetition_max: float
 
