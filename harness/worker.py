@@ -111,16 +111,17 @@ class Worker:
         self._hide, self._expose = list(hide), list(expose)
         self._folder = Path(tempfile.mkdtemp(prefix="mlx-hillclimb-worker-"))
         self.inference_path = self._folder / Path(inference_path).name
-        # What runs is fixed by its syntax tree: no comment or docstring is there to read.
-        source = Path(inference_path).read_text(errors="surrogateescape")
-        self.inference_path.write_text(without_comments_and_docstrings(source), errors="surrogateescape")
-        self.log_path = Path(log_path)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")
-        try:
+        self.log_path, self._log = Path(log_path), None
+        try:  # a full disk fails here too: the folder never outlives a worker that did not start
+            # What runs is fixed by its syntax tree: no comment or docstring is there to read.
+            source = Path(inference_path).read_text(errors="surrogateescape")
+            self.inference_path.write_text(without_comments_and_docstrings(source), errors="surrogateescape")
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(self.log_path, "ab")
             req_w, resp_r = self._start()
         except BaseException:
-            self._log.close()
+            if self._log is not None:
+                self._log.close()
             remove_folder(self._folder)
             raise
         Worker._running.add(self.proc.pid)

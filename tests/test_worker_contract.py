@@ -379,3 +379,13 @@ def test_the_worker_runs_the_utf8_text_the_harness_read_whatever_coding_it_decla
     assert from_bytes["HIDDEN"] is True  # the trick is live where bytes are compiled
     monkeypatch.setitem(__import__("sys").modules, "inference", None)
     assert child._import_inference(str(path)).HIDDEN is False
+
+
+def test_a_worker_that_cannot_start_leaves_no_folder_behind(tmp_path, monkeypatch):
+    """Red team 11 filled the disk: a worker whose inference.py could not be written left its
+    folder behind. Whatever fails before the worker runs, its folder goes with it."""
+    made, real = [], worker_module.tempfile.mkdtemp
+    monkeypatch.setattr(worker_module.tempfile, "mkdtemp", lambda **kw: made.append(real(**kw)) or made[-1])
+    with pytest.raises(FileNotFoundError):
+        Worker(tmp_path / "missing.py", tmp_path / "w.log")
+    assert len(made) == 1 and not os.path.exists(made[0])
