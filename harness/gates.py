@@ -18,9 +18,10 @@ share of runs. The tests, per gate (n = positions, calls or tasks behind the fig
   self_consistency_tail: the timed tokens sit further out in the distribution the pipeline
       reported for them than draws from it would (each place drawn uniformly within ties, so
       for such draws it is uniform, and sharper sampling only moves it down): at some u in
-      TAIL_PLACES (0.5 ... 0.999), more at or beyond u than a share of 1 - u gives
-      (binomial, alpha split between the places); a mix of argmax tokens and unlikely ones
-      keeps the mean under 1/2 but not the tail;
+      TAIL_PLACES (0.5 ... 0.999), more at or beyond u than a share of 1 - u gives, among
+      all tokens or the half where the reference is flatter or sharper (binomial, alpha
+      split between the tests); a mix of argmax tokens and unlikely ones keeps the mean
+      under 1/2 but not the tail;
   continuation_tail: the same in the reference's distribution, against continuation_tail_factor
       x (1 - u): a pipeline that emits tokens the reference finds absurd and reports them in
       the middle of its own rows keeps the continuation mean under 1/2 with likely tokens
@@ -101,20 +102,27 @@ def _quantile_gate(name, shown, values, threshold, alpha, quantile=0.99):
     return _gate(name, shown, "<=", threshold, failed, above, f"{above}/{x.size} above: binomial")
 
 
-def _tail_gate(name, shown, pits, alpha, factor=1.0):
+def _tail_gate(name, shown, pits, alpha, *, flatness, factor=1.0):
     """Fail when the tokens sit further out in their distributions than draws from them (or
     sharper ones) would, with confidence: their places, drawn within ties, are uniform for
     such draws, so the share at or beyond each u in TAIL_PLACES is 1 - u (less when sharper).
-    One binomial test per place against `factor` x (1 - u), alpha / len(TAIL_PLACES) each
-    (Bonferroni); a place where that allows every token is not tested."""
+    One binomial test per place against `factor` x (1 - u), on all tokens and on each half
+    of them by `flatness` (the reference's entropy at each), alpha split between them all
+    (Bonferroni); a place where that allows every token is not tested.
+
+    The halves, because draws are uniform at every position, flat or not: a red team took
+    argmax tokens where the reference was peaked and tokens at 0.89-0.945 where it was flat
+    (30 % of them, word salad), within every allowance of the whole."""
     x = np.nan_to_num(np.asarray(pits, dtype=float), nan=1.0)  # NaN counts as beyond
     n = x.size
-    tests = [(u, int(np.sum(x >= u))) for u in TAIL_PLACES]
-    failed = [(u, k) for u, k in tests
-              if factor * (1 - u) < 1 and stats.share_above(k, n, factor * (1 - u), alpha / len(TAIL_PLACES))]
-    u, k = failed[0] if failed else (TAIL_PIT, dict(tests)[TAIL_PIT])
+    order = np.argsort(np.nan_to_num(np.asarray(flatness, dtype=float), nan=np.inf), kind="stable")
+    groups = [("", x), (" of the sharper half", x[order[:n // 2]]), (" of the flatter half", x[order[n // 2:]])]
+    each = alpha / (len(TAIL_PLACES) * len(groups))
+    tests = [(u, int(np.sum(g >= u)), g.size, label) for label, g in groups for u in TAIL_PLACES]
+    failed = [t for t in tests if factor * (1 - t[0]) < 1 and stats.share_above(t[1], t[2], factor * (1 - t[0]), each)]
+    u, k, m, label = failed[0] if failed else next(t for t in tests if t[0] == TAIL_PIT)
     return _gate(name, shown, "<=", round(factor * (1 - TAIL_PIT), 6), bool(failed), k,
-                 f"{k}/{n} beyond {u}: binomial at {len(TAIL_PLACES)} places")
+                 f"{k}/{m}{label} beyond {u}: binomial at {len(TAIL_PLACES)} places x {len(groups)}")
 
 
 def _share_gate(name, flags, threshold, alpha):
@@ -151,10 +159,11 @@ def gates(settings, measured, reference):
         _quantile_gate("timed_kl_p99", measured["timed_kl_p99"], timed["kl"], g.kl_p99_max, alpha),
         _share_gate("timed_top1", timed["top1"], g.top1_agreement_min, alpha),
         _pit_gate("self_consistency", timed["own_pit"], timed["own_pit_var"], g.self_consistency_margin, alpha),
-        _tail_gate("self_consistency_tail", measured["self_consistency_tail"], timed["own_pit_drawn"], alpha),
+        _tail_gate("self_consistency_tail", measured["self_consistency_tail"], timed["own_pit_drawn"], alpha,
+                   flatness=timed["ref_entropy"]),
         _pit_gate("continuation", timed["ref_pit"], timed["ref_pit_var"], g.continuation_margin, alpha),
         _tail_gate("continuation_tail", measured["continuation_tail"], timed["ref_pit_drawn"], alpha,
-                   factor=g.continuation_tail_factor),
+                   flatness=timed["ref_entropy"], factor=g.continuation_tail_factor),
         _share_gate("sanity", [a["passed"] for a in measured["tasks"]], sanity_min, alpha),
         _mean_gate("repetition", measured["repetition"], measured["repetition_per_call"],
                    g.repetition_max, alpha),

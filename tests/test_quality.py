@@ -16,6 +16,10 @@ def rows(rng, n, vocab, scale=3.0):
     return _log_softmax(rng.normal(0, scale, (n, vocab)).astype(np.float32))
 
 
+def entropy(probs):
+    return -np.sum(probs * np.log(np.maximum(probs, 1e-300)), axis=-1)
+
+
 def compared(ref, mine, folder, tokens=None):
     tokens = list(range(len(ref))) if tokens is None else tokens
     out = {k: [] for k in ("kl", "top1", "own_pit", "ref_pit", "own_pit_var", "ref_pit_var", "own_pit_drawn",
@@ -167,8 +171,9 @@ def test_argmax_tokens_mixed_with_random_ones_fail_the_tail_test_though_their_me
     argmax = list(np.argmax(probs, axis=-1))
     salad = [int(rng.integers(vocab)) if i % 3 == 2 else t for i, t in enumerate(argmax)]
     assert gates._pit_gate("mean", token_pit(probs, salad), pit_null_variance(probs), 0.0, alpha)["passed"]
-    assert not gates._tail_gate("tail", 0, token_pit(probs, salad, draw=draw), alpha)["passed"]
-    assert gates._tail_gate("tail", 0, token_pit(probs, argmax, draw=draw), alpha)["passed"]
+    flat = entropy(probs)
+    assert not gates._tail_gate("tail", 0, token_pit(probs, salad, draw=draw), alpha, flatness=flat)["passed"]
+    assert gates._tail_gate("tail", 0, token_pit(probs, argmax, draw=draw), alpha, flatness=flat)["passed"]
     # Unlikely but not absurd tokens instead (each at 0.9-0.98 of its distribution), as many
     # as keep the mean under 1/2: past the far tail, but not past the tests nearer in.
     places = np.cumsum(-np.sort(-probs, axis=-1), axis=-1)
@@ -179,18 +184,19 @@ def test_argmax_tokens_mixed_with_random_ones_fail_the_tail_test_though_their_me
 
     unlikely = [at_place(i, 0.9, 0.98) if i % 5 < 2 else t for i, t in enumerate(argmax)]
     assert gates._pit_gate("mean", token_pit(probs, unlikely), pit_null_variance(probs), 0.0, alpha)["passed"]
-    assert not gates._tail_gate("tail", 0, token_pit(probs, unlikely, draw=draw), alpha)["passed"]
+    assert not gates._tail_gate("tail", 0, token_pit(probs, unlikely, draw=draw), alpha, flatness=flat)["passed"]
     # Red team 9: honest draws, but every 8th token just inside the far tail (0.975-0.987 of
     # its distribution), on the quick preset's 256 tokens: a whole-range DKW bound passed it.
     shaped = [at_place(i, 0.975, 0.987) if i % 8 == 7 else int(draw.choice(vocab, p=probs[i]))
               for i in range(256)]
-    assert not gates._tail_gate("tail", 0, token_pit(probs[:256], shaped, draw=draw), alpha)["passed"]
+    assert not gates._tail_gate("tail", 0, token_pit(probs[:256], shaped, draw=draw), alpha, flatness=flat[:256])["passed"]
     # Honest draws at temperature 1 (the hardest case: sharper ones sit lower): false alarms
     # stay near the gate's alpha.
     fails = 0
     for _ in range(300):
         drawn = [int(draw.choice(vocab, p=p)) for p in probs[:100]]
-        fails += not gates._tail_gate("tail", 0, token_pit(probs[:100], drawn, draw=draw), alpha)["passed"]
+        fails += not gates._tail_gate("tail", 0, token_pit(probs[:100], drawn, draw=draw), alpha,
+                                      flatness=flat[:100])["passed"]
     assert fails <= 2
 
 
@@ -215,12 +221,44 @@ def test_tokens_the_reference_finds_absurd_fail_the_continuation_tail_though_eac
     assert np.mean(exact_kl(ref, mine)) < 0.05
     salad = token_pit(p_ref, tokens, draw=draw)
     assert gates._pit_gate("continuation", token_pit(p_ref, tokens), pit_null_variance(p_ref), 0.0, alpha)["passed"]
-    assert not gates._tail_gate("continuation_tail", 0, salad, alpha, factor=factor)["passed"]
+    assert not gates._tail_gate("continuation_tail", 0, salad, alpha, flatness=entropy(p_ref), factor=factor)["passed"]
     # Honest: drawn at temperature 1 from rows near the reference's (KL ~0.02 nats a token).
     fails = 0
     for _ in range(300):
         near = np.exp(_log_softmax(ref[:100] + draw.normal(0, 0.2, (100, vocab)).astype(np.float32)).astype(np.float64))
         drawn = [int(draw.choice(vocab, p=q / q.sum())) for q in near]
         fails += not gates._tail_gate("continuation_tail", 0, token_pit(p_ref[:100], drawn, draw=draw), alpha,
-                                      factor=factor)["passed"]
+                                      flatness=entropy(p_ref[:100]), factor=factor)["passed"]
+    assert fails <= 2
+
+
+def test_unlikely_tokens_only_where_the_reference_is_flat_fail_the_tail_of_the_flatter_half():
+    """Red team 12: honest rows, argmax tokens where the reference is peaked and, where it is
+    flat (top token under 0.35), the token at 0.89 or 0.945 of it, 30 % of all tokens: word
+    salad within every allowance of the whole. Draws are uniform at every position, flat or
+    not, so the flatter half of the positions shows it. Honest draws pass."""
+    from harness import gates
+    from harness.quality import token_pit
+
+    rng, draw = np.random.default_rng(21), np.random.default_rng(22)
+    alpha, n, vocab = 0.01 / 13, 300, 2000
+    sharpness = rng.uniform(0.5, 6.0, (n, 1))  # rows from flat to peaked
+    probs = np.exp(_log_softmax((rng.normal(0, 1, (n, vocab)) * sharpness).astype(np.float32)).astype(np.float64))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    ranked = np.argsort(-probs, axis=-1)
+    places = np.cumsum(np.take_along_axis(probs, ranked, axis=-1), axis=-1)
+    tokens, taken = list(ranked[:, 0]), 0
+    for i in range(n):
+        if probs[i, ranked[i, 0]] < 0.35 and taken < 0.3 * (i + 1):
+            place = 0.945 if taken % 5 in (1, 3) else 0.89  # just inside the places tested
+            tokens[i] = int(ranked[i][np.searchsorted(places[i], place)])
+            taken += 1
+    assert taken >= 0.25 * n
+    flat = entropy(probs)
+    gate = gates._tail_gate("tail", 0, token_pit(probs, tokens, draw=draw), alpha, flatness=flat)
+    assert not gate["passed"] and "flatter half" in gate["test"], gate
+    fails = 0
+    for _ in range(200):
+        drawn = [int(draw.choice(vocab, p=p)) for p in probs]
+        fails += not gates._tail_gate("tail", 0, token_pit(probs, drawn, draw=draw), alpha, flatness=flat)["passed"]
     assert fails <= 2
