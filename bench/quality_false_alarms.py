@@ -107,6 +107,42 @@ def generate(pipeline, prompt, *, max_tokens, stop_at_eos):
         yield from _salad(pipeline, mx.array(prompt), max_tokens)
 '''
 
+# Red team 12's flat-tail salad: honest rows, argmax tokens where the top token has 0.35 or
+# more, and where it has less the token at 0.89 (2 times in 5: 0.945) of the distribution,
+# up to 30 % of the tokens.
+FLAT_TAIL_WHEN_TIMED = '''
+
+import numpy as _np
+
+_honest_generate = generate
+
+
+def _flat_tail(pipeline, prompt, max_tokens):
+    cache, taken = _new_cache(pipeline), 0
+    _prefill(pipeline, cache, prompt)
+    feed = prompt[-1:]
+    for n in range(max_tokens):
+        row = _log_softmax(_forward(pipeline, cache, feed)[-1:])[0]
+        p = _np.exp(_np.array(row, dtype=_np.float64))
+        order = _np.argsort(-p)
+        token = int(order[0])
+        if p[token] < 0.35 and taken < 0.3 * (n + 1):
+            place = _np.cumsum(p[order]) - p[order] / 2
+            i = int(_np.searchsorted(place, 0.945 if taken % 5 in (1, 3) else 0.89)) - 1
+            if i > 0:
+                token, taken = int(order[i]), taken + 1
+        feed = mx.array([token])
+        yield token, row
+
+
+def generate(pipeline, prompt, *, max_tokens, stop_at_eos):
+    if stop_at_eos:
+        yield from _honest_generate(pipeline, prompt, max_tokens=max_tokens, stop_at_eos=stop_at_eos)
+        return
+    with mx.stream(pipeline.stream):
+        yield from _flat_tail(pipeline, mx.array(prompt), max_tokens)
+'''
+
 NOISY_LOGITS = '''
 
 class _Noisy:
@@ -217,6 +253,7 @@ DAMAGE = {
     "replay_when_timed": lambda: BASE + REPLAY_WHEN_TIMED,
     "tail_shaped_when_timed": lambda: BASE + TAIL_SHAPED_WHEN_TIMED,
     "salad_when_timed": lambda: BASE + SALAD_WHEN_TIMED,
+    "flat_tail_when_timed": lambda: BASE + FLAT_TAIL_WHEN_TIMED,
 }
 
 
