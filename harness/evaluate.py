@@ -17,7 +17,7 @@ from harness import settings as settings_mod
 from harness.corpus import load_corpus
 from harness.environment import environment
 from harness.models import model_digest, resolve_model
-from harness.report import note, stage
+from harness.report import note, quoted, stage
 from harness.ledger import Decision
 from harness.tasks import load_tasks
 from harness.verdict import pct
@@ -145,7 +145,7 @@ def evaluate(ctx, *, inference_path=None, overrides=None, source="agent", apply=
                 pace.note_baseline_below_record(ctx, result, standing)
                 explain_noise(result, standing, earlier_runs)
             except Exception as exc:  # whatever the workers returned, the run ends with its row
-                note("".join(traceback.format_exception(exc))[-4000:])
+                note(quoted("".join(traceback.format_exception(exc))[-4000:]))
                 result.update(decision=Decision.CRASH, reason=f"harness error while judging the run: "
                               f"{type(exc).__name__}: {str(exc)[:200]} (a harness bug: please report it)")
     guard_ledger(ctx, result, standing)
@@ -313,7 +313,7 @@ def record_failure(result, failure):
     who = "" if failure["worker"] == "challenger" else f"{failure['worker']}: "
     result.update(decision=failure["decision"], reason=who + failure["reason"])
     if failure["log_tail"]:
-        note(f"last lines of the {failure['worker']} worker's output:\n{failure['log_tail']}")
+        note(f"last lines of the {failure['worker']} worker's output:\n{quoted(failure['log_tail'])}")
 
 
 def figures(ctx, result, out, earlier=None):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from harness import bench, quality, verdict
 from harness.ledger import Decision
-from harness.report import Progress, note, stage
+from harness.report import Progress, note, quoted, stage
 from harness.worker import Worker, WorkerCrash, WorkerInvalid
 
 YARDSTICK_PIPELINE = Path(__file__).resolve().parent / "yardstick.py"
@@ -71,7 +71,7 @@ def measure(ctx, inference_paths, *, reference, tasks, overrides=None, log_dir, 
         out["failure"] = {"decision": Decision.CRASH if isinstance(exc, WorkerCrash) else Decision.INVALID,
                           "reason": str(exc), "worker": who, "log_tail": getattr(exc, "log_tail", "")}
     except Exception as exc:  # on figures a pipeline returned: the run still ends with its row
-        note("".join(traceback.format_exception(exc))[-4000:])
+        note(quoted("".join(traceback.format_exception(exc))[-4000:]))
         out["failure"] = {"decision": Decision.CRASH, "worker": "challenger", "log_tail": "",
                           "reason": f"harness error while measuring the run: {type(exc).__name__}: "
                                     f"{str(exc)[:200]} (a harness bug: please report it)"}

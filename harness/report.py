@@ -24,9 +24,10 @@ BLOCK_KEYS = [
 def visible(text, *, newlines=False):
     """`text` with control and format characters written as escapes (tab kept; newlines kept
     when `newlines`): what a pipeline wrote (an error message, its log) must not move a
-    terminal's cursor (a red team drew a fake KEEP row over its CRASH row)."""
+    terminal's cursor (a red team drew a fake KEEP row over its CRASH row). Lone surrogates
+    too: no UTF-8 holds them, and one in an error message stopped the run before its row."""
     keep = "\t\n" if newlines else "\t"
-    return "".join(c if c in keep or unicodedata.category(c) not in ("Cc", "Cf", "Zl", "Zp")
+    return "".join(c if c in keep or unicodedata.category(c) not in ("Cc", "Cf", "Zl", "Zp", "Cs")
                    else f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}" for c in str(text))
 
 
@@ -58,6 +59,13 @@ def json_line(result):
     """The --json object: one line, the last of stdout."""
     return json.dumps({k: v for k, v in result.items() if not k.startswith("_")},
                       separators=(",", ":"), default=str)
+
+
+def quoted(text):
+    """What a worker wrote (its log, a traceback), each line behind '  | ': no line of it can
+    pass for one of the run's own (a red team's traceback printed `decision: KEEP` lines where
+    program.md greps the log for them)."""
+    return "\n".join("  | " + line for line in str(text).splitlines())
 
 
 def note(message):
