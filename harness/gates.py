@@ -7,8 +7,8 @@ share of runs. The tests, per gate (n = positions, calls or tasks behind the fig
 
   mean gates (perplexity, kl_mean, timed_kl_mean, repetition): the figure's one-sided
       lower bound, mean - z * standard error, is above the threshold (z for alpha per gate,
-      about 3.1); in the test each position counts within +-POSITION_CAP_NATS (1 nat), or a
-      few huge values would widen the standard error at the pipeline's will;
+      about 3.1); in the standard error each position counts within +-POSITION_CAP_NATS
+      (1 nat), or a few huge values would widen it at the pipeline's will;
   self_consistency, continuation: were the timed tokens drawn from the pipeline's own
       reported distribution / from the reference's? Each token's place in it (token_pit in
       quality.py) has mean 1/2 and a variance known from the distribution,
@@ -53,12 +53,12 @@ TAIL_PIT = 0.99
 TAIL_PLACES = (0.5, 0.75, 0.9, 0.95, 0.975, 0.99, 0.995, 0.999)
 
 
-# A position counts at most this many nats either way in a mean test (NaN as the worst): the
-# sample standard error is otherwise the pipeline's to widen. Red team 10 hid a timed KL of
-# 0.46 per token (9x the budget) behind two positions at 30,000 nats: the bound went below
-# zero. Capped, k such positions lower the bound by at most z^2 * cap / (4 n) (0.009 nats on
-# the full preset's 288 timed tokens, the fewest an A/B checks); positions past the cap are
-# kl_p99's concern.
+# In a mean test's standard error a position counts at most this many nats either way: the
+# spread is otherwise the pipeline's to widen. Red team 10 hid a timed KL of 0.46 per token
+# (9x the budget) behind two positions at 30,000 nats: the bound went below zero. The mean
+# stays the positions' own: capped as well, it let red team 14 show kl_mean 41 as a pass
+# (4 of 96 positions at ~1000 nats, counted as 1 each). So huge values raise the mean by far
+# more than they can widen the interval.
 POSITION_CAP_NATS = 1.0
 
 
@@ -68,11 +68,9 @@ def _gate(name, value, op, threshold, failed, bound=None, test=""):
 
 
 def _mean_gate(name, shown, values, threshold, alpha, *, shift=0.0, show_threshold=None, cap=None):
-    """Fail when the lower bound of mean(values) + shift is above `threshold`, each value
-    first brought within [-cap, cap] when a cap is given (NaN counts as cap)."""
-    if cap is not None:
-        values = np.clip(np.nan_to_num(np.asarray(values, dtype=float), nan=cap, posinf=cap, neginf=-cap), -cap, cap)
-    mean, low = stats.mean_lower_bound(values, alpha)
+    """Fail when the lower bound of mean(values) + shift is above `threshold`; with a cap,
+    the standard error is of the values brought within [-cap, cap] (the mean is theirs)."""
+    mean, low = stats.mean_lower_bound(values, alpha, spread_cap=cap)
     if mean is None or not np.isfinite(mean):
         return _gate(name, shown, "<=", show_threshold or threshold, True, None, "mean: no finite figure")
     failed = low + shift > threshold

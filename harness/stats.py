@@ -145,16 +145,19 @@ def t_one_sided(alpha, df):
     return _T_95[max(d for d in _T_95 if d <= df)]
 
 
-def mean_lower_bound(values, alpha):
+def mean_lower_bound(values, alpha, *, spread_cap=None):
     """(mean, one-sided lower confidence bound at level 1 - alpha) of `values`, from the
-    standard error. With one value the bound is that value; with none, (None, None)."""
+    standard error: of the values brought within +-spread_cap when it is given (a few huge
+    values would otherwise widen it at will), while the mean is the values' own. With one
+    value the bound is that value; with none, (None, None)."""
     x = np.asarray(values, dtype=float)
     if x.size == 0:
         return None, None
     mean = float(np.mean(x))
     if x.size == 1 or not np.all(np.isfinite(x)):
         return mean, mean
-    se = float(np.std(x, ddof=1) / math.sqrt(x.size))
+    spread = x if spread_cap is None else np.clip(x, -spread_cap, spread_cap)
+    se = float(np.std(spread, ddof=1) / math.sqrt(x.size))
     return mean, mean - z_one_sided(alpha) * se
 
 

@@ -262,3 +262,24 @@ def test_unlikely_tokens_only_where_the_reference_is_flat_fail_the_tail_of_the_f
         drawn = [int(draw.choice(vocab, p=p)) for p in probs]
         fails += not gates._tail_gate("tail", 0, token_pit(probs, drawn, draw=draw), alpha, flatness=flat)["passed"]
     assert fails <= 2
+
+
+def test_a_few_huge_values_raise_a_mean_gate_s_figure_and_cannot_widen_its_interval():
+    """Red team 10: two timed positions at ~30,000 nats widened the standard error until a KL
+    of 0.46 a token passed. Red team 14: with each value capped in the mean too, 4 of 96
+    corpus positions at ~1000 nats showed kl_mean 41 as a pass. The spread is of capped
+    values; the mean, as shown, is the values' own."""
+    from harness import gates
+
+    rng, alpha = np.random.default_rng(14), 0.01 / 13
+    honest = np.abs(rng.normal(0, 0.01, 96))
+    assert gates._mean_gate("kl_mean", 0, honest, 0.05, alpha, cap=gates.POSITION_CAP_NATS)["passed"]
+    spiked = honest.copy()
+    spiked[[11, 35, 59, 83]] = 1000.0
+    gate = gates._mean_gate("kl_mean", float(np.mean(spiked)), spiked, 0.05, alpha, cap=gates.POSITION_CAP_NATS)
+    assert not gate["passed"] and gate["bound"] > 40, gate
+    widened = np.full(300, 0.46)
+    widened[[3, 5]] = 30_000.0
+    assert not gates._mean_gate("timed_kl_mean", 0, widened, 0.05, alpha, cap=gates.POSITION_CAP_NATS)["passed"]
+    assert gates._mean_gate("timed_kl_mean", 0, widened, 0.05, alpha)["passed"]  # uncapped spread: it widens
+    assert not gates._mean_gate("kl_mean", 0, [0.0, float("nan")], 0.05, alpha, cap=1.0)["passed"]
