@@ -71,30 +71,26 @@ def _shaped_sampler(logprobs):
 ''' + _when_timed("    honest_sampler = pipeline.sampler\n    pipeline.sampler = _shaped_sampler",
                     "        pipeline.sampler = honest_sampler")
 
-# Red team 11's word salad: on speed calls, greedy, but where the top token has under half
-# the mass, 60 % of the time a token the model gives < 1e-4, lifted in the reported row to
-# just under the token at the middle of the distribution (so it sits mid-row there).
-SALAD_WHEN_TIMED = '''
+def _choose_when_timed(pick):
+    """Source appended to inference.py: speed calls decode one token at a time, the model's
+    own row in hand, and `pick` (source of `_pick(row, p, order, n, state) -> (token, row)`:
+    p the row's probabilities, order the tokens likeliest first) chooses each token and the
+    row reported for it; task calls and score() stay honest."""
+    return '''
 
 import numpy as _np
 
 _honest_generate = generate
+''' + pick + '''
 
-
-def _salad(pipeline, prompt, max_tokens):
-    rng, cache = _np.random.default_rng(), _new_cache(pipeline)
+def _timed_decode(pipeline, prompt, max_tokens):
+    cache, state = _new_cache(pipeline), {"taken": 0, "rng": _np.random.default_rng()}
     _prefill(pipeline, cache, prompt)
     feed = prompt[-1:]
     for n in range(max_tokens):
         row = _np.array(_log_softmax(_forward(pipeline, cache, feed)[-1:])[0])
         p = _np.exp(row.astype(_np.float64))
-        order = _np.argsort(-p)
-        token = int(order[0])
-        if n >= 1 and p[token] < 0.5 and rng.random() < 0.6:
-            middle = max(1, int(_np.searchsorted(_np.cumsum(p[order]), 0.5)))
-            token = int(rng.choice(_np.flatnonzero(p < 1e-4)))
-            row = row.copy()
-            row[token] = row[order[middle]] - 1e-3
+        token, row = _pick(row, p, _np.argsort(-p), n, state)
         feed = mx.array([token])
         yield token, row
 
@@ -104,44 +100,37 @@ def generate(pipeline, prompt, *, max_tokens, stop_at_eos):
         yield from _honest_generate(pipeline, prompt, max_tokens=max_tokens, stop_at_eos=stop_at_eos)
         return
     with mx.stream(pipeline.stream):
-        yield from _salad(pipeline, mx.array(prompt), max_tokens)
+        yield from _timed_decode(pipeline, mx.array(prompt), max_tokens)
 '''
+
+
+# Red team 11's word salad: greedy, but where the top token has under half the mass, 60 % of
+# the time a token the model gives < 1e-4, lifted in the reported row to just under the
+# token at the middle of the distribution (so it sits mid-row there).
+SALAD_WHEN_TIMED = _choose_when_timed('''
+def _pick(row, p, order, n, state):
+    token = int(order[0])
+    if n >= 1 and p[token] < 0.5 and state["rng"].random() < 0.6:
+        middle = max(1, int(_np.searchsorted(_np.cumsum(p[order]), 0.5)))
+        token = int(state["rng"].choice(_np.flatnonzero(p < 1e-4)))
+        row = row.copy()
+        row[token] = row[order[middle]] - 1e-3
+    return token, row
+''')
 
 # Red team 12's flat-tail salad: honest rows, argmax tokens where the top token has 0.35 or
 # more, and where it has less the token at 0.89 (2 times in 5: 0.945) of the distribution,
 # up to 30 % of the tokens.
-FLAT_TAIL_WHEN_TIMED = '''
-
-import numpy as _np
-
-_honest_generate = generate
-
-
-def _flat_tail(pipeline, prompt, max_tokens):
-    cache, taken = _new_cache(pipeline), 0
-    _prefill(pipeline, cache, prompt)
-    feed = prompt[-1:]
-    for n in range(max_tokens):
-        row = _log_softmax(_forward(pipeline, cache, feed)[-1:])[0]
-        p = _np.exp(_np.array(row, dtype=_np.float64))
-        order = _np.argsort(-p)
-        token = int(order[0])
-        if p[token] < 0.35 and taken < 0.3 * (n + 1):
-            place = _np.cumsum(p[order]) - p[order] / 2
-            i = int(_np.searchsorted(place, 0.945 if taken % 5 in (1, 3) else 0.89)) - 1
-            if i > 0:
-                token, taken = int(order[i]), taken + 1
-        feed = mx.array([token])
-        yield token, row
-
-
-def generate(pipeline, prompt, *, max_tokens, stop_at_eos):
-    if stop_at_eos:
-        yield from _honest_generate(pipeline, prompt, max_tokens=max_tokens, stop_at_eos=stop_at_eos)
-        return
-    with mx.stream(pipeline.stream):
-        yield from _flat_tail(pipeline, mx.array(prompt), max_tokens)
-'''
+FLAT_TAIL_WHEN_TIMED = _choose_when_timed('''
+def _pick(row, p, order, n, state):
+    token = int(order[0])
+    if p[token] < 0.35 and state["taken"] < 0.3 * (n + 1):
+        place = _np.cumsum(p[order]) - p[order] / 2
+        i = int(_np.searchsorted(place, 0.945 if state["taken"] % 5 in (1, 3) else 0.89)) - 1
+        if i > 0:
+            token, state["taken"] = int(order[i]), state["taken"] + 1
+    return token, row
+''')
 
 NOISY_LOGITS = '''
 
