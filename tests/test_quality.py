@@ -283,3 +283,15 @@ def test_a_few_huge_values_raise_a_mean_gate_s_figure_and_cannot_widen_its_inter
     assert not gates._mean_gate("timed_kl_mean", 0, widened, 0.05, alpha, cap=gates.POSITION_CAP_NATS)["passed"]
     assert gates._mean_gate("timed_kl_mean", 0, widened, 0.05, alpha)["passed"]  # uncapped spread: it widens
     assert not gates._mean_gate("kl_mean", 0, [0.0, float("nan")], 0.05, alpha, cap=1.0)["passed"]
+
+
+def test_rows_topped_at_a_large_power_of_two_are_renormalized_all_the_same():
+    """Red team 15's score() rows topped at 2^20 plus an offset: top + log-sum rounded back to
+    top in float32, the rows kept ~0.25 nats of extra mass, and a KL of 0.24 showed as -0.0006."""
+    rng = np.random.default_rng(15)
+    honest = rows(rng, 6, 4096)
+    forged = honest - honest.max(axis=-1, keepdims=True) + np.float32(2.0 ** 20) + np.float32(0.06)
+    fixed = _log_softmax(forged)
+    mass = np.log(np.sum(np.exp(fixed.astype(np.float64)), axis=-1))
+    np.testing.assert_allclose(mass, 0.0, atol=1e-5)
+    np.testing.assert_allclose(fixed, honest, atol=0.13)  # float32 spacing at 2^20: 0.125
