@@ -238,6 +238,11 @@ def test_a_keep_against_a_champion_far_below_its_own_pace_is_invalid(tmp_path):
         assert result["decision"] == expected and result["champion_pace"] == pytest.approx(now / 10.0)
         if expected == "INVALID":
             assert "50 % below its own 10.0" in result["reason"] and "was: KEEP" in result["reason"]
+    # where the pace against the yardstick record was taken, that check (immune to load) decides
+    result = {"decision": ledger.Decision.KEEP, "reason": "faster", "champion": "c0", "champion_speed": 5.0,
+              "champion_yardstick_pace": 0.99}
+    pace.check_champion_pace(ctx, result, standing)
+    assert result["decision"] == "KEEP" and result["champion_pace"] == pytest.approx(0.5)
 
 
 def test_a_keep_against_a_champion_slower_against_the_yardstick_than_its_record_is_invalid(tmp_path):
