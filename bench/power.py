@@ -24,7 +24,9 @@ the timed calls), median pairs, why the A/B stopped (counts of "stopped"), media
 pair_spread and min_detectable_effect where the harness reports them, and the champions'
 champion_yardstick_pace (smallest, median, largest) and how many runs its check made
 INVALID: every
-champion here is honest, so those are that check's false alarms.
+champion here is honest, so those are that check's false alarms; end_to_end_total (the
+whole calls' summed times, smallest and median) and how many runs its line made REVERT
+(total_reverts: on an honest faster challenger, that line's false alarms).
 
 Workloads:
   * default: the tiny random-weight llama model (tests/tiny_models.py) in the quick preset
@@ -112,7 +114,7 @@ SEQUENTIAL_KEYS = ("repeats", "max_repeats", "budget_s")  # copied from full int
 RESULT_FIELDS = ("decision", "reason", "speedup", "speedup_ci", "pairs", "pooled_pairs", "speed_s", "stopped",
                  "pair_spread", "min_detectable_effect", "rounds", "elapsed_s", "end_to_end_ratio",
                  "primary_metric", "budget_s", "run_file", "champion_yardstick_pace",
-                 "yardstick_ratio")
+                 "yardstick_ratio", "end_to_end_total")
 MAX_FAILURES = 3  # runs without a result before the bench gives up
 
 
@@ -352,6 +354,10 @@ def summarize(mode, runs, trials, sleep, budget):
             fig["yardstick_pace_max"] = round(max(paces), 3)
             fig["yardstick_invalid"] = sum(t["decision"] == "INVALID" and "relative to the yardstick" in (t["reason"] or "")
                                            for t in done)
+        totals = [t.get("end_to_end_total") for t in done if t.get("end_to_end_total") is not None]
+        if totals:  # the whole calls' summed times; REVERTs by their line (verdict.total_time_ratio)
+            fig["end_to_end_total_min"], fig["end_to_end_total_median"] = round(min(totals), 3), median(totals)
+            fig["total_reverts"] = sum("summed over every pair" in (t["reason"] or "") for t in done)
         if any(t.get("pooled_pairs") for t in done):
             fig["runs_with_pooled_pairs"] = sum(bool(t.get("pooled_pairs")) for t in done)
         summary.update({prefix + k: v for k, v in fig.items()})

@@ -267,7 +267,8 @@ def judge(ctx, result, standing, *, search):
         has_champion=standing.champion is not None, dirty=standing.git["dirty"], search=search,
         min_effect=ctx.settings.verdict.min_effect,
         **{k: result.get(k) for k in ("speedup", "speedup_ci", "pairs", "primary_metric", "end_to_end_ratio",
-                                      "end_to_end_ci", "lines_vs_champion", "lines_uncounted") if k in result})
+                                      "end_to_end_ci", "lines_vs_champion", "lines_uncounted", "end_to_end_total")
+           if k in result})
 
 
 def explain_noise(result, standing, earlier_runs):

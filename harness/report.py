@@ -17,7 +17,7 @@ BLOCK_KEYS = [
     "sandbox", "timed_kl_mean", "timed_kl_p99", "timed_top1", "self_consistency", "end_to_end_ci",
     "continuation_fit", "pairs", "pooled_pairs", "pair_spread", "min_detectable_effect", "load_avg",
     "speed_s", "stopped", "champion_pace", "yardstick_ratio", "yardstick_se",
-    "champion_yardstick_pace",
+    "champion_yardstick_pace", "end_to_end_total",
 ]
 
 

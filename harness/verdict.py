@@ -15,16 +15,21 @@ def paired_ratios(samples, metric):
     "end_to_end" is champion / challenger whole-call time (request to last token), on
     every prompt.
     """
-    by_key = {}
-    for s in samples:
-        if s.repeat >= 0:
-            by_key.setdefault((s.repeat, s.prompt), {})[s.worker] = s
-    pairs = [p for p in by_key.values() if "champion" in p and "challenger" in p]
+    pairs = _pairs(samples)
     if metric == "prefill_tps":
         pairs = [p for p in pairs if p["challenger"].kind == "prefill"] or pairs
     if metric == "end_to_end":
         return [p["champion"].total_s / p["challenger"].total_s for p in pairs]
     return [getattr(p["challenger"], metric) / getattr(p["champion"], metric) for p in pairs]
+
+
+def _pairs(samples):
+    """{worker: Sample} for each (repeat, prompt) both pipelines were timed on."""
+    by_key = {}
+    for s in samples:
+        if s.repeat >= 0:
+            by_key.setdefault((s.repeat, s.prompt), {})[s.worker] = s
+    return [p for p in by_key.values() if "champion" in p and "challenger" in p]
 
 
 # The whole-call ratio is a guard, not the headline figure: a decode win must show that whole
@@ -36,6 +41,21 @@ def paired_ratios(samples, metric):
 # +4.8 % [-0.6, +9.3] after 33 pairs); counted up to x1.1, ~24 (simulated with those spreads).
 # A whole-call pair beyond +-10 % counts as +-10 %: end_to_end_ratio never shows more.
 WHOLE_CALL_CAP = 1.1
+
+
+# The pairs count capped, so one disturbed call sways little; but then a challenger fast on most
+# calls could stall a few for as long as it liked, at -10 % a pair (red team 21: 2 calls in 20
+# stalled 5 s before their first token, KEEP +39.6 % while its whole calls took 13.4 s in all
+# against the champion's 4.5 s). A KEEP also needs the ratio of the whole calls' times, each
+# summed over every pair, uncapped, past the line it was kept on: 1 + min_effect (a win),
+# 1 - min_effect (a simpler KEEP). A point figure, not a test: an honest win's total moves
+# with its pairs (their spread over the square root of their count: ~0.5 % at 30 pairs).
+def total_time_ratio(samples):
+    """Champion / challenger whole-call time (request to last token), each summed over every
+    pair of this run: what a few stalled calls cost counts whole. None without pairs."""
+    pairs = _pairs(samples)
+    mine = sum(p["challenger"].total_s for p in pairs)
+    return sum(p["champion"].total_s for p in pairs) / mine if pairs and mine > 0 else None
 
 
 def comparison(samples, primary_metric, *, min_effect, earlier=None, detectable=True):
@@ -60,7 +80,7 @@ def comparison(samples, primary_metric, *, min_effect, earlier=None, detectable=
     return {"speedup": speedup, "speedup_ci": [low, high], "primary_metric": primary_metric, "pairs": len(ratios),
             "pooled_pairs": len(earlier.get(primary_metric, [])),
             "prefill_ratio": stats.median_ci(paired_ratios(samples, "prefill_tps"))[0],
-            "end_to_end_ratio": e2e, "end_to_end_ci": [e2e_low, e2e_high],
+            "end_to_end_ratio": e2e, "end_to_end_ci": [e2e_low, e2e_high], "end_to_end_total": total_time_ratio(samples),
             "pair_spread": spread, "min_detectable_effect": min_detectable_effect(ratios, speedup, min_effect) if detectable else None,
             "ratios": {primary_metric: ratios, "end_to_end": whole}}
 
@@ -191,7 +211,7 @@ def pct(x):
 
 def decide(*, gate_reason, has_champion, dirty, search, min_effect, speedup=None, speedup_ci=None, pairs=None,
            primary_metric="decode_tps", end_to_end_ratio=None, end_to_end_ci=None, lines_vs_champion=None,
-           lines_uncounted=""):
+           lines_uncounted="", end_to_end_total=None):
     """The decision and its one-line reason for a run that measured cleanly.
 
     Args:
@@ -207,6 +227,7 @@ def decide(*, gate_reason, has_champion, dirty, search, min_effect, speedup=None
             and burst look fast from first to last token, never over the whole call).
         lines_vs_champion, lines_uncounted: code lines added (+) or removed (-) against the
             champion; why that count cannot be trusted ('' when it can): see _not_simpler.
+        end_to_end_total: whole calls' summed time, champion's over challenger's (total_time_ratio).
     Returns:
         (Decision, reason)
     """
@@ -234,10 +255,11 @@ def decide(*, gate_reason, has_champion, dirty, search, min_effect, speedup=None
     low, high = speedup_ci
     whole_low = end_to_end_ci[0] if primary_metric == "decode_tps" else None
     if low > need and (primary_metric != "decode_tps" or (whole_low or 0) > need):
-        return Decision.KEEP, f"faster: {speed} beats the noise (needs > {pct(need)})"
+        return _unless_longer_in_all(f"faster: {speed} beats the noise (needs > {pct(need)})", end_to_end_total, need)
     why_not = _not_simpler(low, whole_low, primary_metric, min_effect, lines_vs_champion, lines_uncounted)
     if why_not == "":
-        return Decision.KEEP, f"simpler: {lines_vs_champion} lines, surely no slower than {pct(1 - min_effect)} ({speed})"
+        return _unless_longer_in_all(f"simpler: {lines_vs_champion} lines, surely no slower than {pct(1 - min_effect)} "
+                                     f"({speed})", end_to_end_total, 1 - min_effect)
     simpler = f"; not simpler: {lines_vs_champion} lines, but {why_not}" if why_not else ""
     if low > need:
         whole = (f"{pct(end_to_end_ratio)} [{pct(end_to_end_ci[0])}, {pct(end_to_end_ci[1])}]"
@@ -249,6 +271,16 @@ def decide(*, gate_reason, has_champion, dirty, search, min_effect, speedup=None
     if high < need:
         return Decision.REVERT, f"no win of {pct(need)} or more: {speed}{simpler}"
     return Decision.REVERT, f"within noise: {speed} (needs > {pct(need)}){simpler}"
+
+
+def _unless_longer_in_all(reason, total, line):
+    """KEEP for `reason`, unless the whole calls' summed times (total: champion's over
+    challenger's, see total_time_ratio) fall short of `line`: REVERT."""
+    if total is None or total >= line:
+        return Decision.KEEP, reason
+    return Decision.REVERT, (f"the pairs, each capped, say so, but whole calls summed over every pair give only "
+                             f"{pct(total)} (needs {pct(line)} or more): a few calls took far longer than the rest "
+                             f"(was: {reason})")
 
 
 def _not_simpler(low, whole_low, primary_metric, min_effect, lines_vs_champion, lines_uncounted):

@@ -54,6 +54,16 @@ CASES = [
      lines_uncounted="code run from strings (exec)"), "REVERT", ["not simpler", "exec"]),
     ("more lines at equal speed", dict(speedup=1.0, speedup_ci=[0.97, 1.03], lines_vs_champion=5),
      "REVERT", ["within noise"]),
+    ("faster per pair, a few calls stalled long", dict(speedup=1.4, speedup_ci=[1.2, 1.48], end_to_end_total=0.34),
+     "REVERT", ["summed over every pair give only -66.0 %", "needs +1.0 % or more", "was: faster: +40.0 %"]),
+    ("faster per pair, summed whole calls short of the line", dict(speedup=1.4, speedup_ci=[1.2, 1.48],
+     end_to_end_total=1.005), "REVERT", ["summed over every pair give only +0.5 %"]),
+    ("faster per pair and summed", dict(speedup=1.4, speedup_ci=[1.2, 1.48], end_to_end_total=1.011), "KEEP",
+     ["faster"]),
+    ("simpler, summed whole calls slower than the floor", dict(speedup=1.0, speedup_ci=[0.992, 1.008],
+     lines_vs_champion=-12, end_to_end_total=0.98), "REVERT", ["needs -1.0 % or more", "was: simpler"]),
+    ("simpler, summed whole calls within the floor", dict(speedup=1.0, speedup_ci=[0.992, 1.008],
+     lines_vs_champion=-12, end_to_end_total=0.995), "KEEP", ["simpler"]),
 ]
 
 
@@ -109,15 +119,36 @@ def test_a_slower_champion_discounts_the_lower_end_before_the_ab_settles():
     assert settled(below, min_effect=0.01, factor=0.5)  # no win either way: decided
 
 
+def _sample(worker, prompt, repeat, seconds, stall=0.0):
+    """A call of 11 tokens, `stall` seconds spent before its first one."""
+    return Sample(worker=worker, prompt=prompt, kind="decode", repeat=repeat, nonce="n", prompt_tokens=4, n_tokens=11,
+                  ttft_s=0.1 + stall, total_s=0.1 + stall + seconds, decode_s=seconds, decode_tps=10 / seconds, prefill_tps=40.0,
+                  peak_memory_bytes=None, prompt_ids=[], tokens=[])
+
+
+def test_summed_whole_calls_count_a_few_long_stalls_whole():
+    """end_to_end_total: the whole calls' times summed over every pair, uncapped, so 2 calls
+    in 20 that stall 5 s cost their 10 s there, where each capped pair counts -10 % at most."""
+    samples = []
+    for repeat in range(10):
+        for prompt in ("a", "b"):
+            stall = 5.0 if (repeat, prompt) in ((3, "a"), (7, "b")) else 0.0
+            samples += [_sample("champion", prompt, repeat, 0.3), _sample("challenger", prompt, repeat, 0.2, stall)]
+    samples.append(_sample("challenger", "a", 10, 0.2))  # a call without its pair counts in neither sum
+    samples.append(_sample("challenger", "a", -1, 9.0))  # nor does a warm-up call
+    figures = comparison(samples, "decode_tps", min_effect=0.01)
+    assert figures["end_to_end_total"] == pytest.approx((20 * 0.4) / (20 * 0.3 + 10.0))
+    assert figures["end_to_end_ci"][0] > 1.01 and figures["speedup_ci"][0] > 1.01  # the capped pairs see a win
+    decision, reason = decide(**{**BASE, **{k: figures[k] for k in (
+        "speedup", "speedup_ci", "end_to_end_ratio", "end_to_end_ci", "end_to_end_total")}})
+    assert decision == "REVERT" and "summed over every pair" in reason, reason
+
+
 def test_comparison_pools_earlier_pairs_in_front():
     samples = []
     for repeat in range(3):
         for prompt in ("a", "b"):
-            for worker, seconds in (("champion", 1.4), ("challenger", 1.0)):
-                samples.append(Sample(worker=worker, prompt=prompt, kind="decode", repeat=repeat, nonce="n",
-                                      prompt_tokens=4, n_tokens=11, ttft_s=0.1, total_s=0.1 + seconds,
-                                      decode_s=seconds, decode_tps=10 / seconds, prefill_tps=40.0,
-                                      peak_memory_bytes=None, prompt_ids=[], tokens=[]))
+            samples += [_sample("champion", prompt, repeat, 1.4), _sample("challenger", prompt, repeat, 1.0)]
     alone = comparison(samples, "decode_tps", min_effect=0.01)
     assert alone["pairs"] == 6 and alone["speedup_ci"] == [None, None] and alone["pooled_pairs"] == 0
     earlier = {"decode_tps": [1.4] * 4, "end_to_end": [1.36] * 4}

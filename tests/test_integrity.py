@@ -570,6 +570,51 @@ def test_a_kept_challenger_that_slows_down_once_it_is_the_champion_is_caught(pro
     assert rows[-1]["decision"] == "INVALID" and float(rows[-1]["champion_yardstick_pace"]) < 0.85
 
 
+STALLER = '''
+
+import time as _time
+
+_honest_generate = generate
+_took = []  # each call's seconds, its stall left out
+
+
+def generate(pipeline, prompt, *, max_tokens, stop_at_eos):
+    started = _time.perf_counter()
+    stall = 1.5 * sum(_took[-9:]) if len(_took) % 10 == 9 else 0.0
+    _time.sleep(stall)  # before the first token: decode_tps, first to last token, is untouched
+    yield from _honest_generate(pipeline, prompt, max_tokens=max_tokens, stop_at_eos=stop_at_eos)
+    _took.append(_time.perf_counter() - started - stall)
+'''
+
+
+def test_a_challenger_faster_on_most_calls_that_stalls_a_few_far_longer_is_not_kept(project, sandboxed):
+    """Red team 21: each pair counts capped (+-10 % for whole calls), so a challenger truly
+    faster on 9 calls in 10 that stalls the 10th before its first token for 1.5 times what
+    the 9 took won KEEP +40 %, taking about twice the champion's time in all. The whole
+    calls' summed times (end_to_end_total) count each stall whole: REVERT."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from power import SLEEPY_LOOP, TOKEN_LOOP
+
+    settings = project.settings()
+    settings["workload"]["presets"]["quick"].update(max_tokens=64, max_repeats=30, budget_s=150)
+    project.write_settings(settings)
+    project.edit_inference(TOKEN_LOOP, SLEEPY_LOOP)
+    project.edit_inference("NUM_DRAFT_TOKENS = 3 ", "SLEEP_FRACTION = 0.4\nNUM_DRAFT_TOKENS = 3 ")
+    project.commit("a slow baseline")
+    assert project.evaluate()[1]["decision"] == "BASELINE"
+    project.edit_inference("SLEEP_FRACTION = 0.4\n", "SLEEP_FRACTION = 0.0\n")
+    project.inference.write_text(project.inference.read_text() + STALLER)
+    project.commit("faster, but stalls every 10th call")
+    proc, result = project.evaluate()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert result["decision"] == "REVERT" and "summed over every pair" in result["reason"], result
+    assert result["speedup"] > 1.2 and result["end_to_end_total"] < 0.8, result
+    rows, _ = ledger.read(project.root / "results.tsv")
+    assert rows[-1]["decision"] == "REVERT"
+
+
 CUE_PADDER = '''
 
 import os as _os
@@ -633,7 +678,7 @@ def test_a_champion_that_pauses_before_its_first_token_cannot_hand_a_burst_a_kee
     assert result["speedup"] >= 1.4, result  # the burst did inflate decode_tps (the speedup counts it up to x1.5)
     if result["decision"] == "INVALID":
         assert "against its record" in result["reason"], result
-    assert result["champion_yardstick_pace"] < 0.85, result
+    assert result["champion_yardstick_pace"] < 0.9, result  # honest: ~1 (0.97-1.03); 0.86 seen under heavy load
 
 
 def test_a_sandbagged_first_baseline_on_a_new_branch_is_held_to_its_parents_record(project, sandboxed):
