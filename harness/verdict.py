@@ -222,12 +222,11 @@ def decide(*, gate_reason, has_champion, dirty, search, min_effect, speedup=None
             (None: measured alone, HEAD is the champion; a side None: too few pairs, no decision).
         pairs: how many paired ratios the interval rests on.
         primary_metric: what `speedup` is the ratio of (decode_tps or prefill_tps).
-        end_to_end_ratio, end_to_end_ci: whole calls, champion time / challenger time, and
-            its interval: a decode KEEP needs it above 1 + min_effect too (tokens held back
-            and burst look fast from first to last token, never over the whole call).
+        end_to_end_ratio, end_to_end_ci, end_to_end_total: whole calls, champion / challenger time, its
+            interval (a decode KEEP needs it above 1 + min_effect too: held-back tokens burst are fast
+            from first to last token only) and the summed times' ratio (every KEEP: _unless_longer_in_all).
         lines_vs_champion, lines_uncounted: code lines added (+) or removed (-) against the
             champion; why that count cannot be trusted ('' when it can): see _not_simpler.
-        end_to_end_total: whole calls' summed time, champion's over challenger's (total_time_ratio).
     Returns:
         (Decision, reason)
     """
@@ -248,9 +247,8 @@ def decide(*, gate_reason, has_champion, dirty, search, min_effect, speedup=None
     if speedup is None:
         return Decision.MEASURED, "HEAD is the champion itself: commit a change to compare"
     if speedup_ci[0] is None:
-        return Decision.MEASURED, (f"too few pairs to decide: {pairs} (a decision needs "
-                                   f"{stats.MIN_PAIRS}); this preset measures ({speed}), "
-                                   f"the full preset decides")
+        return Decision.MEASURED, (f"too few pairs to decide: {pairs} (a decision needs {stats.MIN_PAIRS}); "
+                                   f"this preset measures ({speed}), the full preset decides")
     need = 1 + min_effect
     low, high = speedup_ci
     whole_low = end_to_end_ci[0] if primary_metric == "decode_tps" else None
@@ -258,8 +256,8 @@ def decide(*, gate_reason, has_champion, dirty, search, min_effect, speedup=None
         return _unless_longer_in_all(f"faster: {speed} beats the noise (needs > {pct(need)})", end_to_end_total, need)
     why_not = _not_simpler(low, whole_low, primary_metric, min_effect, lines_vs_champion, lines_uncounted)
     if why_not == "":
-        return _unless_longer_in_all(f"simpler: {lines_vs_champion} lines, surely no slower than {pct(1 - min_effect)} "
-                                     f"({speed})", end_to_end_total, 1 - min_effect)
+        simpler = f"simpler: {lines_vs_champion} lines, surely no slower than {pct(1 - min_effect)} ({speed})"
+        return _unless_longer_in_all(simpler, end_to_end_total, 1 - min_effect)
     simpler = f"; not simpler: {lines_vs_champion} lines, but {why_not}" if why_not else ""
     if low > need:
         whole = (f"{pct(end_to_end_ratio)} [{pct(end_to_end_ci[0])}, {pct(end_to_end_ci[1])}]"

@@ -437,6 +437,19 @@ def test_an_error_message_can_neither_stop_the_row_nor_print_lines_of_the_run_s_
 # refused: C++ static-init guards wait and wake shared futexes). Each version waits on its
 # own slot and, from its load on, keeps waking the slots of every older version: an older one
 # that is woken knows a newer challenger exists and slows down by about a third from then on.
+def sleepy(project, fraction, **quick):
+    """inference.py with bench/power.py's sleepy decode loop (it spins `fraction` of each
+    token's time away, work as a slower pipeline's is), the quick preset updated by `quick`."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from power import SLEEPY_LOOP, TOKEN_LOOP
+
+    settings = project.settings()
+    settings["workload"]["presets"]["quick"].update(quick)
+    project.write_settings(settings)
+    project.edit_inference(TOKEN_LOOP, SLEEPY_LOOP)
+    project.edit_inference("NUM_DRAFT_TOKENS = 3 ", f"SLEEP_FRACTION = {fraction}\nNUM_DRAFT_TOKENS = 3 ")
+
+
 FUTEX_SLEEPER = '''
 
 import ctypes as _ctypes, os as _os, platform as _platform, sys as _sys, threading as _threading, time as _time
@@ -484,16 +497,7 @@ def test_a_sleeper_champion_that_slows_beside_a_newer_challenger_is_caught(proje
     """Covert channels between the two sandboxes cannot all be closed (shared futexes, the
     machine's inode counter): a champion slowed by one is slower against the yardstick than
     in its own BASELINE, and a KEEP that this explains is INVALID."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    from power import SLEEPY_LOOP, TOKEN_LOOP
-
-    settings = project.settings()
-    settings["workload"]["presets"]["quick"]["max_tokens"] = 128  # whole calls mostly decode: a KEEP is in reach
-    project.write_settings(settings)
-    project.edit_inference(TOKEN_LOOP, SLEEPY_LOOP)
-    project.edit_inference("NUM_DRAFT_TOKENS = 3 ", "SLEEP_FRACTION = 0.0\nNUM_DRAFT_TOKENS = 3 ")
+    sleepy(project, 0.0, max_tokens=128)  # whole calls mostly decode: a KEEP is in reach
     project.inference.write_text(project.inference.read_text() + FUTEX_SLEEPER.replace("__VERSION__", "1"))
     project.commit("sleeper, version 1")
     assert project.evaluate()[1]["decision"] == "BASELINE"
@@ -532,21 +536,13 @@ def test_a_kept_challenger_that_slows_down_once_it_is_the_champion_is_caught(pro
     """A pipeline kept on its merits as a challenger, slow as the champion (alike in every call
     of the run): its speed over the yardstick's is below its own record from the run that kept
     it, and the next KEEP is INVALID, however the machine's load moved in between."""
-    import sys
     import uuid
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    from power import SLEEPY_LOOP, TOKEN_LOOP
-
     cue = Path("/var/tmp") / f"mlx-hillclimb-test-cue-{uuid.uuid4().hex}"  # readable from inside the sandbox
-    settings = project.settings()
     # whole calls mostly decode: a KEEP is in reach; rounds to spare: on a busy machine the honest
     # champion's pace wanders (-9.9 % in CI beside a red team), and the A/B goes on until the
     # win, discounted by it, still clears
-    settings["workload"]["presets"]["quick"].update(max_tokens=128, max_repeats=30, budget_s=150)
-    project.write_settings(settings)
-    project.edit_inference(TOKEN_LOOP, SLEEPY_LOOP)
-    project.edit_inference("NUM_DRAFT_TOKENS = 3 ", "SLEEP_FRACTION = 0.4\nNUM_DRAFT_TOKENS = 3 ")
+    sleepy(project, 0.4, max_tokens=128, max_repeats=30, budget_s=150)
     project.commit("a slow baseline")
     assert project.evaluate()[1]["decision"] == "BASELINE"
     project.edit_inference("SLEEP_FRACTION = 0.4\n", "SLEEP_FRACTION = 0.0\n")
@@ -592,16 +588,7 @@ def test_a_challenger_faster_on_most_calls_that_stalls_a_few_far_longer_is_not_k
     faster on 9 calls in 10 that stalls the 10th before its first token for 1.5 times what
     the 9 took won KEEP +40 %, taking about twice the champion's time in all. The whole
     calls' summed times (end_to_end_total) count each stall whole: REVERT."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    from power import SLEEPY_LOOP, TOKEN_LOOP
-
-    settings = project.settings()
-    settings["workload"]["presets"]["quick"].update(max_tokens=64, max_repeats=30, budget_s=150)
-    project.write_settings(settings)
-    project.edit_inference(TOKEN_LOOP, SLEEPY_LOOP)
-    project.edit_inference("NUM_DRAFT_TOKENS = 3 ", "SLEEP_FRACTION = 0.4\nNUM_DRAFT_TOKENS = 3 ")
+    sleepy(project, 0.4, max_tokens=64, max_repeats=30, budget_s=150)
     project.commit("a slow baseline")
     assert project.evaluate()[1]["decision"] == "BASELINE"
     project.edit_inference("SLEEP_FRACTION = 0.4\n", "SLEEP_FRACTION = 0.0\n")
@@ -685,16 +672,7 @@ def test_a_sandbagged_first_baseline_on_a_new_branch_is_held_to_its_parents_reco
     """Red team 3: a new branch whose first BASELINE is slowed code; the honest code back
     again would be KEPT against it. The champion is held to the record of the commits it
     descends from, so that KEEP is INVALID."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    from power import SLEEPY_LOOP, TOKEN_LOOP
-
-    settings = project.settings()
-    settings["workload"]["presets"]["quick"]["max_tokens"] = 128
-    project.write_settings(settings)
-    project.edit_inference(TOKEN_LOOP, SLEEPY_LOOP)
-    project.edit_inference("NUM_DRAFT_TOKENS = 3 ", "SLEEP_FRACTION = 0.0\nNUM_DRAFT_TOKENS = 3 ")
+    sleepy(project, 0.0, max_tokens=128)
     project.commit("honest")
     assert project.evaluate()[1]["decision"] == "BASELINE"
     git(project.root, "checkout", "-qb", "sandbagged")
